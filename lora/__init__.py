@@ -1,0 +1,39 @@
+"""Hand-written LoRA: the layer, injection into a model, merging, and PEFT-format adapter files.
+
+    from lora import inject_lora, save_adapter, load_adapter, merge_lora
+    summary = inject_lora(model, targets=("q_proj", "v_proj"), rank=16, alpha=32, dropout=0.05)
+    print(summary)  # trainable params: ... of ... (...%)
+
+This package imports only torch, safetensors and json: it knows nothing of transformers.
+"""
+
+from lora.adapter_files import AdapterError, load_adapter, read_adapter_config, save_adapter
+from lora.inject import (
+    DEFAULT_TARGETS,
+    LoRASummary,
+    count_parameters,
+    inject_lora,
+    lora_layers,
+    lora_parameters,
+    merge_lora,
+    unload_lora,
+    unmerge_lora,
+)
+from lora.layer import LoRALinear
+
+__all__ = [
+    "AdapterError",
+    "DEFAULT_TARGETS",
+    "LoRALinear",
+    "LoRASummary",
+    "count_parameters",
+    "inject_lora",
+    "load_adapter",
+    "lora_layers",
+    "lora_parameters",
+    "merge_lora",
+    "read_adapter_config",
+    "save_adapter",
+    "unload_lora",
+    "unmerge_lora",
+]

@@ -1,0 +1,151 @@
+"""lora/adapter_files.py: PEFT-format files, bit-identical round trips, and refusals."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora import AdapterError, inject_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from tests.conftest import make_tiny_model
+
+
+def trained_like(model, seed=1):
+    torch.manual_seed(seed)
+    for _, layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_A)
+        torch.nn.init.normal_(layer.lora_B, std=0.02)
+    return model
+
+
+@pytest.fixture
+def saved_adapter(tmp_path):
+    model = make_tiny_model()
+    inject_lora(model, rank=4, alpha=8, dropout=0.0)
+    trained_like(model)
+    save_adapter(model, tmp_path / "adapter", base_model="tiny")
+    return model, tmp_path / "adapter"
+
+
+def test_file_layout_matches_peft(saved_adapter):
+    _, folder = saved_adapter
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    assert tensors[key].shape == (32, 4)  # [out, r]
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 64)  # [r, in]
+    assert len(tensors) == 8
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert (config["r"], config["lora_alpha"], config["bias"]) == (4, 8, "none")
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    assert config["base_model_name_or_path"] == "tiny"
+
+
+def test_save_then_load_is_bit_identical(saved_adapter):
+    model, folder = saved_adapter
+    fresh = make_tiny_model()
+    load_adapter(fresh, folder)
+    original = dict(lora_layers(model))
+    for name, layer in lora_layers(fresh):
+        assert torch.equal(layer.lora_A, original[name].lora_A)
+        assert torch.equal(layer.lora_B, original[name].lora_B)
+    ids = torch.randint(0, 49152, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+def test_shape_mismatch_names_key_and_both_shapes(saved_adapter):
+    _, folder = saved_adapter
+    other = make_tiny_model()
+    inject_lora(other, rank=4, alpha=8)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors[key] = torch.zeros(4, 48)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=r"key .*layers\.0\.self_attn\.q_proj\.lora_A\.weight has shape \[4, 48\] in the adapter but \[4, 64\] in the model"):
+        load_adapter(other, folder)
+
+
+def test_missing_and_unexpected_keys(saved_adapter):
+    _, folder = saved_adapter
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors.pop("base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight")
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=r"missing key .*layers\.1\.self_attn\.q_proj\.lora_B\.weight"):
+        load_adapter(make_tiny_model(), folder)
+    tensors["base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight"] = torch.zeros(64, 4)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=r"unexpected key .*layers\.9"):
+        load_adapter(make_tiny_model(), folder)
+
+
+def test_rank_or_target_mismatch_with_injected_model(saved_adapter):
+    _, folder = saved_adapter
+    model = make_tiny_model()
+    inject_lora(model, rank=8, alpha=16)
+    with pytest.raises(AdapterError, match=r"adapter has r=4 on \['q_proj', 'v_proj'\], model has r=\[8\]"):
+        load_adapter(model, folder)
+
+
+def test_refuses_to_load_into_merged_layers(saved_adapter):
+    model, folder = saved_adapter
+    merge_lora(model)
+    with pytest.raises(ValueError, match="call unmerge_lora first"):
+        load_adapter(model, folder)
+
+
+def write_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"r": 10**9}, r"r must be an integer in \[1, 4096\], got 1000000000"),
+        ({"r": "16"}, r"r must be an integer .* got '16'"),
+        ({"lora_alpha": -1}, "lora_alpha must be a positive number, got -1"),
+        ({"lora_dropout": 2}, r"lora_dropout must be in \[0, 1\), got 2"),
+        ({"target_modules": ["../../etc/passwd"]}, "target_modules must be a non-empty list of module names"),
+        ({"target_modules": [{"a": 1}]}, "target_modules must be a non-empty list"),
+        ({"peft_type": "IA3"}, "only 'LORA' is supported"),
+        ({"bias": "all"}, "only 'none'"),
+    ],
+)
+def test_crafted_config_is_refused(saved_adapter, changes, message):
+    _, folder = saved_adapter
+    write_config(folder, **changes)
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(make_tiny_model(), folder)
+
+
+def test_missing_folder_and_files(tmp_path, saved_adapter):
+    with pytest.raises(AdapterError, match="adapter folder not found"):
+        load_adapter(make_tiny_model(), tmp_path / "nope")
+    _, folder = saved_adapter
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: missing"):
+        load_adapter(make_tiny_model(), folder)
+    (folder / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match=r"adapter_config\.json: not valid JSON"):
+        load_adapter(make_tiny_model(), folder)
+
+
+def test_truncated_weights_file_is_refused(saved_adapter):
+    _, folder = saved_adapter
+    path = folder / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: not a readable safetensors file"):
+        load_adapter(make_tiny_model(), folder)
+
+
+def test_non_finite_weights_are_refused(saved_adapter):
+    _, folder = saved_adapter
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"][0, 0] = float("nan")
+    save_file(tensors, path)
+    with pytest.raises(AdapterError, match="holds NaN or infinite values"):
+        load_adapter(make_tiny_model(), folder)
