@@ -1,0 +1,45 @@
+"""Sample and split: a pure function of the rows and the seed.
+
+train.py and evaluate.py call this with the same rows, N and seed and get the same split, so test
+rows are never trained on.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Generic, Sequence, TypeVar
+
+from data.load import DataError
+
+Row = TypeVar("Row")
+SPLIT_FRACTIONS = (0.85, 0.10, 0.05)  # train / validation / test, as the reference (2,550 / 300 / 150)
+
+
+@dataclass(frozen=True)
+class Splits(Generic[Row]):
+    train: list[Row]
+    validation: list[Row]
+    test: list[Row]
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+
+
+def sample_and_split(rows: Sequence[Row], num_examples: int | None = None, seed: int = 42) -> Splits[Row]:
+    """Shuffle with `seed`, keep the first `num_examples` (all when None), split 85 / 10 / 5.
+
+    Sizes: validation = round(0.10 n), test = round(0.05 n), train = the rest; for n = 3,000 that
+    is 2,550 / 300 / 150.
+    """
+    if num_examples is not None and num_examples <= 0:
+        raise DataError(f"--num-examples must be positive, got {num_examples}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    sample = [rows[i] for i in order[: num_examples or len(rows)]]
+    n = len(sample)
+    n_val, n_test = round(SPLIT_FRACTIONS[1] * n), round(SPLIT_FRACTIONS[2] * n)
+    n_train = n - n_val - n_test
+    if n_train < 1:
+        raise DataError(f"{n} examples are too few to split into train / validation / test")
+    return Splits(sample[:n_train], sample[n_train : n_train + n_val], sample[n_train + n_val :])
