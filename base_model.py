@@ -110,9 +110,13 @@ def resolve_model_source(model: str | None) -> str:
 
 
 def model_display_name(model: str | None) -> str:
-    """A stable name for `model`, stored in run folders and adapter configs."""
+    """A stable name for `model`, stored in run folders and adapter configs.
+
+    The embedded model is stored as "SmolLM2-135M-Instruct", which `--model` reads back as the
+    embedded model (its weights are the dequantized Q4_1 GGUF, not the hub's float weights).
+    """
     if model in (None, "", EMBEDDED_MODEL, EMBEDDED_MODEL_NAME):
-        return f"HuggingFaceTB/{EMBEDDED_MODEL_NAME}"
+        return EMBEDDED_MODEL_NAME
     return str(model)
 
 
