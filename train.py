@@ -47,6 +47,22 @@ from training import (
 )
 
 
+def test_hook(point: str, step: int) -> str | None:
+    """Fault injection for tests/test_reliability.py; does nothing unless these are set:
+
+    MEDLORA_TEST_PAUSE="step:5", "eval:4" or "save:4": print a marker and sleep there (mid-step,
+        mid-evaluation, mid-checkpoint-write), so a test can kill -9 the process at that point.
+    MEDLORA_TEST_FAULT="inf_grad:2,3" or "nan_loss:2,3,4": returns the fault for those steps.
+    """
+    if point == "fault":
+        kind, _, steps = os.environ.get("MEDLORA_TEST_FAULT", "").partition(":")
+        return kind if str(step) in steps.split(",") else None
+    if os.environ.get("MEDLORA_TEST_PAUSE") == f"{point}:{step}":
+        print(f"[test-pause] {point} step {step}", flush=True)
+        time.sleep(600)
+    return None
+
+
 class TrainingStopped(Exception):
     """The run stopped on purpose (diverged, interrupted); the message says why and what was kept."""
 
@@ -189,10 +205,9 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     else:
         (run_dir / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
         save_length_histogram(data.token_lengths(), str(run_dir / "token_lengths.png"), config.max_length)
-    pause_seconds = float(os.environ.get("MEDLORA_TEST_PAUSE_IN_SAVE", "0"))  # test hook: kill during a save
-    pause_hook = (lambda: time.sleep(pause_seconds)) if pause_seconds else None
 
     def evaluate_and_keep_best() -> None:
+        test_hook("eval", state.step)
         val_loss, _ = validation_loss(model, data.examples.validation or train_examples[:32], tokenizer.pad_token_id, config, device, autocast)
         append_metrics(run_dir, {"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
         tqdm.write(f"[eval] step {state.step:5d} | val loss {val_loss:.4f} | val answer-ppl {math.exp(val_loss):.3f}")
@@ -201,7 +216,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
             save_adapter(model, run_dir / "adapter", base_model=base_name)
 
     def checkpoint_now(rng=None) -> None:
-        save_checkpoint(run_dir, model, optimizer, scaler, state, config, base_name, pause_hook, rng)
+        save_checkpoint(run_dir, model, optimizer, scaler, state, config, base_name, lambda: test_hook("save", state.step), rng)
         prune_checkpoints(run_dir, config.keep_last)
 
     if state.step == 0:
@@ -224,21 +239,29 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
             batches = micro_batches(step_indices, lengths, config.batch_size, config.max_batch_tokens)
             padded_batches += batches
             step_nll, step_tokens = accumulate_gradients(model, train_examples, batches, tokenizer.pad_token_id, device, autocast, scaler)
+            test_hook("step", state.step + 1)
             target_tokens = sum(train_examples[i].answer_token_count for i in step_indices)
+            fault = test_hook("fault", state.step + 1)
+            if fault == "inf_grad":
+                params[0].grad[0, 0] = float("inf")
+            elif fault == "nan_loss":
+                step_nll = float("nan")
+                for param in params:
+                    param.grad.fill_(float("nan"))
+
             loss = step_nll / target_tokens
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            scale_before = scaler.get_scale()
-            if math.isfinite(loss):
-                scaler.step(optimizer)  # skipped by the scaler when gradients hold inf/NaN
-                scaler.update()
-                skipped = scaler.is_enabled() and scaler.get_scale() < scale_before
-                state.nan_streak = 0
+            if scaler.is_enabled():
+                scale_before = scaler.get_scale()
+                scaler.step(optimizer)  # skipped by the scaler when the gradients hold inf/NaN
+                scaler.update()  # ... and then the scale is halved
+                skipped = scaler.get_scale() < scale_before
             else:
-                if scaler.is_enabled():
-                    scaler.update(scale_before / 2)
-                skipped = True
-                state.nan_streak += 1
+                skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+                if not skipped:
+                    optimizer.step()
+            state.nan_streak = 0 if math.isfinite(loss) else state.nan_streak + 1
             optimizer.zero_grad(set_to_none=True)
             state.skipped_steps += int(skipped)
             state.step += 1
@@ -251,6 +274,8 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 "grad_norm": grad_norm, "tokens": step_tokens, "tokens_per_s": round(tokens_per_s, 1),
                 "elapsed_s": round(state.elapsed_s, 2), "skipped": skipped,
             }
+            if scaler.is_enabled():
+                record["loss_scale"] = scaler.get_scale()
             append_metrics(run_dir, record)
             bar.update(1)
             tqdm.write(
@@ -271,7 +296,8 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         optimizer.zero_grad(set_to_none=True)
         checkpoint_now(rng=step_rng if "step_rng" in locals() else None)
         raise TrainingStopped(f"interrupted: checkpoint saved at step {state.step}; continue with --resume auto --output-dir {run_dir}") from None
-    bar.close()
+    finally:
+        bar.close()  # before any message, so an error is printed on a line of its own
 
     save_loss_curve(run_dir)
     final = {

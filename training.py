@@ -250,25 +250,29 @@ def save_checkpoint(
     staging = run_dir / "checkpoints" / f".tmp-step-{state.step:06d}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_adapter(model, staging, base_model=base_model)
-    opt_tensors, opt_groups = optimizer_tensors(optimizer)
-    save_file(opt_tensors, str(staging / "optimizer.safetensors"))
-    if pause_hook:
-        pause_hook()
-    rng_tensors, rng_json = rng or rng_state()
-    save_file(rng_tensors, str(staging / "rng.safetensors"))
-    trainer_state = {
-        "train_state": dataclasses.asdict(state),
-        "optimizer": opt_groups,
-        "scaler": scaler.state_dict(),
-        "rng": rng_json,
-    }
-    (staging / "trainer_state.json").write_text(json.dumps(trainer_state))
-    (staging / "config.json").write_text(json.dumps(config.to_json(), indent=2))
-    write_manifest(staging)
-    for path in staging.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
+    try:
+        save_adapter(model, staging, base_model=base_model)
+        opt_tensors, opt_groups = optimizer_tensors(optimizer)
+        save_file(opt_tensors, str(staging / "optimizer.safetensors"))
+        if pause_hook:
+            pause_hook()
+        rng_tensors, rng_json = rng or rng_state()
+        save_file(rng_tensors, str(staging / "rng.safetensors"))
+        trainer_state = {
+            "train_state": dataclasses.asdict(state),
+            "optimizer": opt_groups,
+            "scaler": scaler.state_dict(),
+            "rng": rng_json,
+        }
+        (staging / "trainer_state.json").write_text(json.dumps(trainer_state))
+        (staging / "config.json").write_text(json.dumps(config.to_json(), indent=2))
+        write_manifest(staging)
+        for path in staging.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # never leave a half-written checkpoint behind
+        raise
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
     return folder

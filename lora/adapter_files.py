@@ -7,6 +7,7 @@ reads what PEFT writes. Only safetensors and JSON are read: nothing is ever unpi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 KEY_PREFIX = "base_model.model."
 MAX_RANK = 4096
+CHECKSUM_KEY = "medlora_sha256"
 MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -37,6 +39,20 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         state[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous().clone()
         state[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous().clone()
     return state
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, shape, dtype and bytes, in key order.
+
+    Stored in the safetensors header metadata by `save_adapter` and checked by `load_adapter`, so a
+    bit flip inside the weights is caught; files without it (PEFT's) load unchecked.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].contiguous()
+        digest.update(f"{key}|{list(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def adapter_config(model: nn.Module, base_model: str) -> dict:
@@ -74,7 +90,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model: str) -> 
     folder.mkdir(parents=True, exist_ok=True)
     config = adapter_config(model, base_model)
     weights_tmp = folder / (WEIGHTS_NAME + ".tmp")
-    save_file(adapter_state_dict(model), str(weights_tmp), metadata={"format": "pt"})
+    tensors = adapter_state_dict(model)
+    save_file(tensors, str(weights_tmp), metadata={"format": "pt", CHECKSUM_KEY: tensors_digest(tensors)})
     config_tmp = folder / (CONFIG_NAME + ".tmp")
     config_tmp.write_text(json.dumps(config, indent=2) + "\n")
     os.replace(weights_tmp, folder / WEIGHTS_NAME)
@@ -176,8 +193,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
             if missing:
                 raise AdapterError(f"{weights}: missing key {missing[0]} ({len(missing)} missing in all)")
             tensors = {key: handle.get_tensor(key) for key in keys}
-    except SafetensorError as error:
+            checksum = (handle.metadata() or {}).get(CHECKSUM_KEY)
+    except (SafetensorError, OSError, RuntimeError) as error:
         raise AdapterError(f"{weights}: not a readable safetensors file ({error})") from None
+    if checksum is not None and checksum != tensors_digest(tensors):
+        raise AdapterError(f"{weights}: checksum mismatch, the weights are corrupted")
     with torch.no_grad():
         for key, tensor in tensors.items():
             if not torch.isfinite(tensor).all():

@@ -149,3 +149,13 @@ def test_non_finite_weights_are_refused(saved_adapter):
     save_file(tensors, path)
     with pytest.raises(AdapterError, match="holds NaN or infinite values"):
         load_adapter(make_tiny_model(), folder)
+
+
+def test_bit_flip_in_weights_is_caught_by_the_header_checksum(saved_adapter):
+    _, folder = saved_adapter
+    path = folder / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: checksum mismatch"):
+        load_adapter(make_tiny_model(), folder)
