@@ -32,13 +32,13 @@ from data import DataError, collate, epoch_steps, micro_batches, padding_fractio
 from lora import AdapterError, inject_lora, lora_parameters, save_adapter
 from training import (
     PRESETS,
-    accumulate_gradients,
     TrainConfig,
     TrainState,
     answer_nll,
     cosine_with_warmup,
     list_checkpoints,
     load_checkpoint,
+    optimizer_step,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
@@ -179,8 +179,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     model.train()
 
     # ---- optimizer, schedule, mixed precision ---------------------------------------------------
-    params = lora_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def autocast():
@@ -219,6 +218,17 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         save_checkpoint(run_dir, model, optimizer, scaler, state, config, base_name, lambda: test_hook("save", state.step), rng)
         prune_checkpoints(run_dir, config.keep_last)
 
+    def inject_test_faults(params, nll_sum: float) -> float:
+        test_hook("step", state.step + 1)
+        fault = test_hook("fault", state.step + 1)
+        if fault == "inf_grad":
+            params[0].grad[0, 0] = float("inf")
+        elif fault == "nan_loss":
+            for param in params:
+                param.grad.fill_(float("nan"))
+            return float("nan")
+        return nll_sum
+
     if state.step == 0:
         evaluate_and_keep_best()
 
@@ -232,37 +242,15 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
             epoch, position = divmod(state.step, steps_per_epoch)
             step_indices = epoch_steps(lengths, config.step_examples, config.seed, epoch)[position]
             lr = cosine_with_warmup(state.step, total_steps, warmup_steps, config.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
             step_started = time.perf_counter()
             batches = micro_batches(step_indices, lengths, config.batch_size, config.max_batch_tokens)
             padded_batches += batches
-            step_nll, step_tokens = accumulate_gradients(model, train_examples, batches, tokenizer.pad_token_id, device, autocast, scaler)
-            test_hook("step", state.step + 1)
-            target_tokens = sum(train_examples[i].answer_token_count for i in step_indices)
-            fault = test_hook("fault", state.step + 1)
-            if fault == "inf_grad":
-                params[0].grad[0, 0] = float("inf")
-            elif fault == "nan_loss":
-                step_nll = float("nan")
-                for param in params:
-                    param.grad.fill_(float("nan"))
-
-            loss = step_nll / target_tokens
-            scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            if scaler.is_enabled():
-                scale_before = scaler.get_scale()
-                scaler.step(optimizer)  # skipped by the scaler when the gradients hold inf/NaN
-                scaler.update()  # ... and then the scale is halved
-                skipped = scaler.get_scale() < scale_before
-            else:
-                skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-                if not skipped:
-                    optimizer.step()
+            result = optimizer_step(
+                model, optimizer, scaler, train_examples, batches, tokenizer.pad_token_id, device, autocast,
+                lr, config.max_grad_norm, after_backward=inject_test_faults,
+            )
+            loss, grad_norm, step_tokens, skipped = result.loss, result.grad_norm, result.tokens, result.skipped
             state.nan_streak = 0 if math.isfinite(loss) else state.nan_streak + 1
-            optimizer.zero_grad(set_to_none=True)
             state.skipped_steps += int(skipped)
             state.step += 1
             state.tokens_seen += step_tokens

@@ -14,6 +14,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -156,6 +157,46 @@ def accumulate_gradients(model, examples, batches, pad_id, device, autocast, sca
         nll_sum += nll.item()
         real_tokens += int(batch["attention_mask"].sum())
     return nll_sum, real_tokens
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # mean answer-token NLL of the step (nats)
+    grad_norm: float  # global L2 norm of the LoRA gradients before clipping
+    tokens: int  # real (non-pad) tokens processed
+    skipped: bool  # True when inf/NaN gradients or loss made the step a no-op
+
+
+def optimizer_step(
+    model, optimizer, scaler, examples, batches, pad_id, device, autocast, lr: float, max_grad_norm: float,
+    after_backward: Callable[[list[torch.nn.Parameter], float], float] | None = None,
+) -> StepResult:
+    """One optimizer step: set lr; forward/backward every micro-batch; unscale; clip; step; zero grads.
+
+    With fp16 the GradScaler skips the step and halves its scale when gradients hold inf/NaN;
+    without a scaler a non-finite loss or gradient norm skips the step the same way, so the
+    weights never take garbage. `after_backward(params, nll_sum) -> nll_sum` is a test hook.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    nll_sum, tokens = accumulate_gradients(model, examples, batches, pad_id, device, autocast, scaler)
+    if after_backward is not None:
+        nll_sum = after_backward(params, nll_sum)
+    loss = nll_sum / sum(examples[i].answer_token_count for batch in batches for i in batch)
+    scaler.unscale_(optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    if scaler.is_enabled():
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)  # a no-op when the unscaled gradients hold inf/NaN
+        scaler.update()  # ... in which case the scale is halved
+        skipped = scaler.get_scale() < scale_before
+    else:
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if not skipped:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, tokens, skipped)
 
 
 # ----------------------------------------------------------------------------------------------
