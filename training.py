@@ -124,16 +124,43 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, peak_lr: 
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
+    """Length of the token prefix shared by every row that no target is predicted from.
+
+    Every example starts with the same system prompt (and chat-template header), so rows share a
+    prefix. It stops one token before the earliest target, so no prediction comes from it.
+    """
+    ids, labels = batch["input_ids"], batch["labels"]
+    same_as_first = (ids == ids[:1]).all(dim=0)  # [seq]
+    common = int(same_as_first.int().cumprod(dim=0).sum())
+    first_target = int((labels != IGNORE_INDEX).int().argmax(dim=1).min())  # earliest target position
+    return max(0, min(common, first_target - 1))
+
+
+def answer_nll(model, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL over target (answer + EOS) tokens, and how many there are.
 
-    The 49,152-way lm_head runs only at positions whose next token is a target: the hidden state
-    at position t predicts token t + 1. Prompt and padding positions never reach lm_head, which is
-    where most of a full-logits forward's time and memory goes on short answers. The result equals
-    cross-entropy over full logits with the same labels (tests/test_training.py checks it).
+    Two savings that leave the math unchanged (tests/test_training.py compares both against plain
+    full-logits cross-entropy):
+      * The shared prompt prefix (system prompt + template header, about half of a short example's
+        tokens) runs through the model once per batch instead of once per row: its keys and values
+        are computed for one row, expanded to the batch, and the rest of each row attends to them.
+        Gradients flow back through the expansion into the single prefix pass.
+      * The 49,152-way lm_head runs only at positions whose next token is a target: the hidden
+        state at position t predicts token t + 1. Prompt and padding positions never reach it.
     """
-    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]  # [batch, seq - 1]: the token each position predicts
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    prefix = shared_prefix_length(batch) if share_prefix and ids.shape[0] > 1 else 0
+    cache = None
+    if prefix >= 8 and not model.is_activation_checkpointing:
+        cache = model.model(input_ids=ids[:1, :prefix], use_cache=True).past_key_values
+        for layer in cache.layers:  # [1, kv_heads, prefix, head_dim] -> [batch, ...], no copy
+            layer.keys = layer.keys.expand(ids.shape[0], -1, -1, -1)
+            layer.values = layer.values.expand(ids.shape[0], -1, -1, -1)
+    else:
+        prefix = 0
+    hidden = model.model(input_ids=ids[:, prefix:], attention_mask=mask, cache=cache, use_cache=cache is not None).last_hidden_state
+    targets = labels[:, prefix + 1 :]  # [batch, seq - prefix - 1]: the token each position predicts
     is_target = targets != IGNORE_INDEX
     logits = model.lm_head(hidden[:, :-1][is_target])  # [targets, vocab]
     nll = torch.nn.functional.cross_entropy(logits.float(), targets[is_target], reduction="sum")

@@ -13,7 +13,15 @@ import train as train_script
 from data import collate, encode_example, load_rows, clean_rows
 from lora import inject_lora, lora_layers, lora_parameters
 from tests.conftest import make_tiny_model
-from training import TrainConfig, accumulate_gradients, answer_nll, cosine_with_warmup, validate_config, write_manifest
+from training import (
+    TrainConfig,
+    accumulate_gradients,
+    answer_nll,
+    cosine_with_warmup,
+    shared_prefix_length,
+    validate_config,
+    write_manifest,
+)
 
 
 # ---- learning-rate schedule ---------------------------------------------------------------------
@@ -40,17 +48,43 @@ def examples(tokenizer):
     return [encode_example(tokenizer, p.question, p.answer, 512) for p in pairs[:16]]
 
 
-def test_answer_only_loss_equals_full_logits_loss(examples, tokenizer):
+def full_logits_nll(model, batch):
+    """The straightforward loss: every position through lm_head, cross-entropy with ignore_index."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+
+
+def lora_model_with_random_B():
     model = make_tiny_model()
-    batch = collate(examples[:5], tokenizer.pad_token_id)
-    with torch.no_grad():
-        nll, count = answer_nll(model, batch)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        reference = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-        )
-    assert count == sum(e.answer_token_count for e in examples[:5])
-    assert abs(nll.item() / count - reference.item() / count) <= 1e-5
+    inject_lora(model, dropout=0.0)
+    torch.manual_seed(1)
+    for _, layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    return model.train()
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_optimized_loss_and_gradients_equal_full_logits_loss(examples, tokenizer, share_prefix):
+    batch = collate(examples[:6], tokenizer.pad_token_id)
+    assert shared_prefix_length(batch) > 30  # the system prompt is shared
+    model = lora_model_with_random_B()
+    reference = full_logits_nll(model, batch)
+    reference.backward()
+    reference_grads = [p.grad.clone() for p in lora_parameters(model)]
+    model.zero_grad()
+    nll, count = answer_nll(model, batch, share_prefix=share_prefix)
+    nll.backward()
+    assert count == sum(e.answer_token_count for e in examples[:6])
+    assert abs(nll.item() - reference.item()) / count <= 1e-5
+    for ours, theirs in zip((p.grad for p in lora_parameters(model)), reference_grads):
+        assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, theirs.abs().max().item())
+
+
+def test_shared_prefix_stops_before_the_first_target(examples, tokenizer):
+    batch = collate([examples[0], examples[0]], tokenizer.pad_token_id)  # identical rows share everything
+    assert shared_prefix_length(batch) == examples[0].prompt_length - 1
 
 
 def test_grad_accumulation_2x8_equals_16x1(examples, tokenizer):
