@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def _build_embedded_cache(target: Path) -> None:
     is written next to its final place and renamed in, so a crash never leaves half a cache.
     """
     gguf = embedded_gguf_path()
-    print(f"[model] first use: converting {gguf.name} to safetensors in {target} (about 16 s)")
+    print(f"[model] first use: converting {gguf.name} to safetensors in {target} (about 16 s)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32

@@ -5,6 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from base_model import load_tokenizer
+from lora import inject_lora, lora_layers, save_adapter
 
 
 def tiny_llama_config(vocab_size: int = 49152) -> LlamaConfig:
@@ -47,3 +48,58 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     make_tiny_model().save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def chatty_tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    """The conftest tiny Llama with an output layer of its own.
+
+    With tied embeddings, a random model's likeliest next token is the token it just read, so
+    every answer is "\\n\\n\\n..." and tests could not tell two prompts apart. Untied, the answers
+    are gibberish that depends on the prompt.
+    """
+    config = tiny_llama_config()
+    config.tie_word_embeddings = False
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def save_tiny_adapter(model_dir, folder, hidden_size: int = 64):
+    """Save a rank-4 q_proj/v_proj adapter with random, non-zero B, made for a tiny Llama of `hidden_size`."""
+    config = tiny_llama_config()
+    config.hidden_size = hidden_size
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config)
+    inject_lora(model, rank=4, alpha=8, dropout=0.0)
+    for _, layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    return save_adapter(model, folder, base_model=str(model_dir))
+
+
+@pytest.fixture(scope="session")
+def chatty_model_dir(tmp_path_factory, tokenizer):
+    """A local Hugging Face folder holding `chatty_tiny_model()` and the real tokenizer."""
+    folder = tmp_path_factory.mktemp("chatty-tiny-llama")
+    model = chatty_tiny_model()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tmp_path_factory, chatty_model_dir):
+    """An adapter for `chatty_model_dir`, whose config names that folder as its base model."""
+    return save_tiny_adapter(chatty_model_dir, tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+def record_prompts(model, tokenizer, monkeypatch) -> list[str]:
+    """Wrap `model.generate` so every prompt it is given is decoded into the returned list."""
+    prompts: list[str] = []
+    real_generate = model.generate
+
+    def recording_generate(**kwargs):
+        prompts.append(tokenizer.decode(kwargs["input_ids"][0]))
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    return prompts

@@ -1,0 +1,290 @@
+"""Answer questions with a base model (plus a merged LoRA adapter): batched for evaluation, streamed for chat.
+
+    model, tokenizer, description = load_for_inference(None, "runs/cpu/adapter")
+    answers = generate_answers(model, tokenizer, ["What is the mechanism of action of metformin?"], GenerationSettings())
+    for piece in stream_answer(model, tokenizer, "And its side effects?", history, GenerationSettings()):
+        print(piece, end="", flush=True)
+
+Every prompt is built by `data.format.prompt_ids`, the formatter training uses, so the model is asked
+in exactly the form it was trained on. The adapter is merged into the base weights at load time
+(W <- W0 + (alpha/r) B A), so generation costs the same as with the base model.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from base_model import load_model_and_tokenizer, model_display_name
+from data.format import prompt_ids
+from lora import AdapterError, load_adapter, merge_lora, read_adapter_config
+from lora.adapter_files import WEIGHTS_NAME
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How answers are decoded. The defaults are deterministic (greedy)."""
+
+    max_new_tokens: int = 200  # most tokens generated per answer; generation stops earlier at end-of-turn
+    temperature: float = 0.0  # 0 = greedy (always the most likely token); > 0 samples, higher = more varied
+    top_p: float = 1.0  # sampling only: keep the smallest set of tokens whose probabilities sum to top_p
+    repetition_penalty: float = 1.1  # > 1 divides the logits of tokens already in the text (1 = off)
+    seed: int | None = None  # sampling only: seeds torch so a sampled answer can be reproduced
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be in [0, 100] (0 = greedy), got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty must be in (0, 10] (1 = off), got {self.repetition_penalty!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class PromptTooLongError(ValueError):
+    """The question alone does not fit in the model's context, even with no earlier turns."""
+
+
+def load_for_inference(
+    model: str | None,
+    adapter: str | os.PathLike | None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """Load the base model and tokenizer, then load and merge `adapter` into it.
+
+    The adapter's files are checked before the (slow) model load, so a missing or broken adapter
+    fails at once. With `model` None, the base model named in the adapter's config is used (the
+    embedded model when there is no adapter).
+
+    Returns:
+        (model in eval mode, tokenizer, one-line description such as
+        "SmolLM2-135M-Instruct + adapter runs/cpu/adapter (merged)").
+
+    Raises:
+        AdapterError: the adapter folder, its config or its weights do not fit the model.
+        ModelLoadError: the base model could not be loaded.
+    """
+    if adapter is not None:
+        config = read_adapter_config(adapter)
+        if not (Path(adapter) / WEIGHTS_NAME).is_file():
+            raise AdapterError(f"{Path(adapter) / WEIGHTS_NAME}: missing")
+        if model is None:
+            model = config.get("base_model_name_or_path") or None
+    net, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
+    name = model_display_name(model)
+    if adapter is None:
+        return net, tokenizer, f"base model {name}"
+    load_adapter(net, adapter)
+    merge_lora(net)
+    return net, tokenizer, f"{name} + adapter {adapter} (merged)"
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Token ids that end an answer: the model's generation EOS ids and the tokenizer's EOS.
+
+    For ChatML models (SmolLM2) the tokenizer's EOS is the end-of-turn token `<|im_end|>`.
+    """
+    configured = model.generation_config.eos_token_id
+    ids = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def generation_kwargs(model, tokenizer, settings: GenerationSettings) -> dict:
+    """Keyword arguments for `model.generate` that carry out `settings` (shared by batch and stream)."""
+    kwargs = {
+        "max_new_tokens": settings.max_new_tokens,
+        "repetition_penalty": settings.repetition_penalty,
+        "eos_token_id": stop_token_ids(model, tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "use_cache": True,  # keep each layer's keys/values: every new token costs one position, not the whole text
+    }
+    if settings.greedy:
+        kwargs["do_sample"] = False
+    else:
+        # top_k=0 turns off transformers' default top-k of 50: temperature and top_p are the only knobs.
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    return kwargs
+
+
+def context_budget(model, settings: GenerationSettings, max_context_tokens: int | None = None) -> int:
+    """Most prompt tokens that leave room for `settings.max_new_tokens` in the model's positions.
+
+    `max_context_tokens`, when given, lowers the budget further (to keep answers fast, or in tests).
+    """
+    positions = getattr(model.config, "max_position_embeddings", None)
+    budget = positions - settings.max_new_tokens if positions else None
+    if max_context_tokens is not None:
+        if max_context_tokens < 1:
+            raise ValueError(f"max_context_tokens must be a positive integer, got {max_context_tokens!r}")
+        budget = max_context_tokens if budget is None else min(budget, max_context_tokens)
+    if budget is None:
+        raise ValueError("the model config has no max_position_embeddings: pass max_context_tokens")
+    if budget < 1:
+        raise ValueError(
+            f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the model's {positions} positions"
+        )
+    return budget
+
+
+def fit_history(
+    tokenizer, question: str, history: Sequence[tuple[str, str]], budget: int
+) -> tuple[list[tuple[str, str]], int]:
+    """Drop the oldest (user, assistant) turns until the prompt fits in `budget` tokens.
+
+    Returns:
+        (the turns kept, oldest first; how many turns were dropped).
+
+    Raises:
+        PromptTooLongError: the question alone, with no history, is over the budget.
+    """
+    history = list(history)
+    for dropped in range(len(history) + 1):
+        kept = history[dropped:]
+        if len(prompt_ids(tokenizer, question, kept)) <= budget:
+            return kept, dropped
+    length = len(prompt_ids(tokenizer, question))
+    raise PromptTooLongError(
+        f"the question makes a {length}-token prompt, over the context budget of {budget} tokens: shorten it"
+    )
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack token id lists into [batch, longest] tensors, padding on the LEFT.
+
+    Left padding puts every prompt's last token in the last column, so the first generated token
+    of every row follows its own prompt directly. The attention mask is 0 on padding.
+    """
+    longest = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        if ids:
+            input_ids[row, longest - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, longest - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    questions: list[str],
+    settings: GenerationSettings,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[str]:
+    """Answer each question on its own (no history), in batches; answers come back in input order.
+
+    Prompts are sorted by length before batching so each batch pads little. Decoding is greedy by
+    default, so the answers are the same whatever the batch size; with temperature > 0 the
+    sampler is seeded with `settings.seed` (when set).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    prompts = [prompt_ids(tokenizer, question) for question in questions]
+    budget = context_budget(model, settings)
+    for question, ids in zip(questions, prompts):
+        if len(ids) > budget:
+            raise PromptTooLongError(
+                f"question {question[:40]!r}... makes a {len(ids)}-token prompt, over the context budget of {budget} tokens"
+            )
+    if not settings.greedy and settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    kwargs = generation_kwargs(model, tokenizer, settings)
+    order = sorted(range(len(questions)), key=lambda index: len(prompts[index]))
+    answers = [""] * len(questions)
+    with tqdm(total=len(questions), desc="generating", unit="answer", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            input_ids, attention_mask = left_pad([prompts[index] for index in batch], tokenizer.pad_token_id)
+            with torch.no_grad():
+                output = model.generate(
+                    input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device), **kwargs
+                )
+            new_tokens = output[:, input_ids.shape[1]:]  # [batch, generated]: drop the (padded) prompt columns
+            for index, row in zip(batch, new_tokens):
+                answers[index] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            bar.update(len(batch))
+    return answers
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation at the next token once `event` is set (the reader stopped listening)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_answer(
+    model,
+    tokenizer,
+    question: str,
+    history: Sequence[tuple[str, str]],
+    settings: GenerationSettings,
+    max_context_tokens: int | None = None,
+) -> Iterator[str]:
+    """Yield the answer to `question` piece by piece while it is generated.
+
+    `history` holds the earlier (user, assistant) turns, oldest first; they go into the prompt.
+    Turns that do not fit the context budget (see `context_budget`) are dropped oldest first;
+    callers that want to tell the user call `fit_history` with the same budget beforehand.
+
+    `model.generate` runs in a worker thread and hands decoded text to this generator through
+    transformers' TextIteratorStreamer. When the reader stops early (Ctrl-C, a closed page), the
+    worker stops at its next token; an error in the worker is raised here.
+    """
+    budget = context_budget(model, settings, max_context_tokens)
+    kept, _ = fit_history(tokenizer, question, history, budget)
+    input_ids = torch.tensor([prompt_ids(tokenizer, question, kept)], device=model.device)  # [1, prompt]
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    reader_left = threading.Event()
+    worker_errors: list[BaseException] = []
+
+    def generate_in_worker() -> None:
+        try:
+            with torch.no_grad():
+                model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(reader_left)]),
+                    **generation_kwargs(model, tokenizer, settings),
+                )
+        except BaseException as error:  # handed over to the reader, which raises it
+            worker_errors.append(error)
+            streamer.end()
+
+    if not settings.greedy and settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    worker = threading.Thread(target=generate_in_worker, daemon=True)
+    worker.start()
+    started = False
+    try:
+        for piece in streamer:
+            if not started:
+                piece = piece.lstrip()
+                started = bool(piece)
+            if piece:
+                yield piece
+    finally:
+        reader_left.set()
+        worker.join()
+    if worker_errors:
+        raise worker_errors[0]

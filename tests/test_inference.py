@@ -1,0 +1,194 @@
+"""inference.py: batched and streamed generation, history fitting, loading with a merged adapter."""
+
+import threading
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+import inference
+from data.format import prompt_ids
+from inference import (
+    GenerationSettings,
+    PromptTooLongError,
+    context_budget,
+    fit_history,
+    generate_answers,
+    left_pad,
+    load_for_inference,
+    stop_token_ids,
+    stream_answer,
+)
+from lora import AdapterError, load_adapter, lora_layers
+from tests.conftest import chatty_tiny_model, record_prompts, save_tiny_adapter
+
+QUESTIONS = [
+    "What is the mechanism of action of metformin?",
+    "Why?",
+    "Describe the stages of wound healing, from hemostasis to remodeling.",
+    "What is hypertension?",
+    "Name one beta blocker.",
+]
+SHORT = GenerationSettings(max_new_tokens=10)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("max_new_tokens", 0), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("repetition_penalty", 0.0)],
+)
+def test_settings_reject_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        GenerationSettings(**{field: value})
+
+
+def test_left_pad_puts_padding_before_each_prompt():
+    input_ids, attention_mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_stop_tokens_include_the_chatml_end_of_turn(tokenizer):
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(chatty_tiny_model(), tokenizer)
+
+
+def test_left_padded_batches_equal_one_at_a_time_greedy(tokenizer):
+    model = chatty_tiny_model()
+    batched = generate_answers(model, tokenizer, QUESTIONS, SHORT, batch_size=3)
+    one_at_a_time = [generate_answers(model, tokenizer, [question], SHORT)[0] for question in QUESTIONS]
+    assert batched == one_at_a_time
+    assert all(batched) and len(set(batched)) > 1  # real, prompt-dependent answers, in input order
+
+
+def test_no_questions_gives_no_answers(tokenizer):
+    assert generate_answers(chatty_tiny_model(), tokenizer, [], SHORT) == []
+
+
+def test_sampling_with_a_seed_is_reproducible(tokenizer):
+    model = chatty_tiny_model()
+    sampled = GenerationSettings(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    assert generate_answers(model, tokenizer, QUESTIONS[:2], sampled) == generate_answers(model, tokenizer, QUESTIONS[:2], sampled)
+
+
+def test_streamed_pieces_join_to_the_batched_answer(tokenizer):
+    model = chatty_tiny_model()
+    pieces = list(stream_answer(model, tokenizer, QUESTIONS[0], [], SHORT))
+    assert len(pieces) > 1
+    assert "".join(pieces).strip() == generate_answers(model, tokenizer, QUESTIONS[:1], SHORT)[0]
+
+
+def test_history_goes_into_the_prompt(tokenizer, monkeypatch):
+    model = chatty_tiny_model()
+    prompts = record_prompts(model, tokenizer, monkeypatch)
+    history = [("What is metformin?", "A biguanide that lowers hepatic glucose output.")]
+    "".join(stream_answer(model, tokenizer, "What are its side effects?", history, SHORT))
+    assert prompts == [tokenizer.decode(prompt_ids(tokenizer, "What are its side effects?", history))]
+    assert "What is metformin?" in prompts[0] and "hepatic glucose output" in prompts[0]
+
+
+def test_reader_leaving_early_stops_the_worker(tokenizer):
+    before = threading.active_count()
+    stream = stream_answer(chatty_tiny_model(), tokenizer, QUESTIONS[0], [], GenerationSettings(max_new_tokens=500))
+    next(stream)
+    stream.close()
+    assert threading.active_count() == before
+
+
+def test_worker_error_is_raised_to_the_reader(tokenizer, monkeypatch):
+    model = chatty_tiny_model()
+
+    def broken_generate(**kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model, "generate", broken_generate)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(stream_answer(model, tokenizer, QUESTIONS[0], [], SHORT))
+
+
+def test_context_budget_leaves_room_for_the_answer():
+    model = chatty_tiny_model()  # 1024 positions
+    assert context_budget(model, GenerationSettings(max_new_tokens=200)) == 824
+    assert context_budget(model, GenerationSettings(max_new_tokens=200), max_context_tokens=300) == 300
+    with pytest.raises(ValueError, match="max_new_tokens=1024 leaves no room"):
+        context_budget(model, GenerationSettings(max_new_tokens=1024))
+
+
+def test_fit_history_drops_the_oldest_turns_first(tokenizer):
+    history = [(f"Question number {i}?", f"Answer number {i}.") for i in range(5)]
+    question = "And now?"
+    budget = len(prompt_ids(tokenizer, question, history[-2:]))
+    assert fit_history(tokenizer, question, history, budget) == (history[-2:], 3)
+    assert fit_history(tokenizer, question, history, budget - 1) == (history[-1:], 4)
+    assert fit_history(tokenizer, question, history, 10_000) == (history, 0)
+
+
+def test_fit_history_refuses_a_question_that_alone_is_too_long(tokenizer):
+    with pytest.raises(PromptTooLongError, match="over the context budget of 20 tokens"):
+        fit_history(tokenizer, "What is hypertension?", [], budget=20)
+
+
+def test_stream_drops_old_turns_to_fit_the_context(tokenizer, monkeypatch):
+    model = chatty_tiny_model()
+    prompt_lengths = []
+    real_generate = model.generate
+
+    def recording_generate(**kwargs):
+        prompt_lengths.append(kwargs["input_ids"].shape[1])
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    history = [(f"Question number {i}?", f"Answer number {i}.") for i in range(20)]
+    budget = len(prompt_ids(tokenizer, "And now?", history[-3:]))
+    "".join(stream_answer(model, tokenizer, "And now?", history, SHORT, max_context_tokens=budget))
+    assert prompt_lengths == [budget]
+
+
+def test_merged_adapter_gives_the_unmerged_logits(chatty_model_dir, tiny_adapter_dir):
+    merged, _, description = load_for_inference(None, tiny_adapter_dir)  # base model read from the adapter config
+    assert description == f"{chatty_model_dir} + adapter {tiny_adapter_dir} (merged)"
+    assert all(layer.merged for _, layer in lora_layers(merged))
+    unmerged = LlamaForCausalLM.from_pretrained(chatty_model_dir).eval()
+    base_ids = torch.randint(0, 49152, (2, 9))
+    with torch.no_grad():
+        base_logits = unmerged(base_ids).logits
+    load_adapter(unmerged, tiny_adapter_dir)
+    with torch.no_grad():
+        expected = unmerged(base_ids).logits
+        actual = merged(base_ids).logits
+    assert not torch.allclose(expected, base_logits, atol=1e-4)  # the adapter changes the model
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_base_model_only(chatty_model_dir):
+    model, tokenizer, description = load_for_inference(str(chatty_model_dir), None)
+    assert description == f"base model {chatty_model_dir}"
+    assert not list(lora_layers(model))
+    assert tokenizer.pad_token is not None
+
+
+def test_adapter_is_checked_before_the_model_loads(tmp_path, tiny_adapter_dir, monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the adapter was checked")
+
+    monkeypatch.setattr(inference, "load_model_and_tokenizer", must_not_load)
+    with pytest.raises(AdapterError, match="adapter folder not found"):
+        load_for_inference(None, tmp_path / "missing")
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "adapter_config.json").write_text((tiny_adapter_dir / "adapter_config.json").read_text())
+    with pytest.raises(AdapterError, match="adapter_model.safetensors: missing"):
+        load_for_inference(None, config_only)
+
+
+def test_adapter_for_another_base_model_is_refused(tmp_path, chatty_model_dir):
+    other = save_tiny_adapter(chatty_model_dir, tmp_path / "other", hidden_size=32)
+    with pytest.raises(AdapterError, match=r"adapter_model.safetensors: key .* has shape \[4, 32\] in the adapter but \[4, 64\]"):
+        load_for_inference(None, other)
+
+
+@pytest.mark.slow
+def test_embedded_model_answers_a_medical_question_coherently():
+    model, tokenizer, description = load_for_inference(None, None)
+    assert description == "base model SmolLM2-135M-Instruct"
+    [answer] = generate_answers(model, tokenizer, ["What is the mechanism of action of metformin?"], GenerationSettings(max_new_tokens=48))
+    assert "metformin" in answer.lower()
+    assert any(word in answer.lower() for word in ("glucose", "insulin", "liver", "diabetes")), answer
