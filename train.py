@@ -33,6 +33,7 @@ from lora import AdapterError, inject_lora, lora_parameters, save_adapter
 from training import (
     PRESETS,
     TrainConfig,
+    config_from_preset,
     TrainState,
     answer_nll,
     cosine_with_warmup,
@@ -341,19 +342,19 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
     add("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     args = parser.parse_args(argv)
 
-    values = {**PRESETS[args.preset], "preset": args.preset, "output_dir": args.output_dir}
+    overrides = {"output_dir": args.output_dir}
     for name in (
         "model", "data", "num_examples", "epochs", "max_steps", "batch_size", "grad_accum", "max_batch_tokens", "lr",
         "rank", "alpha", "dropout", "max_length", "precision", "grad_checkpointing", "eval_every", "save_every",
         "keep_last", "max_nan_steps", "seed", "device",
     ):
         if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
+            overrides[name] = getattr(args, name)
     if args.targets is not None:
-        values["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    if values.get("max_batch_tokens") == 0:
-        values["max_batch_tokens"] = None
-    return TrainConfig(**values), args
+        overrides["targets"] = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if overrides.get("max_batch_tokens") == 0:
+        overrides["max_batch_tokens"] = None
+    return config_from_preset(args.preset, **overrides), args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (None = epochs decide)
     batch_size: int = 16  # rows per micro-batch (ignored for splitting when max_batch_tokens is set)
     grad_accum: int = 1  # micro-batches per optimizer step; a step sees batch_size x grad_accum rows
-    max_batch_tokens: int | None = 4096  # padded tokens per micro-batch (rows x longest row); None = fixed rows
+    max_batch_tokens: int | None = 1024  # padded tokens per micro-batch (rows x longest row); None = fixed rows
     lr: float = 1e-3  # peak learning rate after warmup
     warmup_fraction: float = 0.03  # share of optimizer steps spent warming up linearly from 0
     weight_decay: float = 0.001  # AdamW weight decay, as the reference
@@ -69,8 +69,8 @@ PRESETS: dict[str, dict] = {
     # The default: the embedded model and dataset, sized so `make run` (train + evaluate) takes
     # well under 10 minutes on a 2-core CPU.
     "cpu": dict(
-        model=None, data=None, num_examples=None, epochs=2.0, batch_size=16, grad_accum=1,
-        max_batch_tokens=4096, lr=1e-3, rank=16, alpha=32.0, dropout=0.05, max_length=512,
+        model=None, data=None, num_examples=None, epochs=1.0, batch_size=16, grad_accum=1,
+        max_batch_tokens=1024, lr=1e-3, rank=16, alpha=32.0, dropout=0.05, max_length=512,
         precision="auto", grad_checkpointing=False, eval_every=10, save_every=10,
     ),
     # The reference notebook's run on a T4: TinyLlama-1.1B-Chat, 3,000 flashcards, fp16 AMP.
@@ -81,6 +81,16 @@ PRESETS: dict[str, dict] = {
         eval_every=50, save_every=50,
     ),
 }
+
+
+def config_from_preset(preset: str, **overrides) -> TrainConfig:
+    """A preset's values with `overrides` on top (what the command line and experiment files do)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    values = {**PRESETS[preset], "preset": preset, **overrides}
+    if "targets" in values:
+        values["targets"] = tuple(values["targets"])
+    return TrainConfig(**values)
 
 
 def validate_config(config: TrainConfig) -> None:

@@ -1,0 +1,437 @@
+"""Training speed on CPU: this project's LoRA loop next to TRL's SFTTrainer and PEFT in a plain loop.
+
+    python -m bench.train_speed                                  # all four peers on 64 examples
+    python -m bench.train_speed --examples 16 --peers ours,peft-loop
+    python -m bench.train_speed --lever                          # ours only, one speed lever toggled per row
+
+Every peer trains the embedded SmolLM2-135M-Instruct (float32, CPU) with LoRA r=16, alpha=32,
+dropout 0.05 on q_proj and v_proj for one epoch over the same rows: `--data` cleaned with
+data.clean_rows, shuffled with random.Random(42), the first `--examples`, encoded once by
+data.encode_example (chat template with the system prompt, completion-only labels, max length 512).
+An optimizer step sees 16 examples; lr 2e-4, cosine with 3% warmup, AdamW weight decay 0.001,
+gradients clipped to 1.0.
+
+    ours        data.epoch_steps (length-grouped) -> data.micro_batches (padded-token budget
+                --max-batch-tokens, or fixed --batch-size rows) -> training.optimizer_step (answer-only
+                lm_head via training.answer_nll), foreach AdamW, training.cosine_with_warmup.
+    trl         PEFT LoraConfig + TRL SFTTrainer: 2 rows x 8 accumulation, gradient checkpointing on
+                (the reference notebook's setting), TRL's default optimizer and dataloader order.
+    trl-nockpt  the same with gradient checkpointing off.
+    peft-loop   get_peft_model in a hand-written loop: the same length-grouped steps, 2 rows x 8,
+                model(input_ids, attention_mask, labels).loss (full-vocabulary logits), SDPA.
+
+TRL gets the encoded examples as `input_ids` and `labels` columns, which SFTTrainer uses as they
+are. Handing it the same conversations as prompt/completion messages instead would make TRL also
+train on the newline the chat template writes after <|im_end|>: one more target token per example.
+
+Each peer runs in its own subprocess, so its peak RSS (ru_maxrss, model and data included) is its
+own. The clock covers only training (model loading and tokenization are outside it): our step
+loop, the PEFT loop, and trainer.train() for TRL.
+
+Useful work per real (non-pad) token is 4 x P FLOPs, P = the base model's parameters (tied
+embeddings counted once): 2P for the forward and 2P for the activation gradients. The frozen
+weights need no weight gradients; attention scores and the LoRA matmuls are left out. It is
+compared with the machine's float32 matmul peak, measured here on a [2048, 576] @ [576, 576]
+product (576 is the model's hidden size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import training
+from data import IGNORE_INDEX, clean_rows, collate, encode_example, epoch_steps, load_rows, micro_batches
+from lora import inject_lora, lora_parameters
+
+# transformers, peft, trl and datasets are imported inside the functions that run in the children:
+# the parent process only measures the matmul peak and prints.
+
+PEERS = ("ours", "trl", "trl-nockpt", "peft-loop")
+REFERENCE_PEERS = ("trl", "trl-nockpt", "peft-loop")  # the "vs" columns of the table
+DEFAULT_DATA = "../shared/data/medical_meadow_wikidoc_patient_info.json"
+DEFAULT_OUTPUT = "bench/results/train_speed.json"
+DEFAULT_LEVER_OUTPUT = "bench/results/train_speed_levers.json"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+SEED = 42  # row shuffle, step order, LoRA init, dropout
+MAX_LENGTH = 512  # tokens per example; the answer is cut, never the prompt
+STEP_EXAMPLES = 16  # examples per optimizer step (the effective batch)
+MICRO_BATCH = 2  # rows per micro-batch for trl and peft-loop ...
+GRAD_ACCUM = 8  # ... times 8 accumulated micro-batches = STEP_EXAMPLES
+RANK, ALPHA, DROPOUT = 16, 32, 0.05  # LoRA r, alpha (update scaled by alpha / r), dropout on its input
+TARGETS = ("q_proj", "v_proj")  # modules that get adapters
+LR = 2e-4  # peak learning rate
+WARMUP_FRACTION = 0.03  # share of steps warming up linearly
+WEIGHT_DECAY = 0.001  # AdamW weight decay
+MAX_GRAD_NORM = 1.0  # global L2 clipping of the LoRA gradients
+FLOPS_PER_TOKEN_PER_PARAM = 4  # forward (2) + activation gradients (2); frozen weights get no weight gradient
+
+
+@dataclass(frozen=True)
+class OursSettings:
+    """The speed levers of our loop; the defaults are what train.py does."""
+
+    max_batch_tokens: int | None = 1024  # padded tokens per micro-batch; None = fixed `batch_size` rows
+    batch_size: int = MICRO_BATCH  # rows per micro-batch when max_batch_tokens is None
+    length_grouped: bool = True  # data.epoch_steps groups similar lengths into a step; False = random steps
+    answer_only_head: bool = True  # lm_head only where the next token is a target (training.answer_nll)
+    attention: str = "sdpa"  # "sdpa" or "eager"
+    foreach_adamw: bool = True  # AdamW updates all tensors in one batched call
+
+    def describe(self) -> str:
+        batching = (
+            f"token budget {self.max_batch_tokens}" if self.max_batch_tokens
+            else f"{self.batch_size} rows x {math.ceil(STEP_EXAMPLES / self.batch_size)}"
+        )
+        return ", ".join([
+            batching,
+            "length-grouped" if self.length_grouped else "random steps",
+            "answer-only lm_head" if self.answer_only_head else "full-vocabulary logits",
+            self.attention,
+            "foreach AdamW" if self.foreach_adamw else "plain AdamW",
+        ])
+
+
+# One row per lever: (lever, what it is switched to, the OursSettings fields that change).
+LEVERS = [
+    ("lm_head", "full-vocabulary logits, model(...).logits", {"answer_only_head": False}),
+    ("micro-batches", f"fixed {MICRO_BATCH} rows x {GRAD_ACCUM}", {"max_batch_tokens": None, "batch_size": MICRO_BATCH}),
+    ("length grouping", "off: random steps", {"length_grouped": False}),
+    ("attention", "eager", {"attention": "eager"}),
+    ("AdamW", "plain (foreach=False)", {"foreach_adamw": False}),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Parent side: the matmul peak, one subprocess per run, the tables.
+
+
+def matmul_peak_gflops(repeats: int = 20) -> float:
+    """Best float32 GFLOP/s of a [2048, 576] @ [576, 576] matmul, after a warm-up."""
+    m, k, n = 2048, 576, 576
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(5):
+        a @ b
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * n * k / best / 1e9
+
+
+def run_in_subprocess(spec: dict) -> dict:
+    """Run one training job in a fresh Python process and return its result dict."""
+    with tempfile.TemporaryDirectory(prefix="train-speed-") as folder:
+        result_file = Path(folder) / "result.json"
+        command = [sys.executable, "-m", "bench.train_speed", "--child", json.dumps({**spec, "result_file": str(result_file)})]
+        finished = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+        if finished.returncode != 0 or not result_file.is_file():
+            output = (finished.stdout + finished.stderr).strip().splitlines()
+            raise RuntimeError(f"{spec['peer']} failed (exit {finished.returncode}):\n" + "\n".join(output[-25:]))
+        return json.loads(result_file.read_text())
+
+
+def with_rates(result: dict, peak_gflops: float) -> dict:
+    """Add tokens/s, useful GFLOP/s and % of the matmul peak to a child's result."""
+    tokens_per_s = result["tokens"] / result["wall_s"]
+    useful = FLOPS_PER_TOKEN_PER_PARAM * result["params"] * tokens_per_s / 1e9
+    return {**result, "tokens_per_s": tokens_per_s, "useful_gflops": useful, "percent_of_peak": 100 * useful / peak_gflops}
+
+
+def peer_table(rows: list[dict]) -> str:
+    rate = {row["peer"]: row["tokens_per_s"] for row in rows}
+    references = [peer for peer in REFERENCE_PEERS if peer in rate]
+    header = ["implementation", "setting", "wall time (s)", "tokens/s", "useful GFLOP/s", "% of matmul peak", "peak RSS (GB)"]
+    header += [f"vs {peer}" for peer in references]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [
+            row["peer"], row["setting"], f"{row['wall_s']:.1f}", f"{row['tokens_per_s']:.0f}",
+            f"{row['useful_gflops']:.1f}", f"{row['percent_of_peak']:.1f}", f"{row['peak_rss_gb']:.2f}",
+        ]
+        cells += [f"{row['tokens_per_s'] / rate[peer]:.2f}x" for peer in references]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def lever_table(rows: list[dict]) -> str:
+    lines = ["| lever | setting | tokens/s | peak RSS (GB) |", "|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['lever']} | {row['setting']} | {row['tokens_per_s']:.0f} | {row['peak_rss_gb']:.2f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Child side: one model, one training run, one result file.
+
+
+def load_examples(data_path: str, count: int, tokenizer) -> list:
+    """The benchmark rows: cleaned, shuffled with Random(SEED), the first `count`, encoded."""
+    raw = load_rows(data_path)
+    pairs, _ = clean_rows(raw.rows, raw.source)
+    random.Random(SEED).shuffle(pairs)
+    encoded = [encode_example(tokenizer, pair.question, pair.answer, MAX_LENGTH) for pair in pairs[:count]]
+    return [example for example in encoded if example is not None]  # None: the prompt alone is too long
+
+
+def random_steps(count: int, step_examples: int, seed: int) -> list[list[int]]:
+    """Optimizer steps without length grouping: shuffled indices cut into steps."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return [order[start : start + step_examples] for start in range(0, count, step_examples)]
+
+
+def training_steps(lengths: list[int], length_grouped: bool) -> list[list[int]]:
+    """Example indices of every optimizer step of the one epoch."""
+    if length_grouped:
+        return epoch_steps(lengths, STEP_EXAMPLES, SEED, epoch=0)
+    return random_steps(len(lengths), STEP_EXAMPLES, SEED)
+
+
+def full_vocabulary_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """training.answer_nll computed the usual way: lm_head at every position, then cross-entropy."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [batch, seq, vocab]
+    targets = batch["labels"][:, 1:]  # [batch, seq - 1]
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return nll, int((targets != IGNORE_INDEX).sum())
+
+
+def train_ours(model, tokenizer, examples, settings: OursSettings) -> dict:
+    """This project's loop, as train.py runs it, without validation or checkpoints."""
+    if not settings.answer_only_head:
+        # optimizer_step takes no loss argument, so this lever swaps the loss function that
+        # training.accumulate_gradients calls; it lasts only as long as this child process.
+        training.answer_nll = full_vocabulary_nll
+    model.set_attn_implementation(settings.attention)
+    torch.manual_seed(SEED)
+    inject_lora(model, TARGETS, RANK, ALPHA, DROPOUT)
+    model.train()
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=LR, weight_decay=WEIGHT_DECAY, foreach=settings.foreach_adamw)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # float32: no loss scaling
+    lengths = [len(e.input_ids) for e in examples]
+
+    start = time.perf_counter()
+    steps = training_steps(lengths, settings.length_grouped)
+    warmup_steps = max(1, math.ceil(WARMUP_FRACTION * len(steps)))
+    tokens, losses = 0, []
+    for step, step_indices in enumerate(steps):
+        batches = micro_batches(step_indices, lengths, settings.batch_size, settings.max_batch_tokens)
+        lr = training.cosine_with_warmup(step, len(steps), warmup_steps, LR)
+        result = training.optimizer_step(
+            model, optimizer, scaler, examples, batches, tokenizer.pad_token_id, "cpu", nullcontext, lr, MAX_GRAD_NORM
+        )
+        tokens += result.tokens
+        losses.append(result.loss)
+    wall = time.perf_counter() - start
+    return {"setting": settings.describe(), "wall_s": wall, "tokens": tokens, "steps": len(steps), "mean_loss": sum(losses) / len(losses)}
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=list(TARGETS), task_type="CAUSAL_LM")
+
+
+def train_peft_loop(model, tokenizer, examples) -> dict:
+    """PEFT's LoRA layers in a plain loop: fixed 2-row micro-batches, HF's own full-logits loss."""
+    from peft import get_peft_model
+
+    model.set_attn_implementation("sdpa")
+    torch.manual_seed(SEED)
+    model = get_peft_model(model, lora_config())
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True)
+    lengths = [len(e.input_ids) for e in examples]
+
+    start = time.perf_counter()
+    steps = training_steps(lengths, length_grouped=True)
+    warmup_steps = max(1, math.ceil(WARMUP_FRACTION * len(steps)))
+    tokens, losses = 0, []
+    for step, step_indices in enumerate(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = training.cosine_with_warmup(step, len(steps), warmup_steps, LR)
+        batches = micro_batches(step_indices, lengths, MICRO_BATCH)
+        step_loss = 0.0
+        for batch_indices in batches:
+            batch = collate([examples[i] for i in batch_indices], tokenizer.pad_token_id)
+            loss = model(**batch).loss / len(batches)  # HF's mean over the micro-batch's target tokens
+            loss.backward()
+            step_loss += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+    wall = time.perf_counter() - start
+    setting = f"get_peft_model, {MICRO_BATCH} rows x {GRAD_ACCUM}, length-grouped, full-vocabulary logits (HF loss), sdpa"
+    return {"setting": setting, "wall_s": wall, "tokens": tokens, "steps": len(steps), "mean_loss": sum(losses) / len(losses)}
+
+
+def train_trl(model, tokenizer, examples, checkpointing: bool, scratch_dir: str) -> dict:
+    """TRL's SFTTrainer with a PEFT LoraConfig; only trainer.train() is timed."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model.set_attn_implementation("sdpa")
+    dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+    config = SFTConfig(
+        output_dir=scratch_dir,
+        per_device_train_batch_size=MICRO_BATCH,
+        gradient_accumulation_steps=GRAD_ACCUM,
+        gradient_checkpointing=checkpointing,
+        num_train_epochs=1,
+        learning_rate=LR,
+        lr_scheduler_type="cosine",
+        warmup_steps=WARMUP_FRACTION,  # transformers 5: a float below 1 is a fraction of the steps (was warmup_ratio)
+        weight_decay=WEIGHT_DECAY,
+        max_grad_norm=MAX_GRAD_NORM,
+        max_length=MAX_LENGTH,
+        completion_only_loss=True,  # the labels column already holds -100 on every prompt token
+        use_cpu=True,
+        bf16=False,  # TRL turns bf16 on by default; this benchmark is float32
+        fp16=False,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        seed=SEED,
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config())
+    start = time.perf_counter()
+    output = trainer.train()
+    wall = time.perf_counter() - start
+    setting = (
+        f"SFTTrainer + LoraConfig, {MICRO_BATCH} rows x {GRAD_ACCUM}, gradient checkpointing "
+        f"{'on' if checkpointing else 'off'}, {config.optim.value}"  # optim: TRL's default optimizer
+    )
+    return {
+        "setting": setting, "wall_s": wall, "tokens": int(trainer.state.num_input_tokens_seen),
+        "steps": trainer.state.global_step, "mean_loss": output.training_loss,
+    }
+
+
+def child_main(spec: dict) -> None:
+    """Load the model and rows, train one peer, write its result (with peak RSS) as JSON."""
+    from base_model import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(None, dtype=torch.float32, device="cpu")
+    params = sum(p.numel() for p in model.parameters())  # parameters() yields the tied embedding once
+    examples = load_examples(spec["data"], spec["examples"], tokenizer)
+    if spec["peer"] == "ours":
+        result = train_ours(model, tokenizer, examples, OursSettings(**spec["ours"]))
+    elif spec["peer"] == "peft-loop":
+        result = train_peft_loop(model, tokenizer, examples)
+    else:
+        with tempfile.TemporaryDirectory(prefix="trl-") as scratch_dir:
+            result = train_trl(model, tokenizer, examples, spec["peer"] == "trl", scratch_dir)
+    result.update(
+        peer=spec["peer"], examples=len(examples), params=params, threads=torch.get_num_threads(),
+        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # ru_maxrss is in KiB on Linux
+    )
+    Path(spec["result_file"]).write_text(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2],
+    )
+    parser.add_argument("--data", default=DEFAULT_DATA, help=f"Medical Meadow JSON file (default: {DEFAULT_DATA})")
+    parser.add_argument("--examples", type=int, default=64, help="rows trained on, one epoch (default: 64)")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)} (default: all)")
+    parser.add_argument("--max-batch-tokens", type=int, default=1024, help="ours: padded tokens per micro-batch (default: 1024)")
+    parser.add_argument("--batch-size", type=int, help="ours: fixed rows per micro-batch instead of a token budget")
+    parser.add_argument("--lever", action="store_true", help="measure ours with each speed lever toggled, instead of the peers")
+    parser.add_argument("--output", help=f"results JSON (default: {DEFAULT_OUTPUT}, or {DEFAULT_LEVER_OUTPUT} with --lever)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one job, spec as JSON
+    args = parser.parse_args(argv)
+    if args.child:
+        return args
+    peers = [peer.strip() for peer in args.peers.split(",") if peer.strip()]
+    unknown = [peer for peer in peers if peer not in PEERS]
+    if unknown or not peers:
+        parser.error(f"--peers {args.peers!r}: unknown {unknown or 'empty list'}; choose from {','.join(PEERS)}")
+    args.peers = [peer for peer in PEERS if peer in peers]
+    if args.examples <= 0:
+        parser.error(f"--examples must be positive, got {args.examples}")
+    if args.max_batch_tokens <= 0:
+        parser.error(f"--max-batch-tokens must be positive, got {args.max_batch_tokens}")
+    if args.batch_size is not None and args.batch_size <= 0:
+        parser.error(f"--batch-size must be positive, got {args.batch_size}")
+    if not Path(args.data).is_file():
+        parser.exit(2, f"error: --data {args.data} not found (the benchmark rows live in ../shared/data/)\n")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        child_main(json.loads(args.child))
+        return
+
+    data_path = str(Path(args.data).resolve())  # the children run in the project root
+    ours = OursSettings(max_batch_tokens=None if args.batch_size else args.max_batch_tokens, batch_size=args.batch_size or MICRO_BATCH)
+    peak = matmul_peak_gflops()
+    machine = {
+        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "matmul_peak_gflops": round(peak, 1),
+    }
+    print(
+        f"SmolLM2-135M-Instruct, float32 on CPU ({machine['threads']} threads); float32 matmul peak "
+        f"{peak:.1f} GFLOP/s; {args.examples} examples from {args.data}, 1 epoch, {STEP_EXAMPLES} examples/step"
+    )
+
+    def run(peer: str, settings: OursSettings | None = None, label: str | None = None) -> dict:
+        spec = {"peer": peer, "data": data_path, "examples": args.examples, "ours": dataclasses.asdict(settings) if settings else None}
+        result = with_rates(run_in_subprocess(spec), peak)
+        print(
+            f"  {label or peer:<16} {result['wall_s']:7.1f} s  {result['tokens_per_s']:7.0f} tokens/s  "
+            f"{result['tokens']} tokens in {result['steps']} steps  mean loss {result['mean_loss']:.3f}  "
+            f"peak RSS {result['peak_rss_gb']:.2f} GB",
+            flush=True,
+        )
+        return result
+
+    if args.lever:
+        rows = [{"lever": "baseline", **run("ours", ours, "baseline")}]
+        for lever, setting, change in LEVERS:
+            rows.append({"lever": lever, **run("ours", dataclasses.replace(ours, **change), lever), "setting": setting})
+        table = lever_table(rows)
+        output = Path(args.output or DEFAULT_LEVER_OUTPUT)
+        record = {"machine": machine, "data": args.data, "examples": args.examples, "levers": rows}
+    else:
+        rows = [run(peer, ours if peer == "ours" else None) for peer in args.peers]
+        table = peer_table(rows)
+        output = Path(args.output or DEFAULT_OUTPUT)
+        record = {"machine": machine, "data": args.data, "examples": args.examples, "peers": rows}
+    print("\n" + table)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nresults written to {output}")
+
+
+if __name__ == "__main__":
+    main()

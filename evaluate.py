@@ -1,0 +1,129 @@
+"""Evaluate a fine-tuned adapter against its base model on the split training held out.
+
+    python evaluate.py --adapter runs/cpu/adapter --compare-base     # table + runs/cpu/eval.json
+    python evaluate.py --adapter runs/cpu/adapter --limit 20 --max-new-tokens 100
+    python evaluate.py                                               # the embedded base model only
+    python evaluate.py --experiments experiments/cpu.json --limit 8 --max-new-tokens 64
+    python evaluate.py --experiments experiments/reference_t4.json   # the reference's four runs (GPU)
+
+With --adapter RUN/adapter, model, data, --num-examples, --seed and --max-length default to
+RUN/config.json, so prepare_data rebuilds the very split training used, and the report goes to
+RUN/eval.json. Next to the JSON report: <name>_predictions.jsonl (question, reference, each
+model's answer), <name>_metrics.png (bar chart) and <name>.md (the printed table).
+
+Perplexity is exp(summed NLL / target tokens) over the whole split: answer tokens only, and
+(perplexity_full, the reference notebook's method) every token of the sequence. Answers are
+generated in left-padded batches, greedy unless --sample. Every metric has a 95% bootstrap
+interval; with --compare-base the delta has a paired one. See evaluation.py for the details.
+
+--experiments FILE trains every experiment of a JSON list (preset + overrides, run folders under
+runs/experiments/<name>) with train.train, evaluates each adapter, and writes the table
+(r, LR, epochs, losses, ROUGE-1, BLEU, perplexity, peak memory, time) as markdown and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from transformers.utils.logging import disable_progress_bar
+
+import train
+from base_model import ModelLoadError
+from evaluation import (
+    BOOTSTRAP_RESAMPLES,
+    experiments_table,
+    load_experiments,
+    markdown_table,
+    resolve_settings,
+    run_evaluation,
+    run_experiments,
+    save_evaluation,
+    save_experiments,
+)
+
+FLAGS_SET_BY_EACH_EXPERIMENT = ("model", "adapter", "data", "num_examples", "seed", "max_length", "compare_base")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2]
+    )
+    add = parser.add_argument
+    add("--adapter", help="adapter folder (RUN/adapter from train.py); without it the base model is evaluated")
+    add("--compare-base", action="store_true", help="with --adapter: also evaluate the base model, and the delta")
+    add("--model", help="base model: local folder or hub id (default: the run's, else the adapter's, else the embedded SmolLM2-135M-Instruct)")
+    add("--data", help="dataset file or hub id (default: the run's, else the embedded flashcards)")
+    add("--num-examples", type=int, help="rows sampled before the 85/10/5 split (default: the run's, else all)")
+    add("--seed", type=int, help="split seed (default: the run's, else 42); also the --sample seed unless --sample-seed")
+    add("--max-length", type=int, help="tokens per example; longer answers are cut (default: the run's, else 512)")
+    add("--split", choices=("test", "validation"), help="split to evaluate (default: test)")
+    add("--limit", type=int, help="evaluate only the first N examples of the split (default: all)")
+    add("--batch-size", type=int, help="questions per generation batch (default: 8)")
+    add("--max-new-tokens", type=int, help="most tokens generated per answer (default: 200)")
+    add("--sample", action="store_true", help="sample instead of greedy decoding")
+    add("--temperature", type=float, help="with --sample: softmax temperature (default: 0.7)")
+    add("--top-p", type=float, help="with --sample: nucleus probability mass (default: 0.9)")
+    add("--sample-seed", type=int, help="with --sample: seed of the sampler (default: --seed)")
+    add("--precision", choices=("auto", "fp32", "fp16", "bf16"), help="weight dtype; auto = fp32 on CPU, bf16/fp16 on CUDA")
+    add("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    add("--output", help="report .json (default: RUN/eval.json next to the adapter's run folder, else eval.json; "
+        "with --experiments: runs/experiments/<file name>.json)")
+    add("--experiments", help="JSON list of training configs: train each, evaluate each, write the experiment table")
+    return parser.parse_args(argv)
+
+
+def evaluate(flags: dict) -> None:
+    settings = resolve_settings(flags)
+    print("\n".join(settings.lines()))
+    started = time.perf_counter()
+    evaluation = run_evaluation(settings)
+    paths = save_evaluation(evaluation, settings.output)
+    print()
+    print(markdown_table(evaluation.report))
+    print()
+    print(f"[eval] {time.perf_counter() - started:.0f} s; wrote " + ", ".join(str(path) for path in paths.values()))
+
+
+def experiments(flags: dict) -> None:
+    refused = [f"--{name.replace('_', '-')}" for name in FLAGS_SET_BY_EACH_EXPERIMENT if flags.get(name) not in (None, False)]
+    if refused:
+        raise ValueError(f"{', '.join(refused)} cannot be combined with --experiments: each experiment's run config sets them")
+    path = Path(flags.pop("experiments"))
+    output = flags.pop("output") or str(Path("runs/experiments") / f"{path.stem}.json")
+    planned = load_experiments(path)
+    print(f"[experiments] {len(planned)} from {path}: {', '.join(name for name, _ in planned)}; "
+          f"evaluation: {flags.get('limit') or 'all'} examples, bootstrap {BOOTSTRAP_RESAMPLES} resamples")
+    started = time.perf_counter()
+    rows = run_experiments(planned, train.train, flags)
+    paths = save_experiments(rows, output)
+    print()
+    print(experiments_table(rows))
+    print()
+    print(f"[experiments] {(time.perf_counter() - started) / 60:.1f} min; wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    flags = vars(parse_args(argv))
+    disable_progress_bar()  # transformers' per-weight loading bar; our own bars stay
+    try:
+        if flags.get("experiments"):
+            experiments(flags)
+        else:
+            evaluate(flags)
+    except train.TrainingStopped as stop:
+        print(f"stopped: {' '.join(str(stop).split())}", file=sys.stderr)
+        return 3
+    except (ValueError, ModelLoadError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
+        return 2
+    except OSError as error:
+        print(f"error: {error.strerror or error} ({error.filename or 'file system'})", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
