@@ -163,7 +163,7 @@ def answer_nll(model, batch: dict[str, torch.Tensor], share_prefix: bool = True)
     prefix = shared_prefix_length(batch) if share_prefix and ids.shape[0] > 1 else 0
     cache = None
     if prefix >= 8 and not model.is_activation_checkpointing:
-        cache = model.model(input_ids=ids[:1, :prefix], use_cache=True).past_key_values
+        cache = model.model(input_ids=ids[:1, :prefix], use_cache=True).cache
         for layer in cache.layers:  # [1, kv_heads, prefix, head_dim] -> [batch, ...], no copy
             layer.keys = layer.keys.expand(ids.shape[0], -1, -1, -1)
             layer.values = layer.values.expand(ids.shape[0], -1, -1, -1)

@@ -191,3 +191,19 @@ def test_fuzzed_files_load_or_fail_clearly(tmp_path_factory, content, suffix):
             clean_rows(raw.rows, str(path))
         except DataError:
             pass
+
+
+@pytest.mark.parametrize("script", ["chat.py", "evaluate.py"])
+def test_corrupted_adapter_is_one_clear_line_naming_the_file(script, tiny_adapter_dir, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter_dir, adapter)
+    weights = adapter / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x40  # a bit flip inside the weights
+    weights.write_bytes(bytes(data))
+    extra = ["--prompt", "What is insulin?"] if script == "chat.py" else ["--limit", "2", "--output", str(tmp_path / "e.json")]
+    result = subprocess.run([sys.executable, script, "--adapter", str(adapter), *extra], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(errors) == 1 and f"{weights}: checksum mismatch" in errors[0]
