@@ -31,7 +31,6 @@ from pathlib import Path
 from transformers.utils.logging import disable_progress_bar
 
 import train
-from base_model import ModelLoadError
 from evaluation import (
     BOOTSTRAP_RESAMPLES,
     experiments_table,
@@ -113,15 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             experiments(flags)
         else:
             evaluate(flags)
-    except train.TrainingStopped as stop:
-        print(f"stopped: {' '.join(str(stop).split())}", file=sys.stderr)
-        return 3
-    except (ValueError, ModelLoadError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
-        return 2
-    except OSError as error:
-        print(f"error: {error.strerror or error} ({error.filename or 'file system'})", file=sys.stderr)
-        return 2
+    except train.USER_FAILURES as error:
+        return train.report_failure(error)
     return 0
 
 

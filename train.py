@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 from base_model import TORCH_DTYPES, ModelLoadError, choose_device, load_model_and_tokenizer, model_display_name, resolve_precision
-from data import DataError, collate, epoch_steps, micro_batches, padding_fraction, prepare_data, save_length_histogram
-from lora import AdapterError, inject_lora, lora_parameters, save_adapter
+from data import collate, epoch_steps, micro_batches, padding_fraction, prepare_data, save_length_histogram
+from lora import inject_lora, lora_parameters, save_adapter
 from training import (
     PRESETS,
     TrainConfig,
@@ -357,19 +357,31 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
     return config_from_preset(args.preset, **overrides), args
 
 
+USER_FAILURES = (TrainingStopped, ValueError, ModelLoadError, OSError)  # DataError and AdapterError are ValueErrors
+
+
+def report_failure(error: BaseException) -> int:
+    """Print one line for a failure the user can act on (no traceback) and return the exit code.
+
+    2: bad input or settings, unreadable or unwritable files; 3: the run stopped itself (NaN);
+    130: interrupted, with a checkpoint saved.
+    """
+    if isinstance(error, TrainingStopped):
+        print(f"stopped: {' '.join(str(error).split())}", file=sys.stderr)
+        return 130 if "interrupted" in str(error) else 3
+    if isinstance(error, OSError):
+        print(f"error: {error.strerror or error} ({error.filename or 'file system'})", file=sys.stderr)
+    else:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
     try:
         train(config, resume=args.resume, overwrite=args.overwrite)
-    except TrainingStopped as stop:
-        print(f"stopped: {stop}", file=sys.stderr)
-        return 130 if "interrupted" in str(stop) else 3
-    except (ValueError, ModelLoadError, DataError, AdapterError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"error: {error.strerror or error} ({error.filename or 'file system'})", file=sys.stderr)
-        return 2
+    except USER_FAILURES as error:
+        return report_failure(error)
     return 0
 
 
