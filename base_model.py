@@ -133,6 +133,21 @@ def load_tokenizer(model: str | None = None):
     return tokenizer
 
 
+def model_skeleton(model: str | None = None) -> torch.nn.Module:
+    """The model's architecture on the meta device: module names and shapes, no weights, no memory.
+
+    Lets a script check settings that depend on the architecture (which modules exist) before the
+    slow load of the weights.
+    """
+    source = resolve_model_source(model)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_loading_failure(model, error)) from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+
+
 def load_model_and_tokenizer(
     model: str | None = None,
     dtype: torch.dtype = torch.float32,

@@ -27,7 +27,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from base_model import TORCH_DTYPES, ModelLoadError, choose_device, load_model_and_tokenizer, model_display_name, resolve_precision
+from base_model import (
+    TORCH_DTYPES,
+    ModelLoadError,
+    choose_device,
+    load_model_and_tokenizer,
+    model_display_name,
+    model_skeleton,
+    resolve_precision,
+)
 from data import collate, epoch_steps, micro_batches, padding_fraction, prepare_data, save_length_histogram
 from lora import inject_lora, lora_parameters, save_adapter
 from training import (
@@ -163,6 +171,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     print("[config] " + json.dumps(config.to_json()))
 
     # ---- model, data, adapters ------------------------------------------------------------------
+    inject_lora(model_skeleton(config.model), config.targets, config.rank, config.alpha, config.dropout)  # bad --targets fail before the weights load
     device = choose_device(config.device)
     precision = resolve_precision(config.precision, device)
     amp_dtype = TORCH_DTYPES[precision]

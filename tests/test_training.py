@@ -129,6 +129,13 @@ def test_bad_settings_fail_before_any_model_is_loaded(tmp_path, capsys, monkeypa
     assert capsys.readouterr().err.strip() == "error: --rank must be a positive integer, got 0"
 
 
+def test_target_that_matches_no_module_fails_before_the_weights_load(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_script, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    code = train_script.main(["--model", str(tiny_model_dir), "--targets", "qkv", "--output-dir", str(tmp_path / "r")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().startswith("error: no linear layer matches targets ['qkv']; linear layers in this model are named")
+
+
 def test_presets_and_overrides():
     config, _ = train_script.parse_args(["--preset", "t4", "--lr", "1e-4"])
     assert config.model == "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
