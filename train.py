@@ -245,6 +245,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     # ---- the loop -------------------------------------------------------------------------------
     start = time.perf_counter() - state.elapsed_s
     padded_batches = []
+    step_rng = None  # RNG state at the start of the current step
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
     try:
         while state.step < total_steps:
@@ -292,7 +293,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     except KeyboardInterrupt:
         bar.close()
         optimizer.zero_grad(set_to_none=True)
-        checkpoint_now(rng=step_rng if "step_rng" in locals() else None)
+        checkpoint_now(rng=step_rng)
         raise TrainingStopped(f"interrupted: checkpoint saved at step {state.step}; continue with --resume auto --output-dir {run_dir}") from None
     finally:
         bar.close()  # before any message, so an error is printed on a line of its own
