@@ -33,11 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from base_model import TORCH_DTYPES, choose_device, load_tokenizer, model_display_name, resolve_precision
-from data import IGNORE_INDEX, EncodedExample, collate, prepare_data
+from data import IGNORE_INDEX, EncodedExample, collate, micro_batches, prepare_data
 from inference import GenerationSettings, generate_answers, load_for_inference
 from lora import read_adapter_config
 from metrics import bootstrap_interval, corpus_bleu, is_scope_decline, perplexity, rouge_scores
-from training import PRESETS, TrainConfig, answer_nll, config_from_preset
+from training import PRESETS, TrainConfig, config_from_preset, row_nll
 
 OUT_OF_DOMAIN_TOPIC = "out_of_domain"  # the `topic` of the dataset rows that should be declined
 
@@ -85,7 +85,7 @@ class EvalSettings:
     compare_base: bool = False  # with an adapter: also evaluate the base model and the delta
     batch_size: int = 8  # questions per generation batch
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-    precision: str = "auto"  # weight dtype: auto = fp32 on CPU, bf16/fp16 on CUDA
+    precision: str = "auto"  # weight dtype: auto = bf16 on a CPU with native bf16 (else fp32), bf16/fp16 on CUDA
     device: str | None = None  # cpu | cuda | cuda:N (None = CUDA when available)
     output: str = "eval.json"  # the JSON report; predictions, PNG and markdown are written next to it
     extra_ood_questions: tuple[str, ...] = HELDOUT_OOD_QUESTIONS  # added to the split's out-of-domain rows
@@ -224,23 +224,29 @@ def full_sequence_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 @torch.no_grad()
-def example_nlls(model, examples: list[EncodedExample], pad_id: int, progress: bool = False) -> np.ndarray:
+def example_nlls(
+    model, examples: list[EncodedExample], pad_id: int, progress: bool = False, max_batch_tokens: int = 2048
+) -> np.ndarray:
     """Summed NLL and target-token count of each example, answer-only and full-sequence.
 
-    Each example is its own batch, so its sums are exact and need no padding; the split's
-    perplexity is then exp(sum of NLL / sum of tokens) over any set of examples (a bootstrap
-    resample included), never a mean of per-batch perplexities.
+    Examples are batched longest first under a padded-token budget (data.micro_batches), and
+    training.row_nll keeps each example's sums apart, so the split's perplexity is exp(sum of NLL /
+    sum of tokens) over any set of examples (a bootstrap resample included), never a mean of
+    per-batch perplexities. The answer-only pass shares the system-prompt prefix across the batch.
 
     Returns:
         [n, 4] float64: answer NLL (nats), answer tokens, full NLL (nats), full tokens.
     """
     device = next(model.parameters()).device
+    lengths = [len(example.input_ids) for example in examples]
     table = np.zeros((len(examples), 4))
-    for row, example in enumerate(tqdm(examples, desc="perplexity", unit="example", disable=not progress)):
-        batch = {name: tensor.to(device) for name, tensor in collate([example], pad_id).items()}
-        answer_sum, answer_count = answer_nll(model, batch)
-        full_sum, full_count = answer_nll(model, full_sequence_labels(batch))
-        table[row] = (answer_sum.item(), answer_count, full_sum.item(), full_count)
+    with tqdm(total=len(examples), desc="perplexity", unit="example", disable=not progress) as bar:
+        for rows in micro_batches(list(range(len(examples))), lengths, 1, max_batch_tokens):
+            batch = {name: tensor.to(device) for name, tensor in collate([examples[i] for i in rows], pad_id).items()}
+            answer_sums, answer_counts = row_nll(model, batch)
+            full_sums, full_counts = row_nll(model, full_sequence_labels(batch))
+            table[rows] = torch.stack([answer_sums.double(), answer_counts.double(), full_sums.double(), full_counts.double()], dim=1).cpu().numpy()
+            bar.update(len(rows))
     return table
 
 

@@ -48,7 +48,7 @@ class TrainConfig:
     dropout: float = 0.05  # dropout on the LoRA branch input
     targets: tuple[str, ...] = ("q_proj", "v_proj")  # module-name suffixes that get adapters
     max_length: int = 512  # tokens per example; the answer is cut, never the prompt
-    precision: str = "auto"  # auto | fp32 | fp16 | bf16 (auto: fp32 on CPU, bf16/fp16 on CUDA)
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16 (auto: base_model.resolve_precision)
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
     eval_every: int = 10  # optimizer steps between validation passes (also at step 0 and the end)
     save_every: int = 10  # optimizer steps between checkpoints (also at the end)
@@ -147,8 +147,11 @@ def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
     return max(0, min(common, first_target - 1))
 
 
-def answer_nll(model, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL over target (answer + EOS) tokens, and how many there are.
+def row_nll(model, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed next-token NLL over target (answer + EOS) tokens, and each row's target count.
+
+    Returns ([batch] float32 NLL in nats, differentiable; [batch] int64 counts). A row's sums do not
+    depend on the other rows of the batch (padding is masked), which lets evaluation batch examples.
 
     Two savings that leave the math unchanged (tests/test_training.py compares both against plain
     full-logits cross-entropy):
@@ -173,8 +176,16 @@ def answer_nll(model, batch: dict[str, torch.Tensor], share_prefix: bool = True)
     targets = labels[:, prefix + 1 :]  # [batch, seq - prefix - 1]: the token each position predicts
     is_target = targets != IGNORE_INDEX
     logits = model.lm_head(hidden[:, :-1][is_target])  # [targets, vocab]
-    nll = torch.nn.functional.cross_entropy(logits.float(), targets[is_target], reduction="sum")
-    return nll, int(is_target.sum())
+    token_nll = torch.nn.functional.cross_entropy(logits.float(), targets[is_target], reduction="none")  # [targets]
+    row_of_target = is_target.nonzero()[:, 0]  # [targets], row-major like the boolean index above
+    sums = torch.zeros(ids.shape[0], dtype=token_nll.dtype, device=token_nll.device).index_add(0, row_of_target, token_nll)
+    return sums, is_target.sum(dim=1)
+
+
+def answer_nll(model, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL over every target token of the batch (a scalar), and how many there are."""
+    sums, counts = row_nll(model, batch, share_prefix)
+    return sums.sum(), int(counts.sum())
 
 
 def accumulate_gradients(model, examples, batches, pad_id, device, autocast, scaler) -> tuple[float, int]:

@@ -84,6 +84,15 @@ def real_examples(tokenizer):
     return [encode_example(tokenizer, p.question, p.answer, 512) for p in pairs[:6]]
 
 
+def test_batched_perplexity_keeps_each_example_apart(real_examples, tokenizer):
+    model = make_tiny_model()
+    one_at_a_time = example_nlls(model, real_examples, tokenizer.pad_token_id, max_batch_tokens=1)  # a batch per example
+    batched = example_nlls(model, real_examples, tokenizer.pad_token_id, max_batch_tokens=10_000)  # one padded batch
+    assert len({len(e.input_ids) for e in real_examples}) > 1  # so the batch really is padded
+    np.testing.assert_array_equal(batched[:, [1, 3]], one_at_a_time[:, [1, 3]])
+    np.testing.assert_allclose(batched[:, [0, 2]], one_at_a_time[:, [0, 2]], rtol=1e-5)
+
+
 def test_perplexity_pooled_over_examples_equals_one_padded_batch(real_examples, tokenizer):
     model = make_tiny_model()
     table = example_nlls(model, real_examples, tokenizer.pad_token_id)
