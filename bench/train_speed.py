@@ -1,24 +1,30 @@
 """Training speed on CPU: this project's LoRA loop next to TRL's SFTTrainer and PEFT in a plain loop.
 
-    python -m bench.train_speed                                  # all four peers on 64 examples
+    python -m bench.train_speed                                  # all six peers on 64 examples
     python -m bench.train_speed --examples 16 --peers ours,peft-loop
     python -m bench.train_speed --lever                          # ours only, one speed lever toggled per row
 
-Every peer trains the embedded SmolLM2-135M-Instruct (float32, CPU) with LoRA r=16, alpha=32,
+Every peer trains the embedded SmolLM2-135M-Instruct on the CPU with LoRA r=16, alpha=32,
 dropout 0.05 on q_proj and v_proj for one epoch over the same rows: `--data` cleaned with
 data.clean_rows, shuffled with random.Random(42), the first `--examples`, encoded once by
 data.encode_example (chat template with the system prompt, completion-only labels, max length 512).
 An optimizer step sees 16 examples; lr 2e-4, cosine with 3% warmup, AdamW weight decay 0.001,
 gradients clipped to 1.0.
 
+float32 (the setting of issue #8):
     ours        data.epoch_steps (length-grouped) -> data.micro_batches (padded-token budget
                 --max-batch-tokens, or fixed --batch-size rows) -> training.optimizer_step (answer-only
-                lm_head via training.answer_nll), foreach AdamW, training.cosine_with_warmup.
+                lm_head and a shared system-prompt prefix via training.answer_nll), foreach AdamW,
+                training.cosine_with_warmup.
     trl         PEFT LoraConfig + TRL SFTTrainer: 2 rows x 8 accumulation, gradient checkpointing on
                 (the reference notebook's setting), TRL's default optimizer and dataloader order.
     trl-nockpt  the same with gradient checkpointing off.
     peft-loop   get_peft_model in a hand-written loop: the same length-grouped steps, 2 rows x 8,
                 model(input_ids, attention_mask, labels).loss (full-vocabulary logits), SDPA.
+bfloat16 (CPUs with native bf16 matmuls; base weights stored in bf16, matmuls under autocast,
+adapter weights and optimizer state float32, attention as base_model.attention_for picks):
+    ours-bf16   ours with --precision bf16.
+    trl-bf16    trl-nockpt with the model loaded in bf16 and SFTConfig(bf16=True).
 
 TRL gets the encoded examples as `input_ids` and `labels` columns, which SFTTrainer uses as they
 are. Handing it the same conversations as prompt/completion messages instead would make TRL also
@@ -26,19 +32,21 @@ train on the newline the chat template writes after <|im_end|>: one more target 
 
 Each peer runs in its own subprocess, so its peak RSS (ru_maxrss, model and data included) is its
 own. The clock covers only training (model loading and tokenization are outside it): our step
-loop, the PEFT loop, and trainer.train() for TRL.
+loop, the PEFT loop, and trainer.train() for TRL; torch.compile's time, in the lever rows that
+use it, is on the clock.
 
 Useful work per real (non-pad) token is 4 x P FLOPs, P = the base model's parameters (tied
 embeddings counted once): 2P for the forward and 2P for the activation gradients. The frozen
 weights need no weight gradients; attention scores and the LoRA matmuls are left out. It is
-compared with the machine's float32 matmul peak, measured here on a [2048, 576] @ [576, 576]
-product (576 is the model's hidden size).
+compared with the machine's matmul peak in the row's precision, measured here on a
+[2048, 576] @ [576, 576] product (576 is the model's hidden size).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import platform
@@ -61,8 +69,9 @@ from lora import inject_lora, lora_parameters
 # transformers, peft, trl and datasets are imported inside the functions that run in the children:
 # the parent process only measures the matmul peak and prints.
 
-PEERS = ("ours", "trl", "trl-nockpt", "peft-loop")
-REFERENCE_PEERS = ("trl", "trl-nockpt", "peft-loop")  # the "vs" columns of the table
+PEERS = ("ours", "trl", "trl-nockpt", "peft-loop", "ours-bf16", "trl-bf16")
+REFERENCE_PEERS = ("trl", "trl-nockpt", "peft-loop", "trl-bf16")  # the "vs" columns of the table
+BF16_PEERS = ("ours-bf16", "trl-bf16")  # bfloat16 base weights; the rest are float32
 DEFAULT_DATA = "../shared/data/medical_meadow_wikidoc_patient_info.json"
 DEFAULT_OUTPUT = "bench/results/train_speed.json"
 DEFAULT_LEVER_OUTPUT = "bench/results/train_speed_levers.json"
@@ -90,10 +99,14 @@ class OursSettings:
     batch_size: int = MICRO_BATCH  # rows per micro-batch when max_batch_tokens is None
     length_grouped: bool = True  # data.epoch_steps groups similar lengths into a step; False = random steps
     answer_only_head: bool = True  # lm_head only where the next token is a target (training.answer_nll)
-    attention: str = "sdpa"  # "sdpa" or "eager"
-    foreach_adamw: bool = True  # AdamW updates all tensors in one batched call
+    share_prefix: bool = True  # the system-prompt prefix runs once per micro-batch (training.answer_nll)
+    attention: str = "auto"  # "sdpa", "eager", or "auto": base_model.attention_for (eager for bf16 on CPU)
+    adamw: str = "foreach"  # "foreach" (all tensors in batched calls), "fused" (one kernel), "for-loop"
+    precision: str = "fp32"  # "fp32", or "bf16": bfloat16 base weights and autocast, LoRA A/B float32
+    compile: str = "off"  # torch.compile: "off", "layers" (each decoder layer) or "mlp+norms"; compile time is on the clock
 
-    def describe(self) -> str:
+    def describe(self, attention: str) -> str:
+        """The settings in words; `attention` is the kernel the model really ran."""
         batching = (
             f"token budget {self.max_batch_tokens}" if self.max_batch_tokens
             else f"{self.batch_size} rows x {math.ceil(STEP_EXAMPLES / self.batch_size)}"
@@ -102,9 +115,11 @@ class OursSettings:
             batching,
             "length-grouped" if self.length_grouped else "random steps",
             "answer-only lm_head" if self.answer_only_head else "full-vocabulary logits",
-            self.attention,
-            "foreach AdamW" if self.foreach_adamw else "plain AdamW",
-        ])
+            "shared prefix" if self.share_prefix else "prefix per row",
+            attention,
+            f"{self.adamw} AdamW",
+            self.precision,
+        ] + ([f"torch.compile({self.compile})"] if self.compile != "off" else []))
 
 
 # One row per lever: (lever, what it is switched to, the OursSettings fields that change).
@@ -112,8 +127,14 @@ LEVERS = [
     ("lm_head", "full-vocabulary logits, model(...).logits", {"answer_only_head": False}),
     ("micro-batches", f"fixed {MICRO_BATCH} rows x {GRAD_ACCUM}", {"max_batch_tokens": None, "batch_size": MICRO_BATCH}),
     ("length grouping", "off: random steps", {"length_grouped": False}),
+    ("system-prompt prefix", "recomputed for every row", {"share_prefix": False}),
     ("attention", "eager", {"attention": "eager"}),
-    ("AdamW", "plain (foreach=False)", {"foreach_adamw": False}),
+    ("AdamW", "for-loop (foreach=False)", {"adamw": "for-loop"}),
+    ("AdamW", "fused (fused=True)", {"adamw": "fused"}),
+    ("torch.compile", "each decoder layer, dynamic shapes, compile time counted", {"compile": "layers"}),
+    ("torch.compile", "MLP and RMSNorms of each layer, dynamic shapes, compile time counted", {"compile": "mlp+norms"}),
+    ("precision", "bf16 base weights + autocast (LoRA A/B and AdamW float32), eager attention", {"precision": "bf16"}),
+    ("precision", "bf16 as above, but SDPA attention", {"precision": "bf16", "attention": "sdpa"}),
 ]
 
 
@@ -121,10 +142,10 @@ LEVERS = [
 # Parent side: the matmul peak, one subprocess per run, the tables.
 
 
-def matmul_peak_gflops(repeats: int = 20) -> float:
-    """Best float32 GFLOP/s of a [2048, 576] @ [576, 576] matmul, after a warm-up."""
+def matmul_peak_gflops(dtype: torch.dtype = torch.float32, repeats: int = 20) -> float:
+    """Best GFLOP/s of a [2048, 576] @ [576, 576] matmul in `dtype`, after a warm-up."""
     m, k, n = 2048, 576, 576
-    a, b = torch.randn(m, k), torch.randn(k, n)
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     for _ in range(5):
         a @ b
     best = math.inf
@@ -147,11 +168,12 @@ def run_in_subprocess(spec: dict) -> dict:
         return json.loads(result_file.read_text())
 
 
-def with_rates(result: dict, peak_gflops: float) -> dict:
-    """Add tokens/s, useful GFLOP/s and % of the matmul peak to a child's result."""
+def with_rates(result: dict, peaks: dict[str, float]) -> dict:
+    """Add tokens/s, useful GFLOP/s and % of the matmul peak in the row's precision to a child's result."""
     tokens_per_s = result["tokens"] / result["wall_s"]
     useful = FLOPS_PER_TOKEN_PER_PARAM * result["params"] * tokens_per_s / 1e9
-    return {**result, "tokens_per_s": tokens_per_s, "useful_gflops": useful, "percent_of_peak": 100 * useful / peak_gflops}
+    percent = 100 * useful / peaks[result["precision"]]
+    return {**result, "tokens_per_s": tokens_per_s, "useful_gflops": useful, "percent_of_peak": percent}
 
 
 def peer_table(rows: list[dict]) -> str:
@@ -171,9 +193,14 @@ def peer_table(rows: list[dict]) -> str:
 
 
 def lever_table(rows: list[dict]) -> str:
-    lines = ["| lever | setting | tokens/s | peak RSS (GB) |", "|---|---|---|---|"]
+    """One row per lever; the first row is the baseline the others are divided by."""
+    baseline = rows[0]["tokens_per_s"]
+    lines = ["| lever | setting | wall time (s) | tokens/s | vs baseline | mean loss | peak RSS (GB) |", "|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['lever']} | {row['setting']} | {row['tokens_per_s']:.0f} | {row['peak_rss_gb']:.2f} |")
+        lines.append(
+            f"| {row['lever']} | {row['setting']} | {row['wall_s']:.1f} | {row['tokens_per_s']:.0f} | "
+            f"{row['tokens_per_s'] / baseline:.2f}x | {row['mean_loss']:.4f} | {row['peak_rss_gb']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -216,19 +243,36 @@ def full_vocabulary_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
 
 def train_ours(model, tokenizer, examples, settings: OursSettings) -> dict:
     """This project's loop, as train.py runs it, without validation or checkpoints."""
+    # optimizer_step takes no loss argument, so these two levers swap the loss function that
+    # training.accumulate_gradients calls; the swap lasts only as long as this child process.
     if not settings.answer_only_head:
-        # optimizer_step takes no loss argument, so this lever swaps the loss function that
-        # training.accumulate_gradients calls; it lasts only as long as this child process.
         training.answer_nll = full_vocabulary_nll
-    model.set_attn_implementation(settings.attention)
+    elif not settings.share_prefix:
+        training.answer_nll = functools.partial(training.answer_nll, share_prefix=False)
+    if settings.attention != "auto":
+        model.set_attn_implementation(settings.attention)
     torch.manual_seed(SEED)
     inject_lora(model, TARGETS, RANK, ALPHA, DROPOUT)
     model.train()
-    optimizer = torch.optim.AdamW(lora_parameters(model), lr=LR, weight_decay=WEIGHT_DECAY, foreach=settings.foreach_adamw)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)  # float32: no loss scaling
+    start = time.perf_counter()  # torch.compile's time counts
+    for layer in model.model.layers:
+        if settings.compile == "layers":
+            layer.compile(dynamic=True)
+        elif settings.compile == "mlp+norms":  # the elementwise-heavy parts, without the KV cache objects
+            for part in (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm):
+                part.compile(dynamic=True)
+    optimizer = torch.optim.AdamW(
+        lora_parameters(model), lr=LR, weight_decay=WEIGHT_DECAY,
+        foreach=settings.adamw == "foreach", fused=settings.adamw == "fused",
+    )
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # float32 and bfloat16 need no loss scaling
+    if settings.precision == "bf16":
+        def autocast():
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+    else:
+        autocast = nullcontext
     lengths = [len(e.input_ids) for e in examples]
 
-    start = time.perf_counter()
     steps = training_steps(lengths, settings.length_grouped)
     warmup_steps = max(1, math.ceil(WARMUP_FRACTION * len(steps)))
     tokens, losses = 0, []
@@ -236,12 +280,13 @@ def train_ours(model, tokenizer, examples, settings: OursSettings) -> dict:
         batches = micro_batches(step_indices, lengths, settings.batch_size, settings.max_batch_tokens)
         lr = training.cosine_with_warmup(step, len(steps), warmup_steps, LR)
         result = training.optimizer_step(
-            model, optimizer, scaler, examples, batches, tokenizer.pad_token_id, "cpu", nullcontext, lr, MAX_GRAD_NORM
+            model, optimizer, scaler, examples, batches, tokenizer.pad_token_id, "cpu", autocast, lr, MAX_GRAD_NORM
         )
         tokens += result.tokens
         losses.append(result.loss)
     wall = time.perf_counter() - start
-    return {"setting": settings.describe(), "wall_s": wall, "tokens": tokens, "steps": len(steps), "mean_loss": sum(losses) / len(losses)}
+    setting = settings.describe(model.config._attn_implementation)
+    return {"setting": setting, "wall_s": wall, "tokens": tokens, "steps": len(steps), "mean_loss": sum(losses) / len(losses)}
 
 
 def lora_config():
@@ -286,12 +331,17 @@ def train_peft_loop(model, tokenizer, examples) -> dict:
     return {"setting": setting, "wall_s": wall, "tokens": tokens, "steps": len(steps), "mean_loss": sum(losses) / len(losses)}
 
 
-def train_trl(model, tokenizer, examples, checkpointing: bool, scratch_dir: str) -> dict:
-    """TRL's SFTTrainer with a PEFT LoraConfig; only trainer.train() is timed."""
+def train_trl(model, tokenizer, examples, checkpointing: bool, bf16: bool, scratch_dir: str) -> dict:
+    """TRL's SFTTrainer with a PEFT LoraConfig; only trainer.train() is timed.
+
+    bf16: the model was loaded in bfloat16 (with the attention kernel base_model chose for it, as
+    for ours-bf16) and the trainer autocasts to bfloat16; PEFT keeps the adapter weights float32.
+    """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    model.set_attn_implementation("sdpa")
+    if not bf16:
+        model.set_attn_implementation("sdpa")
     dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
     config = SFTConfig(
         output_dir=scratch_dir,
@@ -307,7 +357,7 @@ def train_trl(model, tokenizer, examples, checkpointing: bool, scratch_dir: str)
         max_length=MAX_LENGTH,
         completion_only_loss=True,  # the labels column already holds -100 on every prompt token
         use_cpu=True,
-        bf16=False,  # TRL turns bf16 on by default; this benchmark is float32
+        bf16=bf16,  # TRL turns bf16 on by default; the float32 rows turn it off
         fp16=False,
         save_strategy="no",
         eval_strategy="no",
@@ -322,7 +372,7 @@ def train_trl(model, tokenizer, examples, checkpointing: bool, scratch_dir: str)
     wall = time.perf_counter() - start
     setting = (
         f"SFTTrainer + LoraConfig, {MICRO_BATCH} rows x {GRAD_ACCUM}, gradient checkpointing "
-        f"{'on' if checkpointing else 'off'}, {config.optim.value}"  # optim: TRL's default optimizer
+        f"{'on' if checkpointing else 'off'}, {config.optim.value}, {'bf16' if bf16 else 'fp32'}"  # optim: TRL's default
     )
     return {
         "setting": setting, "wall_s": wall, "tokens": int(trainer.state.num_input_tokens_seen),
@@ -334,18 +384,20 @@ def child_main(spec: dict) -> None:
     """Load the model and rows, train one peer, write its result (with peak RSS) as JSON."""
     from base_model import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(None, dtype=torch.float32, device="cpu")
+    bf16 = spec["peer"] in BF16_PEERS or (spec["peer"] == "ours" and spec["ours"]["precision"] == "bf16")
+    model, tokenizer = load_model_and_tokenizer(None, dtype=torch.bfloat16 if bf16 else torch.float32, device="cpu")
     params = sum(p.numel() for p in model.parameters())  # parameters() yields the tied embedding once
     examples = load_examples(spec["data"], spec["examples"], tokenizer)
-    if spec["peer"] == "ours":
+    if spec["peer"] in ("ours", "ours-bf16"):
         result = train_ours(model, tokenizer, examples, OursSettings(**spec["ours"]))
     elif spec["peer"] == "peft-loop":
         result = train_peft_loop(model, tokenizer, examples)
     else:
         with tempfile.TemporaryDirectory(prefix="trl-") as scratch_dir:
-            result = train_trl(model, tokenizer, examples, spec["peer"] == "trl", scratch_dir)
+            result = train_trl(model, tokenizer, examples, spec["peer"] == "trl", bf16, scratch_dir)
     result.update(
-        peer=spec["peer"], examples=len(examples), params=params, threads=torch.get_num_threads(),
+        peer=spec["peer"], precision="bf16" if bf16 else "fp32", examples=len(examples), params=params,
+        threads=torch.get_num_threads(),
         peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # ru_maxrss is in KiB on Linux
     )
     Path(spec["result_file"]).write_text(json.dumps(result))
@@ -394,19 +446,20 @@ def main(argv: list[str] | None = None) -> None:
 
     data_path = str(Path(args.data).resolve())  # the children run in the project root
     ours = OursSettings(max_batch_tokens=None if args.batch_size else args.max_batch_tokens, batch_size=args.batch_size or MICRO_BATCH)
-    peak = matmul_peak_gflops()
+    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
     machine = {
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "matmul_peak_gflops": round(peak, 1),
+        "threads": torch.get_num_threads(), "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
     }
     print(
-        f"SmolLM2-135M-Instruct, float32 on CPU ({machine['threads']} threads); float32 matmul peak "
-        f"{peak:.1f} GFLOP/s; {args.examples} examples from {args.data}, 1 epoch, {STEP_EXAMPLES} examples/step"
+        f"SmolLM2-135M-Instruct on CPU ({machine['threads']} threads); matmul peak {peaks['fp32']:.1f} GFLOP/s "
+        f"float32, {peaks['bf16']:.1f} bfloat16; {args.examples} examples from {args.data}, 1 epoch, "
+        f"{STEP_EXAMPLES} examples/step"
     )
 
     def run(peer: str, settings: OursSettings | None = None, label: str | None = None) -> dict:
         spec = {"peer": peer, "data": data_path, "examples": args.examples, "ours": dataclasses.asdict(settings) if settings else None}
-        result = with_rates(run_in_subprocess(spec), peak)
+        result = with_rates(run_in_subprocess(spec), peaks)
         print(
             f"  {label or peer:<16} {result['wall_s']:7.1f} s  {result['tokens_per_s']:7.0f} tokens/s  "
             f"{result['tokens']} tokens in {result['steps']} steps  mean loss {result['mean_loss']:.3f}  "
@@ -423,7 +476,8 @@ def main(argv: list[str] | None = None) -> None:
         output = Path(args.output or DEFAULT_LEVER_OUTPUT)
         record = {"machine": machine, "data": args.data, "examples": args.examples, "levers": rows}
     else:
-        rows = [run(peer, ours if peer == "ours" else None) for peer in args.peers]
+        settings = {"ours": ours, "ours-bf16": dataclasses.replace(ours, precision="bf16")}
+        rows = [run(peer, settings.get(peer)) for peer in args.peers]
         table = peer_table(rows)
         output = Path(args.output or DEFAULT_OUTPUT)
         record = {"machine": machine, "data": args.data, "examples": args.examples, "peers": rows}
