@@ -157,7 +157,7 @@ def load_model_and_tokenizer(
 
     Args:
         model: None for the embedded model, a local folder, or a hub id.
-        dtype: dtype of the base weights (float32 on CPU; float16/bfloat16 for AMP on a GPU).
+        dtype: dtype of the base weights (float32 or bfloat16 on CPU; float16/bfloat16 on a GPU).
         device: where to put the model.
 
     Returns:
@@ -211,12 +211,27 @@ def choose_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX).
+
+    There, a bfloat16 matmul ran 2.2x the float32 rate (425 vs 193 GFLOP/s on this project's 2-core
+    AMD EPYC); without it bfloat16 is emulated and slower than float32.
+    """
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """Turn `auto` into fp32/fp16/bf16 for `device`.
 
-    auto: bf16 on a CUDA device that supports it, else fp16 on CUDA; fp32 on CPU.
-    fp16 and bf16 also run on CPU (torch.autocast("cpu") supports both), which lets CI exercise
-    the mixed-precision path.
+    auto: bf16 on a CUDA device that supports it, else fp16 on CUDA; on a CPU, bf16 where the CPU
+    has native bfloat16 matmuls (cpu_has_native_bf16), else fp32. With bf16 the base weights are
+    stored in bfloat16 and matmuls run under autocast; LoRA A/B and the optimizer stay float32.
+    On this project's CPU that trained 1.51x faster than float32 with the same loss to 2 decimals
+    (bench/results/train_speed_levers.log) and generated 1.3x faster.
+    fp16 and bf16 can also be asked for on any CPU (torch.autocast("cpu") supports both), which
+    lets CI exercise the mixed-precision path.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -224,4 +239,4 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"

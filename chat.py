@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-input-chars", type=int, default=2000, help="longer messages are cut to this many characters")
     parser.add_argument("--max-context-tokens", type=int, help="prompt budget in tokens (default: the model's positions minus --max-new-tokens); older turns are dropped beyond it")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="weight dtype; auto = bf16/fp16 on a GPU, fp32 on CPU")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="weight dtype; auto = bf16/fp16 on a GPU, bf16 on a CPU with native bf16 matmuls, else fp32")
     parser.add_argument("--web", action="store_true", help="serve a chat web page instead of the terminal chat")
     parser.add_argument("--host", default="127.0.0.1", help="web: address to bind; 0.0.0.0 opens the page to your network")
     parser.add_argument("--port", type=int, default=7860, help="web: port")

@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--temperature", type=float, help="with --sample: softmax temperature (default: 0.7)")
     add("--top-p", type=float, help="with --sample: nucleus probability mass (default: 0.9)")
     add("--sample-seed", type=int, help="with --sample: seed of the sampler (default: --seed)")
-    add("--precision", choices=("auto", "fp32", "fp16", "bf16"), help="weight dtype; auto = fp32 on CPU, bf16/fp16 on CUDA")
+    add("--precision", choices=("auto", "fp32", "fp16", "bf16"), help="weight dtype; auto = bf16/fp16 on CUDA, bf16 on a CPU with native bf16 matmuls, else fp32")
     add("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     add("--output", help="report .json (default: RUN/eval.json next to the adapter's run folder, else eval.json; "
         "with --experiments: runs/experiments/<file name>.json)")

@@ -340,7 +340,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
     add("--dropout", type=float, help="dropout on the LoRA branch, in [0, 1)")
     add("--targets", help="comma-separated module-name suffixes (default: q_proj,v_proj)")
     add("--max-length", type=int, help="tokens per example (default: 512)")
-    add("--precision", choices=("auto", "fp32", "fp16", "bf16"), help="auto: fp32 on CPU, bf16 or fp16 on CUDA")
+    add("--precision", choices=("auto", "fp32", "fp16", "bf16"), help="auto: bf16 or fp16 on CUDA; bf16 on a CPU with native bf16 matmuls (AVX512-BF16/AMX), else fp32")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="recompute activations in backward")
     add("--eval-every", type=int, help="optimizer steps between validation passes")
     add("--save-every", type=int, help="optimizer steps between checkpoints")

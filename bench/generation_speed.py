@@ -2,6 +2,7 @@
 
     python -m bench.generation_speed                          # 3 prompts, 64 new tokens, 3 repeats
     python -m bench.generation_speed --new-tokens 128 --repeats 5
+    python -m bench.generation_speed --batched                # evaluate.py's batches vs one at a time
 
 Each prompt is answered on its own (batch 1, as in chat) with the KV cache, and every answer is
 forced to exactly --new-tokens tokens (min_new_tokens = max_new_tokens), so all variants do the
@@ -9,6 +10,11 @@ same work; the variants take turns within each timed pass. The adapter (q_proj a
 alpha=32) gets random non-zero B, so it really changes the model. Merged, it is folded into the
 base weights and should cost nothing; the unmerged row shows what merging saves (two extra small
 matmuls per adapted layer and token).
+
+--batched times what evaluate.py does instead: inference.generate_answers (greedy, its default
+max_new_tokens, stopping at end of turn) over the first --questions questions of the embedded test
+split, one at a time (batch 1) and in evaluate.py's batches (prompts sorted by length, left-padded).
+It reports seconds per answer and how many answers equal the one-at-a-time answers.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import torch
 
 from base_model import load_model_and_tokenizer
 from data.format import prompt_ids
-from inference import GenerationSettings, generation_kwargs
+from data import prepare_data
+from inference import GenerationSettings, generate_answers, generation_kwargs
 from lora import inject_lora, lora_layers, merge_lora, unmerge_lora
 
 PROMPTS = [
@@ -52,11 +59,45 @@ def timed_run(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> tu
     return len(prompts) * new_tokens / (time.perf_counter() - start), outputs
 
 
+def batched_vs_single(questions_count: int, batch_sizes: list[int]) -> None:
+    """Seconds per answer of evaluate.py's generation at batch 1 and at each of `batch_sizes`."""
+    model, tokenizer = load_model_and_tokenizer(None, dtype=torch.float32, device="cpu")
+    questions = [e.question for e in prepare_data(tokenizer, None, None, 42, 512).examples.test][:questions_count]
+    settings = GenerationSettings()  # greedy, the evaluate.py default
+    print(
+        f"SmolLM2-135M-Instruct, fp32 on CPU ({torch.get_num_threads()} threads), {len(questions)} test-split "
+        f"questions, greedy, max_new_tokens={settings.max_new_tokens}, stopping at end of turn"
+    )
+    generate_answers(model, tokenizer, questions[:1], GenerationSettings(max_new_tokens=4), 1)  # warm-up
+    rows = []
+    for batch_size in [1, *batch_sizes]:
+        start = time.perf_counter()
+        answers = generate_answers(model, tokenizer, questions, settings, batch_size)
+        seconds = time.perf_counter() - start
+        rows.append((batch_size, seconds, answers))
+    single_seconds, single_answers = rows[0][1], rows[0][2]
+    tokens = sum(len(tokenizer.encode(answer, add_special_tokens=False)) for answer in single_answers)
+    print(f"mean answer length {tokens / len(questions):.0f} tokens (batch 1)\n")
+    print(f"{'batch size':>10}{'total s':>10}{'s/answer':>10}{'speed-up':>10}{'same answers':>14}")
+    for batch_size, seconds, answers in rows:
+        same = sum(a == b for a, b in zip(answers, single_answers))
+        print(
+            f"{batch_size:>10}{seconds:>10.1f}{seconds / len(questions):>10.2f}"
+            f"{single_seconds / seconds:>9.2f}x{same:>10} of {len(questions)}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per variant (the median is reported)")
+    parser.add_argument("--batched", action="store_true", help="time evaluate.py's batched generation against batch 1")
+    parser.add_argument("--questions", type=int, default=16, help="--batched: test-split questions answered")
+    parser.add_argument("--batch-sizes", default="8,16", help="--batched: comma-separated batch sizes besides 1")
     args = parser.parse_args()
+    if args.batched:
+        batched_vs_single(args.questions, [int(size) for size in args.batch_sizes.split(",")])
+        return
 
     base, tokenizer = load_model_and_tokenizer(None, dtype=torch.float32, device="cpu")
     adapted = copy.deepcopy(base)

@@ -24,7 +24,7 @@ class LoRALinear(nn.Module):
         h = W0 x + (alpha / r) * B A dropout(x)
 
     Shapes, for a base layer `nn.Linear(in, out)`:
-        W0: [out, in]  frozen, any float dtype (float32 on CPU, float16/bfloat16 on a GPU)
+        W0: [out, in]  frozen, any float dtype (float32 or bfloat16 on CPU, float16/bfloat16 on a GPU)
         A:  [r, in]    trainable, float32, Kaiming-uniform
         B:  [out, r]   trainable, float32, zeros
         x:  [..., in]  ->  h: [..., out]

@@ -1,0 +1,43 @@
+"""base_model's choices of precision and attention kernel."""
+
+import pytest
+import torch
+
+import base_model
+from base_model import attention_for, resolve_precision
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_on_cpu_is_bf16_only_with_native_bf16_matmuls(monkeypatch, native, expected):
+    monkeypatch.setattr(base_model, "cpu_has_native_bf16", lambda: native)
+    assert resolve_precision("auto", CPU) == expected
+
+
+@pytest.mark.parametrize("bf16_supported, expected", [(True, "bf16"), (False, "fp16")])
+def test_auto_on_cuda_prefers_bf16(monkeypatch, bf16_supported, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_supported)
+    assert resolve_precision("auto", CUDA) == expected
+
+
+@pytest.mark.parametrize("asked", ["fp32", "fp16", "bf16"])
+def test_an_explicit_precision_is_kept(monkeypatch, asked):
+    monkeypatch.setattr(base_model, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision(asked, CPU) == asked
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp8", CPU)
+
+
+def test_eager_attention_only_for_bf16_on_cpu():
+    assert attention_for(CPU, torch.bfloat16) == "eager"
+    assert attention_for(CPU, torch.float32) == "sdpa"
+    assert attention_for(CUDA, torch.bfloat16) == "sdpa"
+    assert attention_for(CUDA, torch.float16) == "sdpa"
+
+
+def test_native_bf16_probe_answers_a_bool():
+    assert isinstance(base_model.cpu_has_native_bf16(), bool)
