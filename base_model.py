@@ -222,14 +222,19 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, batch_invariant: bool = False) -> str:
     """Turn `auto` into fp32/fp16/bf16 for `device`.
 
     auto: bf16 on a CUDA device that supports it, else fp16 on CUDA; on a CPU, bf16 where the CPU
     has native bfloat16 matmuls (cpu_has_native_bf16), else fp32. With bf16 the base weights are
-    stored in bfloat16 and matmuls run under autocast; LoRA A/B and the optimizer stay float32.
-    On this project's CPU that trained 1.51x faster than float32 with the same loss to 2 decimals
-    (bench/results/train_speed_levers.log) and generated 1.3x faster.
+    stored in bfloat16; in training the matmuls run under autocast, LoRA A/B and the optimizer stay
+    float32. On this project's CPU that trained 1.51x faster than float32 with the same loss to 2
+    decimals (bench/results/train_speed_levers.log), and generated 1.3x faster.
+
+    batch_invariant: on a CPU, auto is fp32 even where bf16 is native. evaluate.py asks for this:
+    its greedy answers must not depend on --batch-size. In bf16, batching 16 test questions changed
+    16 of 16 greedy answers; in fp32, none (bench/results/generation_batched*.log).
+
     fp16 and bf16 can also be asked for on any CPU (torch.autocast("cpu") supports both), which
     lets CI exercise the mixed-precision path.
     """
@@ -239,4 +244,4 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "bf16" if cpu_has_native_bf16() and not batch_invariant else "fp32"

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from base_model import load_model_and_tokenizer
+from base_model import PRECISIONS, TORCH_DTYPES, load_model_and_tokenizer, resolve_precision
 from data.format import prompt_ids
 from data import prepare_data
 from inference import GenerationSettings, generate_answers, generation_kwargs
@@ -59,13 +59,13 @@ def timed_run(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> tu
     return len(prompts) * new_tokens / (time.perf_counter() - start), outputs
 
 
-def batched_vs_single(questions_count: int, batch_sizes: list[int]) -> None:
+def batched_vs_single(precision: str, questions_count: int, batch_sizes: list[int]) -> None:
     """Seconds per answer of evaluate.py's generation at batch 1 and at each of `batch_sizes`."""
-    model, tokenizer = load_model_and_tokenizer(None, dtype=torch.float32, device="cpu")
+    model, tokenizer = load_model_and_tokenizer(None, dtype=TORCH_DTYPES[precision], device="cpu")
     questions = [e.question for e in prepare_data(tokenizer, None, None, 42, 512).examples.test][:questions_count]
     settings = GenerationSettings()  # greedy, the evaluate.py default
     print(
-        f"SmolLM2-135M-Instruct, fp32 on CPU ({torch.get_num_threads()} threads), {len(questions)} test-split "
+        f"SmolLM2-135M-Instruct, {precision} on CPU ({torch.get_num_threads()} threads), {len(questions)} test-split "
         f"questions, greedy, max_new_tokens={settings.max_new_tokens}, stopping at end of turn"
     )
     generate_answers(model, tokenizer, questions[:1], GenerationSettings(max_new_tokens=4), 1)  # warm-up
@@ -91,15 +91,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per variant (the median is reported)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="weight dtype (default: auto, as chat.py, or with --batched as evaluate.py)")
     parser.add_argument("--batched", action="store_true", help="time evaluate.py's batched generation against batch 1")
     parser.add_argument("--questions", type=int, default=16, help="--batched: test-split questions answered")
     parser.add_argument("--batch-sizes", default="8,16", help="--batched: comma-separated batch sizes besides 1")
     args = parser.parse_args()
+    precision = resolve_precision(args.precision, torch.device("cpu"), batch_invariant=args.batched)
     if args.batched:
-        batched_vs_single(args.questions, [int(size) for size in args.batch_sizes.split(",")])
+        batched_vs_single(precision, args.questions, [int(size) for size in args.batch_sizes.split(",")])
         return
 
-    base, tokenizer = load_model_and_tokenizer(None, dtype=torch.float32, device="cpu")
+    base, tokenizer = load_model_and_tokenizer(None, dtype=TORCH_DTYPES[precision], device="cpu")
     adapted = copy.deepcopy(base)
     inject_lora(adapted, targets=("q_proj", "v_proj"), rank=16, alpha=32, dropout=0.0)
     torch.manual_seed(0)
@@ -107,7 +109,7 @@ def main() -> None:
         torch.nn.init.normal_(layer.lora_B, std=0.02)  # non-zero B: the adapter changes the model
     prompts = [prompt_ids(tokenizer, question) for question in PROMPTS]
     print(
-        f"SmolLM2-135M-Instruct, fp32 on CPU ({torch.get_num_threads()} threads), {len(prompts)} prompts of "
+        f"SmolLM2-135M-Instruct, {precision} on CPU ({torch.get_num_threads()} threads), {len(prompts)} prompts of "
         f"{[len(ids) for ids in prompts]} tokens, {args.new_tokens} new tokens each, batch 1, "
         f"median of {args.repeats} passes"
     )

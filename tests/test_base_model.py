@@ -15,6 +15,12 @@ def test_auto_on_cpu_is_bf16_only_with_native_bf16_matmuls(monkeypatch, native, 
     assert resolve_precision("auto", CPU) == expected
 
 
+def test_batch_invariant_auto_on_cpu_is_fp32(monkeypatch):
+    monkeypatch.setattr(base_model, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", CPU, batch_invariant=True) == "fp32"
+    assert resolve_precision("bf16", CPU, batch_invariant=True) == "bf16"  # asked for explicitly
+
+
 @pytest.mark.parametrize("bf16_supported, expected", [(True, "bf16"), (False, "fp16")])
 def test_auto_on_cuda_prefers_bf16(monkeypatch, bf16_supported, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_supported)
