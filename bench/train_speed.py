@@ -3,6 +3,7 @@
     python -m bench.train_speed                                  # all six peers on 64 examples
     python -m bench.train_speed --examples 16 --peers ours,peft-loop
     python -m bench.train_speed --lever                          # ours only, one speed lever toggled per row
+    python -m bench.train_speed --repeats 3                      # three rounds; each row is its median run
 
 Every peer trains the embedded SmolLM2-135M-Instruct on the CPU with LoRA r=16, alpha=32,
 dropout 0.05 on q_proj and v_proj for one epoch over the same rows: `--data` cleaned with
@@ -416,6 +417,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)} (default: all)")
     parser.add_argument("--max-batch-tokens", type=int, default=1024, help="ours: padded tokens per micro-batch (default: 1024)")
     parser.add_argument("--batch-size", type=int, help="ours: fixed rows per micro-batch instead of a token budget")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all jobs; each row is its median run (default: 1)")
     parser.add_argument("--lever", action="store_true", help="measure ours with each speed lever toggled, instead of the peers")
     parser.add_argument("--output", help=f"results JSON (default: {DEFAULT_OUTPUT}, or {DEFAULT_LEVER_OUTPUT} with --lever)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one job, spec as JSON
@@ -429,6 +431,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.peers = [peer for peer in PEERS if peer in peers]
     if args.examples <= 0:
         parser.error(f"--examples must be positive, got {args.examples}")
+    if args.repeats <= 0:
+        parser.error(f"--repeats must be positive, got {args.repeats}")
     if args.max_batch_tokens <= 0:
         parser.error(f"--max-batch-tokens must be positive, got {args.max_batch_tokens}")
     if args.batch_size is not None and args.batch_size <= 0:
@@ -468,19 +472,32 @@ def main(argv: list[str] | None = None) -> None:
         )
         return result
 
+    # Each round runs every job once, so a slow spell of a shared machine hits all jobs alike; a
+    # job's row is its median-time run, and every run's tokens/s is kept in the JSON.
     if args.lever:
-        rows = [{"lever": "baseline", **run("ours", ours, "baseline")}]
-        for lever, setting, change in LEVERS:
-            rows.append({"lever": lever, **run("ours", dataclasses.replace(ours, **change), lever), "setting": setting})
-        table = lever_table(rows)
-        output = Path(args.output or DEFAULT_LEVER_OUTPUT)
-        record = {"machine": machine, "data": args.data, "examples": args.examples, "levers": rows}
+        jobs = [("baseline", "ours", ours, None)] + [
+            (lever, "ours", dataclasses.replace(ours, **change), setting) for lever, setting, change in LEVERS
+        ]
     else:
         settings = {"ours": ours, "ours-bf16": dataclasses.replace(ours, precision="bf16")}
-        rows = [run(peer, settings.get(peer)) for peer in args.peers]
-        table = peer_table(rows)
-        output = Path(args.output or DEFAULT_OUTPUT)
-        record = {"machine": machine, "data": args.data, "examples": args.examples, "peers": rows}
+        jobs = [(peer, peer, settings.get(peer), None) for peer in args.peers]
+    runs: list[list[dict]] = [[] for _ in jobs]
+    for round_number in range(args.repeats):
+        if args.repeats > 1:
+            print(f"round {round_number + 1} of {args.repeats}", flush=True)
+        for job_runs, (label, peer, job_settings, _) in zip(runs, jobs):
+            job_runs.append(run(peer, job_settings, label))
+    rows = []
+    for job_runs, (label, _, _, setting) in zip(runs, jobs):
+        median = sorted(job_runs, key=lambda result: result["wall_s"])[len(job_runs) // 2]
+        row = {**median, "tokens_per_s_runs": [round(result["tokens_per_s"], 1) for result in job_runs]}
+        if args.lever:
+            row = {"lever": label, **row, **({"setting": setting} if setting else {})}
+        rows.append(row)
+    table = lever_table(rows) if args.lever else peer_table(rows)
+    output = Path(args.output or (DEFAULT_LEVER_OUTPUT if args.lever else DEFAULT_OUTPUT))
+    record = {"machine": machine, "data": args.data, "examples": args.examples, "repeats": args.repeats}
+    record["levers" if args.lever else "peers"] = rows
     print("\n" + table)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(record, indent=2) + "\n")
