@@ -1,0 +1,60 @@
+"""bench/train_speed.py: the arithmetic behind its table, and one real end-to-end run."""
+
+import json
+
+import pytest
+
+from bench import train_speed
+from bench.train_speed import lever_table, peer_table, with_rates
+
+
+def child_result(peer: str, tokens: int, wall_s: float, precision: str = "fp32", **extra) -> dict:
+    return {
+        "peer": peer, "setting": f"{peer} setting", "tokens": tokens, "wall_s": wall_s, "params": 100_000_000,
+        "precision": precision, "steps": 1, "mean_loss": 2.5, "peak_rss_gb": 1.0, **extra,
+    }
+
+
+def test_rates_use_four_flops_per_parameter_and_the_peak_of_the_rows_precision():
+    peaks = {"fp32": 200.0, "bf16": 400.0}
+    row = with_rates(child_result("ours", tokens=1000, wall_s=10.0), peaks)
+    assert row["tokens_per_s"] == 100.0
+    assert row["useful_gflops"] == pytest.approx(4 * 1e8 * 100 / 1e9)  # 40 GFLOP/s
+    assert row["percent_of_peak"] == pytest.approx(20.0)
+    bf16 = with_rates(child_result("ours-bf16", tokens=1000, wall_s=10.0, precision="bf16"), peaks)
+    assert bf16["percent_of_peak"] == pytest.approx(10.0)
+
+
+def test_peer_table_divides_by_each_reference_row():
+    peaks = {"fp32": 200.0, "bf16": 400.0}
+    rows = [with_rates(child_result(peer, 1000, wall), peaks) for peer, wall in [("ours", 2.0), ("trl", 10.0), ("peft-loop", 4.0)]]
+    lines = peer_table(rows).splitlines()
+    assert lines[0].endswith("| vs trl | vs peft-loop |")
+    assert lines[2].endswith("| 5.00x | 2.00x |")  # ours: 500 tokens/s vs 100 and 250
+    assert lines[3].endswith("| 1.00x | 0.40x |")
+
+
+def test_lever_table_divides_by_the_first_row():
+    rows = [
+        {"lever": "baseline", **child_result("ours", 1000, 10.0), "tokens_per_s": 100.0},
+        {"lever": "attention", **child_result("ours", 1000, 12.5), "tokens_per_s": 80.0},
+    ]
+    lines = lever_table(rows).splitlines()
+    assert "| 1.00x |" in lines[2] and "| 0.80x |" in lines[3]
+
+
+@pytest.mark.slow
+def test_ours_in_fp32_and_bf16_train_the_same_rows_to_nearly_the_same_loss(tmp_path, capsys):
+    output = tmp_path / "speed.json"
+    train_speed.main([
+        "--data", "data/medical_flashcards.jsonl", "--examples", "4", "--peers", "ours,ours-bf16",
+        "--repeats", "2", "--output", str(output),
+    ])
+    record = json.loads(output.read_text())
+    ours, bf16 = record["peers"]
+    assert (ours["peer"], ours["precision"], bf16["peer"], bf16["precision"]) == ("ours", "fp32", "ours-bf16", "bf16")
+    assert ours["tokens"] == bf16["tokens"] > 0 and ours["steps"] == bf16["steps"] == 1
+    assert len(ours["tokens_per_s_runs"]) == 2
+    assert abs(ours["mean_loss"] - bf16["mean_loss"]) < 0.05  # bf16 rounding, not a different computation
+    assert 0 < ours["percent_of_peak"] < 100
+    assert "| ours-bf16 |" in capsys.readouterr().out
