@@ -96,9 +96,15 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=16, help="--batched: test-split questions answered")
     parser.add_argument("--batch-sizes", default="8,16", help="--batched: comma-separated batch sizes besides 1")
     args = parser.parse_args()
+    try:
+        batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+    except ValueError:
+        parser.error(f"--batch-sizes must be comma-separated positive integers, got {args.batch_sizes!r}")
+    if min(batch_sizes) < 1 or args.questions < 1 or args.repeats < 1 or args.new_tokens < 1:
+        parser.error("--batch-sizes, --questions, --repeats and --new-tokens must be positive")
     precision = resolve_precision(args.precision, torch.device("cpu"), batch_invariant=args.batched)
     if args.batched:
-        batched_vs_single(precision, args.questions, [int(size) for size in args.batch_sizes.split(",")])
+        batched_vs_single(precision, args.questions, batch_sizes)
         return
 
     base, tokenizer = load_model_and_tokenizer(None, dtype=TORCH_DTYPES[precision], device="cpu")
