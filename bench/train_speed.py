@@ -157,11 +157,11 @@ def matmul_peak_gflops(dtype: torch.dtype = torch.float32, repeats: int = 20) ->
     return 2 * m * n * k / best / 1e9
 
 
-def run_in_subprocess(spec: dict) -> dict:
-    """Run one training job in a fresh Python process and return its result dict."""
+def run_in_subprocess(spec: dict, module: str = "bench.train_speed") -> dict:
+    """Run one training job (`python -m module --child SPEC`) in a fresh process; return its result dict."""
     with tempfile.TemporaryDirectory(prefix="train-speed-") as folder:
         result_file = Path(folder) / "result.json"
-        command = [sys.executable, "-m", "bench.train_speed", "--child", json.dumps({**spec, "result_file": str(result_file)})]
+        command = [sys.executable, "-m", module, "--child", json.dumps({**spec, "result_file": str(result_file)})]
         finished = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
         if finished.returncode != 0 or not result_file.is_file():
             output = (finished.stdout + finished.stderr).strip().splitlines()
@@ -332,16 +332,17 @@ def train_peft_loop(model, tokenizer, examples) -> dict:
     return {"setting": setting, "wall_s": wall, "tokens": tokens, "steps": len(steps), "mean_loss": sum(losses) / len(losses)}
 
 
-def train_trl(model, tokenizer, examples, checkpointing: bool, bf16: bool, scratch_dir: str) -> dict:
+def train_trl(model, tokenizer, examples, checkpointing: bool, bf16: bool, scratch_dir: str, fp16: bool = False) -> dict:
     """TRL's SFTTrainer with a PEFT LoraConfig; only trainer.train() is timed.
 
     bf16: the model was loaded in bfloat16 (with the attention kernel base_model chose for it, as
     for ours-bf16) and the trainer autocasts to bfloat16; PEFT keeps the adapter weights float32.
+    fp16: the same in float16 with a loss scaler, on the model's CUDA device (bench/t4_step.py).
     """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    if not bf16:
+    if not (bf16 or fp16):
         model.set_attn_implementation("sdpa")
     dataset = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
     config = SFTConfig(
@@ -357,9 +358,9 @@ def train_trl(model, tokenizer, examples, checkpointing: bool, bf16: bool, scrat
         max_grad_norm=MAX_GRAD_NORM,
         max_length=MAX_LENGTH,
         completion_only_loss=True,  # the labels column already holds -100 on every prompt token
-        use_cpu=True,
+        use_cpu=model.device.type == "cpu",
         bf16=bf16,  # TRL turns bf16 on by default; the float32 rows turn it off
-        fp16=False,
+        fp16=fp16,
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
@@ -373,7 +374,7 @@ def train_trl(model, tokenizer, examples, checkpointing: bool, bf16: bool, scrat
     wall = time.perf_counter() - start
     setting = (
         f"SFTTrainer + LoraConfig, {MICRO_BATCH} rows x {GRAD_ACCUM}, gradient checkpointing "
-        f"{'on' if checkpointing else 'off'}, {config.optim.value}, {'bf16' if bf16 else 'fp32'}"  # optim: TRL's default
+        f"{'on' if checkpointing else 'off'}, {config.optim.value}, {'bf16' if bf16 else 'fp16' if fp16 else 'fp32'}"  # optim: TRL's default
     )
     return {
         "setting": setting, "wall_s": wall, "tokens": int(trainer.state.num_input_tokens_seen),

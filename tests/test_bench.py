@@ -58,3 +58,27 @@ def test_ours_in_fp32_and_bf16_train_the_same_rows_to_nearly_the_same_loss(tmp_p
     assert abs(ours["mean_loss"] - bf16["mean_loss"]) < 0.05  # bf16 rounding, not a different computation
     assert 0 < ours["percent_of_peak"] < 100
     assert "| ours-bf16 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_t4_step_smoke_run_on_one_layer_of_tinyllama(tmp_path):
+    from bench import t4_step
+
+    output = tmp_path / "t4.json"
+    t4_step.main(["--device", "cpu", "--layers", "1", "--examples", "16", "--precision", "fp32", "--output", str(output)])
+    record = json.loads(output.read_text())
+    assert [row["impl"] for row in record["rows"]] == ["ours", "trl"]
+    for row in record["rows"]:
+        assert row["steps"] == 1 and row["s_per_step"] > 0 and row["peak_gb"] > 0 and row["memory"] == "peak RSS"
+        assert 9.0 < row["mean_loss"] < 12.0  # random weights: about ln(32000) = 10.4
+
+
+def test_t4_step_without_a_gpu_says_so_in_one_line(capsys):
+    from bench import t4_step
+
+    if t4_step.torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as exit_info:
+        t4_step.main([])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -1,0 +1,171 @@
+"""The t4 preset's architecture on a GPU: step time and peak memory of our loop and of PEFT + TRL.
+
+    python -m bench.t4_step                                   # CUDA, fp16 AMP, TinyLlama-1.1B shape
+    python -m bench.t4_step --device cpu --layers 1 --examples 8 --precision fp32   # a smoke run
+
+TinyLlama-1.1B-Chat-v1.0's weights cannot be downloaded here, so the model is its architecture
+(22 layers, hidden 2048, 32 query / 4 KV heads, vocabulary 32,000) with random weights: the
+speed and memory of a step do not depend on the weights' values. The rows are the embedded
+flashcards, encoded with the embedded model's tokenizer and their ids folded into TinyLlama's
+vocabulary (id mod 32,000): real lengths, a real shared system-prompt prefix, meaningless text.
+Both implementations run the t4 preset: LoRA r=16, alpha=32, dropout 0.05 on q_proj and v_proj,
+2 rows x 8 accumulation, gradient checkpointing on, lr 2e-4, fp16 AMP with a loss scaler.
+
+    ours   training.optimizer_step over data.epoch_steps / data.micro_batches (as train.py).
+    trl    PEFT LoraConfig + TRL SFTTrainer (bench.train_speed.train_trl) with fp16=True.
+
+Each runs in its own process. The table gives seconds per optimizer step and peak memory
+(torch.cuda.max_memory_allocated on a GPU, peak RSS on a CPU) next to the reference notebook's T4
+figures: 3.51 GB, and about 10 minutes for 2 epochs x 2,550 rows = 319 steps of 16 (1.9 s/step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+import training
+from base_model import TORCH_DTYPES, load_tokenizer
+from bench.train_speed import GRAD_ACCUM, MICRO_BATCH, SEED, STEP_EXAMPLES, TARGETS, run_in_subprocess, train_trl
+from data import EncodedExample, clean_rows, encode_example, epoch_steps, load_rows, micro_batches
+from lora import inject_lora, lora_parameters
+
+TINYLLAMA_VOCAB = 32_000
+REFERENCE_PEAK_GB = 3.51  # the reference notebook on a T4
+REFERENCE_STEPS = math.ceil(2 * 2550 / STEP_EXAMPLES)  # 2 epochs of 2,550 training rows: 319 steps
+REFERENCE_MINUTES = 10.0
+IMPLEMENTATIONS = ("ours", "trl")
+
+
+def tinyllama_model(layers: int, dtype: torch.dtype, device: str):
+    """TinyLlama-1.1B-Chat-v1.0's architecture with random weights (`layers` of its 22)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=TINYLLAMA_VOCAB, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(config)  # float32 on the CPU: the device never holds the float32 copy
+    model.set_attn_implementation("sdpa")
+    return model.to(dtype).to(device)
+
+
+def folded_examples(tokenizer, count: int) -> list[EncodedExample]:
+    """The first `count` embedded flashcards, encoded, ids folded into TinyLlama's vocabulary."""
+    raw = load_rows(None)
+    pairs, _ = clean_rows(raw.rows, raw.source)
+    examples = [encode_example(tokenizer, p.question, p.answer, 512) for p in pairs[:count]]
+    return [
+        EncodedExample(
+            [i % TINYLLAMA_VOCAB for i in e.input_ids], [l if l < 0 else l % TINYLLAMA_VOCAB for l in e.labels],
+            e.prompt_length, e.question, e.answer,
+        )
+        for e in examples if e is not None
+    ]
+
+
+def train_ours(model, examples, precision: str, device: str) -> dict:
+    torch.manual_seed(SEED)
+    inject_lora(model, TARGETS, rank=16, alpha=32, dropout=0.05)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=2e-4, weight_decay=0.001, foreach=True)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
+
+    def autocast():
+        return nullcontext() if precision == "fp32" else torch.autocast(torch.device(device).type, dtype=TORCH_DTYPES[precision])
+
+    lengths = [len(e.input_ids) for e in examples]
+    steps = epoch_steps(lengths, STEP_EXAMPLES, SEED, epoch=0)
+    start = time.perf_counter()
+    losses = []
+    for step, indices in enumerate(steps):
+        lr = training.cosine_with_warmup(step, len(steps), 1, 2e-4)
+        batches = micro_batches(indices, lengths, MICRO_BATCH)
+        result = training.optimizer_step(model, optimizer, scaler, examples, batches, 2, device, autocast, lr, 1.0)
+        losses.append(result.loss)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    setting = f"training.optimizer_step, {MICRO_BATCH} rows x {GRAD_ACCUM}, gradient checkpointing on, foreach AdamW, {precision}"
+    return {"setting": setting, "wall_s": wall, "steps": len(steps), "mean_loss": sum(losses) / len(losses)}
+
+
+def child_main(spec: dict) -> None:
+    device, precision = spec["device"], spec["precision"]
+    tokenizer = load_tokenizer(None)
+    examples = folded_examples(tokenizer, spec["examples"])
+    model = tinyllama_model(spec["layers"], TORCH_DTYPES[precision], device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()  # from here on; the weights stay allocated, so they count
+    if spec["impl"] == "ours":
+        result = train_ours(model, examples, precision, device)
+    else:
+        with tempfile.TemporaryDirectory(prefix="trl-") as scratch:
+            result = train_trl(model, tokenizer, examples, True, precision == "bf16", scratch, fp16=precision == "fp16")
+    if device.startswith("cuda"):
+        peak_gb, memory = torch.cuda.max_memory_allocated() / 1e9, "torch.cuda.max_memory_allocated"
+    else:
+        peak_gb, memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "peak RSS"
+    result.update(impl=spec["impl"], layers=spec["layers"], examples=len(examples), peak_gb=peak_gb, memory=memory)
+    Path(spec["result_file"]).write_text(json.dumps(result))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
+    parser.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"), help="AMP dtype (default: fp16, the t4 preset)")
+    parser.add_argument("--layers", type=int, default=22, help="decoder layers of the 22 (default: 22)")
+    parser.add_argument("--examples", type=int, default=64, help="embedded rows trained on, one epoch (default: 64)")
+    parser.add_argument("--impls", default="ours,trl", help="comma-separated subset of ours,trl")
+    parser.add_argument("--output", default="bench/results/t4_step.json", help="results JSON")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return args
+    args.impls = [name.strip() for name in args.impls.split(",") if name.strip()]
+    if not args.impls or any(name not in IMPLEMENTATIONS for name in args.impls):
+        parser.error(f"--impls must be a subset of {','.join(IMPLEMENTATIONS)}")
+    if not 1 <= args.layers <= 22 or args.examples < STEP_EXAMPLES:
+        parser.error(f"--layers must be 1..22 and --examples at least {STEP_EXAMPLES} (one optimizer step)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.exit(2, "error: no CUDA device here; this benchmark is for a GPU (a smoke run: --device cpu --layers 1 --examples 16 --precision fp32)\n")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        child_main(json.loads(args.child))
+        return
+    name = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "CPU"
+    print(f"TinyLlama-1.1B architecture ({args.layers} layers, random weights), {args.precision}, {name}, {args.examples} rows")
+    rows = []
+    for impl in args.impls:
+        spec = {"impl": impl, "device": args.device, "precision": args.precision, "layers": args.layers, "examples": args.examples}
+        result = run_in_subprocess(spec, module="bench.t4_step")
+        result["s_per_step"] = result["wall_s"] / result["steps"]
+        result["reference_run_min"] = result["s_per_step"] * REFERENCE_STEPS / 60
+        rows.append(result)
+    print(f"\n| implementation | setting | s/step | {REFERENCE_STEPS} steps (min) | peak memory (GB) |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['impl']} | {row['setting']} | {row['s_per_step']:.2f} | {row['reference_run_min']:.1f} | {row['peak_gb']:.2f} ({row['memory']}) |")
+    print(f"| reference notebook, T4 | PEFT + TRL, fp16, checkpointing on | {REFERENCE_MINUTES * 60 / REFERENCE_STEPS:.2f} | {REFERENCE_MINUTES:.0f} | {REFERENCE_PEAK_GB} |")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"device": name, "precision": args.precision, "layers": args.layers, "rows": rows}, indent=2) + "\n")
+    print(f"\nresults written to {output}")
+
+
+if __name__ == "__main__":
+    main()
