@@ -261,6 +261,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 lr, config.max_grad_norm, after_backward=inject_test_faults,
             )
             loss, grad_norm, step_tokens, skipped = result.loss, result.grad_norm, result.tokens, result.skipped
+            state.last_loss = loss
             state.nan_streak = 0 if math.isfinite(loss) else state.nan_streak + 1
             state.skipped_steps += int(skipped)
             state.step += 1
@@ -300,7 +301,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
 
     save_loss_curve(run_dir)
     final = {
-        "train_loss": loss if state.step else None,
+        "train_loss": state.last_loss,
         "best_val_loss": state.best_val_loss,
         "best_val_ppl": math.exp(state.best_val_loss),
         "steps": state.step,
@@ -313,7 +314,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     }
     (run_dir / "summary.json").write_text(json.dumps(final, indent=2) + "\n")
     print(
-        f"[done] train loss {final['train_loss']:.4f} | best val loss {final['best_val_loss']:.4f} "
+        f"[done] train loss {'n/a' if state.last_loss is None else f'{state.last_loss:.4f}'} | best val loss {final['best_val_loss']:.4f} "
         f"(answer-ppl {final['best_val_ppl']:.3f}) | {final['time_s']} s | peak mem {final['peak_memory_gb']:.2f} GB | "
         f"trainable {summary.trainable:,} ({summary.percent:.4f}%) | skipped steps {state.skipped_steps} | adapter {run_dir / 'adapter'}"
     )

@@ -271,6 +271,7 @@ class TrainState:
     nan_streak: int = 0
     tokens_seen: int = 0
     elapsed_s: float = 0.0
+    last_loss: float | None = None  # mean answer-token loss of the last step (None before the first)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

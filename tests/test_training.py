@@ -199,6 +199,16 @@ def test_resume_is_bit_exact(tiny_model_dir, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resuming_a_finished_run_changes_nothing_and_exits_0(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run(tiny_model_dir, out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert run(tiny_model_dir, out, "--resume", "auto") == 0  # the loop has no step left to run
+    again = json.loads((out / "summary.json").read_text())
+    assert again["train_loss"] == summary["train_loss"] is not None
+    assert again["steps"] == summary["steps"] == 6
+
+
 def test_fp16_amp_on_cpu_saves_and_restores_scaler(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "fp16"
     assert run(tiny_model_dir, out, "--precision", "fp16", "--max-steps", "4") == 0
