@@ -229,7 +229,8 @@ def resolve_precision(precision: str, device: torch.device, batch_invariant: boo
     has native bfloat16 matmuls (cpu_has_native_bf16), else fp32. With bf16 the base weights are
     stored in bfloat16; in training the matmuls run under autocast, LoRA A/B and the optimizer stay
     float32. On this project's CPU that trained 1.51x faster than float32 with the same loss to 2
-    decimals (bench/results/train_speed_levers.log), and generated 1.3x faster.
+    decimals (bench/results/train_speed_levers.log), and generated 1.5x faster at batch 1 (24.2 vs
+    16.3 tokens/s, bench/results/generation_speed*.log).
 
     batch_invariant: on a CPU, auto is fp32 even where bf16 is native. evaluate.py asks for this:
     its greedy answers must not depend on --batch-size. In bf16, batching 16 test questions changed

@@ -21,7 +21,8 @@ from dataclasses import replace
 
 from transformers.utils.logging import disable_progress_bar
 
-from base_model import TORCH_DTYPES, ModelLoadError, choose_device, resolve_precision
+import train
+from base_model import PRECISIONS, TORCH_DTYPES, choose_device, resolve_precision
 from inference import (
     GenerationSettings,
     PromptTooLongError,
@@ -31,7 +32,6 @@ from inference import (
     load_for_inference,
     stream_answer,
 )
-from lora import AdapterError
 
 DISCLAIMER = (
     "For education only: this assistant is a small language model and can be wrong. "
@@ -55,15 +55,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="base model: local folder or hub id (default: the adapter's base model, else the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", help="adapter folder written by train.py (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("--prompt", help="answer this one question, print only the answer and exit")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="most tokens per answer")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic); > 0 samples")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, used when temperature > 0")
-    parser.add_argument("--repetition-penalty", type=float, default=1.1, help="> 1 discourages repeating tokens; 1 = off")
+    parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens, help="most tokens per answer")
+    parser.add_argument("--temperature", type=float, default=GenerationSettings.temperature, help="0 = greedy (deterministic); > 0 samples")
+    parser.add_argument("--top-p", type=float, default=GenerationSettings.top_p, help="nucleus sampling mass, used when temperature > 0")
+    parser.add_argument("--repetition-penalty", type=float, default=GenerationSettings.repetition_penalty, help="> 1 discourages repeating tokens; 1 = off")
     parser.add_argument("--seed", type=int, help="seed for sampling, to reproduce a sampled answer")
     parser.add_argument("--max-input-chars", type=int, default=2000, help="longer messages are cut to this many characters")
     parser.add_argument("--max-context-tokens", type=int, help="prompt budget in tokens (default: the model's positions minus --max-new-tokens); older turns are dropped beyond it")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="weight dtype; auto = bf16/fp16 on a GPU, bf16 on a CPU with native bf16 matmuls, else fp32")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="weight dtype; auto = bf16/fp16 on a GPU, bf16 on a CPU with native bf16 matmuls, else fp32")
     parser.add_argument("--web", action="store_true", help="serve a chat web page instead of the terminal chat")
     parser.add_argument("--host", default="127.0.0.1", help="web: address to bind; 0.0.0.0 opens the page to your network")
     parser.add_argument("--port", type=int, default=7860, help="web: port")
@@ -271,9 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             serve(build_app(model, tokenizer, settings, description, args.max_input_chars, args.max_context_tokens), args)
         else:
             chat_in_terminal(model, tokenizer, args, settings)
-    except (AdapterError, ModelLoadError, ValueError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
-        return 2
+    except train.USER_FAILURES as error:  # a bad adapter, model or flag: one line, exit 2
+        return train.report_failure(error)
     except KeyboardInterrupt:
         print()
         return 0

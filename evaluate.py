@@ -31,6 +31,7 @@ from pathlib import Path
 from transformers.utils.logging import disable_progress_bar
 
 import train
+from base_model import PRECISIONS
 from evaluation import (
     BOOTSTRAP_RESAMPLES,
     experiments_table,
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--temperature", type=float, help="with --sample: softmax temperature (default: 0.7)")
     add("--top-p", type=float, help="with --sample: nucleus probability mass (default: 0.9)")
     add("--sample-seed", type=int, help="with --sample: seed of the sampler (default: --seed)")
-    add("--precision", choices=("auto", "fp32", "fp16", "bf16"), help="weight dtype; auto = bf16/fp16 on CUDA, fp32 on CPU (answers then do not depend on --batch-size)")
+    add("--precision", choices=PRECISIONS, help="weight dtype; auto = bf16/fp16 on CUDA, fp32 on CPU (answers then do not depend on --batch-size)")
     add("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     add("--output", help="report .json (default: RUN/eval.json next to the adapter's run folder, else eval.json; "
         "with --experiments: runs/experiments/<file name>.json)")

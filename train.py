@@ -17,17 +17,16 @@ import argparse
 import json
 import math
 import os
-import resource
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from base_model import (
+    PRECISIONS,
     TORCH_DTYPES,
     ModelLoadError,
     choose_device,
@@ -44,10 +43,12 @@ from training import (
     config_from_preset,
     TrainState,
     answer_nll,
+    autocast_for,
     cosine_with_warmup,
     list_checkpoints,
     load_checkpoint,
     optimizer_step,
+    peak_memory_gb,
     prune_checkpoints,
     rng_state,
     save_checkpoint,
@@ -74,12 +75,6 @@ def test_hook(point: str, step: int) -> str | None:
 
 class TrainingStopped(Exception):
     """The run stopped on purpose (diverged, interrupted); the message says why and what was kept."""
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
@@ -174,9 +169,8 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     inject_lora(model_skeleton(config.model), config.targets, config.rank, config.alpha, config.dropout)  # bad --targets fail before the weights load
     device = choose_device(config.device)
     precision = resolve_precision(config.precision, device)
-    amp_dtype = TORCH_DTYPES[precision]
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model_and_tokenizer(config.model, dtype=amp_dtype, device=device)
+    model, tokenizer = load_model_and_tokenizer(config.model, dtype=TORCH_DTYPES[precision], device=device)
     base_name = model_display_name(config.model)
     data = prepare_data(tokenizer, config.data, config.num_examples, config.seed, config.max_length)
     print("\n".join(data.report_lines()))
@@ -192,9 +186,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    def autocast():
-        # fp16/bf16: matmuls in half precision, A and B stay float32. fp32: no autocast at all.
-        return torch.autocast(device.type, dtype=amp_dtype) if precision != "fp32" else nullcontext()
+    autocast = autocast_for(device.type, precision)
 
     steps_per_epoch = math.ceil(len(train_examples) / config.step_examples)
     total_steps = math.ceil(config.epochs * steps_per_epoch)
@@ -341,7 +333,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace]
     add("--dropout", type=float, help="dropout on the LoRA branch, in [0, 1)")
     add("--targets", help="comma-separated module-name suffixes (default: q_proj,v_proj)")
     add("--max-length", type=int, help="tokens per example (default: 512)")
-    add("--precision", choices=("auto", "fp32", "fp16", "bf16"), help="auto: bf16 or fp16 on CUDA; bf16 on a CPU with native bf16 matmuls (AVX512-BF16/AMX), else fp32")
+    add("--precision", choices=PRECISIONS, help="auto: bf16 or fp16 on CUDA; bf16 on a CPU with native bf16 matmuls (AVX512-BF16/AMX), else fp32")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="recompute activations in backward")
     add("--eval-every", type=int, help="optimizer steps between validation passes")
     add("--save-every", type=int, help="optimizer steps between checkpoints")

@@ -6,12 +6,15 @@ train.py wires these together into the loop itself, which reads top to bottom.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
 import random
+import resource
 import shutil
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,9 +23,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from base_model import PRECISIONS, TORCH_DTYPES
 from data.batching import collate
 from data.format import IGNORE_INDEX
-from lora import save_adapter
+from lora import load_adapter, save_adapter
 
 
 @dataclass
@@ -109,7 +113,7 @@ def validate_config(config: TrainConfig) -> None:
         (config.eval_every > 0 and config.save_every > 0, "--eval-every and --save-every must be positive"),
         (config.keep_last > 0, f"--keep-last must be positive, got {config.keep_last}"),
         (config.num_examples is None or config.num_examples > 0, f"--num-examples must be positive, got {config.num_examples}"),
-        (config.precision in ("auto", "fp32", "fp16", "bf16"), f"--precision must be auto, fp32, fp16 or bf16, got {config.precision!r}"),
+        (config.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}"),
         (config.preset in PRESETS, f"--preset must be one of {sorted(PRESETS)}, got {config.preset!r}"),
         (len(config.targets) > 0, "--targets must name at least one module"),
     ]
@@ -186,6 +190,24 @@ def answer_nll(model, batch: dict[str, torch.Tensor], share_prefix: bool = True)
     """Summed next-token NLL over every target token of the batch (a scalar), and how many there are."""
     sums, counts = row_nll(model, batch, share_prefix)
     return sums.sum(), int(counts.sum())
+
+
+def autocast_for(device_type: str, precision: str) -> Callable[[], AbstractContextManager]:
+    """A zero-argument factory of the context each forward runs in.
+
+    fp16/bf16: torch.autocast, so the matmuls run in half precision while LoRA A and B stay
+    float32. fp32: no autocast at all.
+    """
+    if precision == "fp32":
+        return nullcontext
+    return functools.partial(torch.autocast, device_type, dtype=TORCH_DTYPES[precision])
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak CUDA allocation on a GPU; on a CPU the process's peak resident memory (it never goes down)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
 def accumulate_gradients(model, examples, batches, pad_id, device, autocast, scaler) -> tuple[float, int]:
@@ -410,8 +432,6 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
 
 def load_checkpoint(folder: Path, model, optimizer, scaler) -> TrainState:
     """Restore adapter, optimizer, scaler and RNG state from a verified checkpoint."""
-    from lora import load_adapter
-
     load_adapter(model, folder)
     saved = json.loads((folder / "trainer_state.json").read_text())
     restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), saved["optimizer"])

@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -81,9 +79,7 @@ def train_ours(model, examples, precision: str, device: str) -> dict:
     model.train()
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=2e-4, weight_decay=0.001, foreach=True)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
-
-    def autocast():
-        return nullcontext() if precision == "fp32" else torch.autocast(torch.device(device).type, dtype=TORCH_DTYPES[precision])
+    autocast = training.autocast_for(torch.device(device).type, precision)
 
     lengths = [len(e.input_ids) for e in examples]
     steps = epoch_steps(lengths, STEP_EXAMPLES, SEED, epoch=0)
@@ -113,10 +109,8 @@ def child_main(spec: dict) -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="trl-") as scratch:
             result = train_trl(model, tokenizer, examples, True, precision == "bf16", scratch, fp16=precision == "fp16")
-    if device.startswith("cuda"):
-        peak_gb, memory = torch.cuda.max_memory_allocated() / 1e9, "torch.cuda.max_memory_allocated"
-    else:
-        peak_gb, memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "peak RSS"
+    memory = "torch.cuda.max_memory_allocated" if device.startswith("cuda") else "peak RSS"
+    peak_gb = training.peak_memory_gb(torch.device(device))
     result.update(impl=spec["impl"], layers=spec["layers"], examples=len(examples), peak_gb=peak_gb, memory=memory)
     Path(spec["result_file"]).write_text(json.dumps(result))
 

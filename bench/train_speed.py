@@ -52,12 +52,10 @@ import json
 import math
 import platform
 import random
-import resource
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,11 +265,7 @@ def train_ours(model, tokenizer, examples, settings: OursSettings) -> dict:
         foreach=settings.adamw == "foreach", fused=settings.adamw == "fused",
     )
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # float32 and bfloat16 need no loss scaling
-    if settings.precision == "bf16":
-        def autocast():
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-    else:
-        autocast = nullcontext
+    autocast = training.autocast_for("cpu", settings.precision)
     lengths = [len(e.input_ids) for e in examples]
 
     steps = training_steps(lengths, settings.length_grouped)
@@ -400,7 +394,7 @@ def child_main(spec: dict) -> None:
     result.update(
         peer=spec["peer"], precision="bf16" if bf16 else "fp32", examples=len(examples), params=params,
         threads=torch.get_num_threads(),
-        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # ru_maxrss is in KiB on Linux
+        peak_rss_gb=training.peak_memory_gb(torch.device("cpu")),
     )
     Path(spec["result_file"]).write_text(json.dumps(result))
 
