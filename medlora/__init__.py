@@ -1,0 +1,1 @@
+"""The medlora library package: the code that the scripts share."""
