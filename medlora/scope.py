@@ -73,11 +73,11 @@ DECLINE_PATTERNS = tuple(
         # never of "this flashcard", "primary care", "medical treatment" or "what I can advise".
         r"\b(?:outside|beyond) (?:of )?the scope of (?:(?:this|a|the|my|our) (?:[\w-]+ ){0,2}" + _ASSISTANT
         + r"\b|what (?:i|this assistant)(?:(?: can|'m able to| am able to) (?:help|answer|assist|cover)"
-        r"|(?:'m| am| was) (?:designed|built|made))|medicine\b)",
+        r"|(?:'m| am| was) (?:designed|built|made)| do\b| cover\b| handle\b)|medicine\b)",
         # "outside what I can help with", "outside what I'm designed for".
         r"\boutside (?:of )?what (?:i|i'm|this assistant)\b",
-        # "outside the medical topics I cover", "outside the medical domain I handle".
-        r"\boutside (?:of )?the (?:[\w-]+ ){0,2}(?:topics|topic|domain|areas|area|subjects|questions)"
+        # "outside the medical topics I cover", "outside the scope of the medical domain I handle".
+        r"\b(?:outside|beyond) (?:of )?the (?:scope of the )?(?:[\w-]+ ){0,2}(?:topics|topic|domain|areas|area|subjects|questions)"
         r" (?:that )?i (?:cover|handle|answer|can)\b",
         # "I can only help with medical", "I only answer health questions",
         # "I'm only able to answer questions about medicine and health".

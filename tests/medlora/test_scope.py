@@ -44,6 +44,8 @@ LABELLED_ANSWERS = [
      "Please ask a veterinarian.", {DECLINE}),
     ("Programming is outside my area of expertise as a medical assistant.", {DECLINE}),
     ("That history question is outside the medical topics I cover.", {DECLINE}),
+    ("Tipping customs lie outside the scope of what I do. I'm a medical Q&A assistant.", {DECLINE}),
+    ("Art history is outside the scope of the medical domain I cover.", {DECLINE}),
     ("Gardening is not my specialty; I am a medical question-answering assistant.", {DECLINE}),
     ("Unfortunately that isn't something I\u2019m able to answer. I focus on medicine.", {DECLINE}),
     ("I'm only able to help with questions about health and medicine.", {DECLINE}),
