@@ -83,7 +83,7 @@ def test_rank_or_target_mismatch_with_injected_model(saved_adapter):
     _, folder = saved_adapter
     model = make_tiny_model()
     inject_lora(model, rank=8, alpha=16)
-    with pytest.raises(AdapterError, match=r"adapter has r=4 on \['q_proj', 'v_proj'\], model has r=\[8\]"):
+    with pytest.raises(AdapterError, match=r"adapter is lora with r=4 on \['q_proj', 'v_proj'\], model has \['lora'\] with r=\[8\]"):
         load_adapter(model, folder)
 
 
