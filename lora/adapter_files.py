@@ -212,7 +212,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, dict[str, tor
 
     Returns:
         (config from `read_adapter_config`, {module name: {"lora_A": [r, in], "lora_B": [out, r],
-        and for DoRA "lora_magnitude_vector": [out]}}), modules in file order.
+        and for DoRA "lora_magnitude_vector": [out]}}), modules in layer order (layers.2 before
+        layers.10, although safetensors stores keys sorted as text).
 
     Raises:
         AdapterError: naming the file and the first key that is unexpected, missing or misshapen.
@@ -240,7 +241,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, dict[str, tor
                 + (f", lora_magnitude_vector {m_shape}" if expected_m else "")
                 + f"; r={config['r']} needs [r, in], [out, r]" + (", [out]" if expected_m else "")
             )
-    return config, modules
+    def layer_order(name: str) -> list[tuple[int, int | str]]:
+        return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
+
+    return config, {name: modules[name] for name in sorted(modules, key=layer_order)}
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:

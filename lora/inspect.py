@@ -182,7 +182,7 @@ def format_table(result: dict) -> str:
             f"{m['name'].removeprefix('model.'):<34} {m['delta_norm']:>9.4g} {number(m['relative_norm'], '7.4f')} "
             f"{m['singular_values'][0]:>9.4g} {number(m['stable_rank'], '7.2f')} {number(m['top1_energy'], '5.2f')} "
             f"{number(m['top4_energy'], '5.2f')} {number(m['projected_base_norm'], '8.4g')} "
-            f"{number(m['amplification'], '7.2f')}"
+            f"{number(m['amplification'], '7.3g')}"
         )
     if result["base"] is None:
         lines.append("W0 columns (/|W0|, |UtW0V|, amplif) absent: pass --base FOLDER with the base model's safetensors")

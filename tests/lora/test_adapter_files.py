@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
 
 from lora import AdapterError, inject_lora, load_adapter, lora_layers, merge_lora, read_adapter, save_adapter
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, tiny_llama_config
 
 
 def trained_like(model, seed=1):
@@ -224,3 +225,13 @@ def test_read_adapter_without_a_model_groups_tensors_and_checks_shapes(saved_ada
     save_file(tensors, path)
     with pytest.raises(AdapterError, match=r"unexpected key .*q_proj\.lora_E \(not a lora adapter tensor\)"):
         read_adapter(folder)
+
+
+def test_read_adapter_lists_modules_in_layer_order_not_text_order(tmp_path):
+    config = tiny_llama_config()
+    config.num_hidden_layers = 11
+    model = LlamaForCausalLM(config)
+    inject_lora(model, targets=("v_proj",), rank=2, alpha=4)
+    save_adapter(model, tmp_path, base_model="tiny")
+    _, modules = read_adapter(tmp_path)
+    assert list(modules) == [f"model.layers.{i}.self_attn.v_proj" for i in range(11)]
