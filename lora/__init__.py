@@ -1,13 +1,16 @@
 """Hand-written LoRA: the layer, injection into a model, merging, and PEFT-format adapter files.
 
     from lora import inject_lora, save_adapter, load_adapter, merge_lora
-    summary = inject_lora(model, targets=("q_proj", "v_proj"), rank=16, alpha=32, dropout=0.05)
+    summary = inject_lora(model, targets=("q_proj", "v_proj"), rank=16, alpha=32, dropout=0.05, variant="lora")
     print(summary)  # trainable params: ... of ... (...%)
+
+`variant` is "lora", "rslora" (scale alpha/sqrt(r)) or "dora" (a learned magnitude per output
+row). `python -m lora.inspect ADAPTER` shows what a trained adapter learned.
 
 This package imports only torch, safetensors and json: it knows nothing of transformers.
 """
 
-from lora.adapter_files import AdapterError, load_adapter, read_adapter_config, save_adapter
+from lora.adapter_files import AdapterError, load_adapter, read_adapter, read_adapter_config, save_adapter
 from lora.inject import (
     DEFAULT_TARGETS,
     LoRASummary,
@@ -19,19 +22,21 @@ from lora.inject import (
     unload_lora,
     unmerge_lora,
 )
-from lora.layer import LoRALinear
+from lora.layer import VARIANTS, LoRALinear
 
 __all__ = [
     "AdapterError",
     "DEFAULT_TARGETS",
     "LoRALinear",
     "LoRASummary",
+    "VARIANTS",
     "count_parameters",
     "inject_lora",
     "load_adapter",
     "lora_layers",
     "lora_parameters",
     "merge_lora",
+    "read_adapter",
     "read_adapter_config",
     "save_adapter",
     "unload_lora",

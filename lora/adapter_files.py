@@ -1,8 +1,10 @@
 """Adapter files in PEFT's format: `adapter_model.safetensors` + `adapter_config.json`.
 
-Keys are PEFT's: `base_model.model.<module name>.lora_A.weight` ([r, in]) and `.lora_B.weight`
-([out, r]), so `peft.PeftModel.from_pretrained` reads what `save_adapter` writes and `load_adapter`
-reads what PEFT writes. Only safetensors and JSON are read: nothing is ever unpickled.
+Keys are PEFT's: `base_model.model.<module name>.lora_A.weight` ([r, in]), `.lora_B.weight`
+([out, r]) and, for DoRA, `.lora_magnitude_vector` ([out]); the config's `use_rslora` and
+`use_dora` name the variant. So `peft.PeftModel.from_pretrained` reads what `save_adapter` writes
+and `load_adapter` reads what PEFT writes. Only safetensors and JSON are read: nothing is ever
+unpickled.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lora.inject import inject_lora, lora_layers
+from lora.layer import LoRALinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -26,19 +29,34 @@ KEY_PREFIX = "base_model.model."
 MAX_RANK = 4096
 CHECKSUM_KEY = "medlora_sha256"
 MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# PEFT options that change what the adapter computes and that this project does not implement.
+UNSUPPORTED_OPTIONS = (
+    "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "layer_replication", "modules_to_save",
+    "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "use_qalora", "use_bdlora",
+    "arrow_config", "kasa_config", "monteclora_config", "velora_config", "megatron_config",
+)
+PARTS = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight", "lora_magnitude_vector": ".lora_magnitude_vector"}
 
 
 class AdapterError(ValueError):
     """An adapter folder that cannot be used with this model; the message names the file."""
 
 
+def peft_keys(name: str, layer: LoRALinear) -> dict[str, nn.Parameter]:
+    """PEFT's file key for each trained tensor of the layer named `name` (A, B, and DoRA's m)."""
+    parameters = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
+    if layer.variant == "dora":
+        parameters["lora_magnitude_vector"] = layer.lora_magnitude_vector
+    return {f"{KEY_PREFIX}{name}{PARTS[part]}": parameter for part, parameter in parameters.items()}
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT-named A and B tensors of every LoRA layer in `model` (contiguous CPU copies)."""
-    state = {}
-    for name, layer in lora_layers(model):
-        state[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous().clone()
-        state[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous().clone()
-    return state
+    """PEFT-named trained tensors of every LoRA layer in `model` (contiguous CPU copies)."""
+    return {
+        key: parameter.detach().cpu().contiguous().clone()
+        for name, layer in lora_layers(model)
+        for key, parameter in peft_keys(name, layer).items()
+    }
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -73,8 +91,8 @@ def adapter_config(model: nn.Module, base_model: str) -> dict:
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": first.variant == "rslora",
+        "use_dora": first.variant == "dora",
         "modules_to_save": None,
         "base_model_name_or_path": base_model,
     }
@@ -100,7 +118,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_model: str) -> 
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
-    """Read and validate `adapter_config.json`: types, ranges and module names.
+    """Read and validate `adapter_config.json`: types, ranges, module names and the variant.
+
+    Returns:
+        The config, with `target_modules` sorted and "variant" ("lora", "rslora" or "dora") added.
 
     Raises:
         AdapterError: naming the file and the first bad field.
@@ -140,16 +161,100 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         )
     if config.get("bias", "none") != "none":
         raise AdapterError(f"{file}: bias={config.get('bias')!r} is not supported (only 'none')")
-    return {**config, "target_modules": sorted(targets)}
+    return {**config, "target_modules": sorted(targets), "variant": adapter_variant(config, file)}
+
+
+def adapter_variant(config: dict, file: Path) -> str:
+    """"lora", "rslora" or "dora" from PEFT's `use_rslora` and `use_dora` (absent means false).
+
+    Raises:
+        AdapterError: if a flag is not a boolean, both are set, or the config turns on a PEFT
+            option that changes the computation and is not implemented here (see UNSUPPORTED_OPTIONS).
+    """
+    supported = "supported variants are lora, rslora (use_rslora) and dora (use_dora)"
+    for key in UNSUPPORTED_OPTIONS:
+        if config.get(key):
+            raise AdapterError(f"{file}: {key}={config[key]!r} is a PEFT option this project does not implement; {supported}")
+    flags = {key: config.get(key, False) for key in ("use_rslora", "use_dora")}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise AdapterError(f"{file}: {key} must be true or false, got {value!r}")
+    if flags["use_rslora"] and flags["use_dora"]:
+        raise AdapterError(f"{file}: use_rslora and use_dora are both true (DoRA with rsLoRA's scale); {supported}")
+    return "rslora" if flags["use_rslora"] else "dora" if flags["use_dora"] else "lora"
+
+
+def read_adapter_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of `adapter_model.safetensors`, checked: readable, checksum (if any), finite.
+
+    Raises:
+        AdapterError: naming the file and what is wrong with it.
+    """
+    weights = Path(path) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise AdapterError(f"{weights}: missing")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            checksum = (handle.metadata() or {}).get(CHECKSUM_KEY)
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise AdapterError(f"{weights}: not a readable safetensors file ({error})") from None
+    if checksum is not None and checksum != tensors_digest(tensors):
+        raise AdapterError(f"{weights}: checksum mismatch, the weights are corrupted")
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{weights}: key {key} holds NaN or infinite values")
+    return tensors
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """Read an adapter folder without a model: its config and, per adapted module, its tensors.
+
+    Returns:
+        (config from `read_adapter_config`, {module name: {"lora_A": [r, in], "lora_B": [out, r],
+        and for DoRA "lora_magnitude_vector": [out]}}), modules in layer order (layers.2 before
+        layers.10, although safetensors stores keys sorted as text).
+
+    Raises:
+        AdapterError: naming the file and the first key that is unexpected, missing or misshapen.
+    """
+    config = read_adapter_config(path)
+    tensors = read_adapter_weights(path)
+    weights = Path(path) / WEIGHTS_NAME
+    parts = [part for part in PARTS if config["variant"] == "dora" or part != "lora_magnitude_vector"]
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        part = next((p for p in parts if key.startswith(KEY_PREFIX) and key.endswith(PARTS[p])), None)
+        if part is None:
+            raise AdapterError(f"{weights}: unexpected key {key} (not a {config['variant']} adapter tensor)")
+        modules.setdefault(key[len(KEY_PREFIX) : -len(PARTS[part])], {})[part] = tensor
+    for name, found in modules.items():
+        missing = [part for part in parts if part not in found]
+        if missing:
+            raise AdapterError(f"{weights}: missing key {KEY_PREFIX}{name}{PARTS[missing[0]]}")
+        a, b = found["lora_A"], found["lora_B"]
+        expected_m = [b.shape[0]] if config["variant"] == "dora" else None
+        m_shape = list(found["lora_magnitude_vector"].shape) if expected_m else None
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != config["r"] or b.shape[1] != config["r"] or m_shape != expected_m:
+            raise AdapterError(
+                f"{weights}: module {name} has lora_A {list(a.shape)}, lora_B {list(b.shape)}"
+                + (f", lora_magnitude_vector {m_shape}" if expected_m else "")
+                + f"; r={config['r']} needs [r, in], [out, r]" + (", [out]" if expected_m else "")
+            )
+    def layer_order(name: str) -> list[tuple[int, int | str]]:
+        return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
+
+    return config, {name: modules[name] for name in sorted(modules, key=layer_order)}
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
-    """Load a PEFT-format LoRA adapter into `model`, injecting LoRA layers first if needed.
+    """Load a PEFT-format LoRA, rsLoRA or DoRA adapter into `model`, injecting layers first if needed.
 
-    Every check happens before any weight is touched: rank, targets, then every key and shape.
+    Every check happens before any weight is touched: variant, rank, targets, the file, then every
+    key and shape.
 
     Returns:
-        The validated adapter config.
+        The validated adapter config (with "variant" added).
 
     Raises:
         AdapterError: naming the file and the first offending key, with both shapes.
@@ -160,48 +265,34 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
         raise AdapterError(f"{weights}: missing")
     layers = dict(lora_layers(model))
     if not layers:
-        inject_lora(model, config["target_modules"], config["r"], config["lora_alpha"], config["lora_dropout"])
+        inject_lora(
+            model, config["target_modules"], config["r"], config["lora_alpha"], config["lora_dropout"], config["variant"]
+        )
         layers = dict(lora_layers(model))
     elif any(layer.merged for layer in layers.values()):
         raise ValueError("cannot load an adapter into merged LoRA layers: call unmerge_lora first")
     else:
-        ranks = {layer.rank for layer in layers.values()}
+        have = (sorted({layer.variant for layer in layers.values()}), sorted({layer.rank for layer in layers.values()}))
         targets = sorted({name.rsplit(".", 1)[-1] for name in layers})
-        if ranks != {config["r"]} or targets != config["target_modules"]:
+        if have != ([config["variant"]], [config["r"]]) or targets != config["target_modules"]:
             raise AdapterError(
-                f"{Path(path) / CONFIG_NAME}: adapter has r={config['r']} on {config['target_modules']}, "
-                f"model has r={sorted(ranks)} on {targets}"
+                f"{Path(path) / CONFIG_NAME}: adapter is {config['variant']} with r={config['r']} on "
+                f"{config['target_modules']}, model has {have[0]} with r={have[1]} on {targets}"
             )
-    expected = {}
-    for name, layer in layers.items():
-        expected[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A
-        expected[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            keys = list(handle.keys())
-            for key in keys:
-                if key not in expected:
-                    raise AdapterError(f"{weights}: unexpected key {key} (not a LoRA layer of this model)")
-                file_shape = tuple(handle.get_slice(key).get_shape())
-                model_shape = tuple(expected[key].shape)
-                if file_shape != model_shape:
-                    raise AdapterError(
-                        f"{weights}: key {key} has shape {list(file_shape)} in the adapter "
-                        f"but {list(model_shape)} in the model (adapter made for another base model?)"
-                    )
-            missing = [key for key in expected if key not in keys]
-            if missing:
-                raise AdapterError(f"{weights}: missing key {missing[0]} ({len(missing)} missing in all)")
-            tensors = {key: handle.get_tensor(key) for key in keys}
-            checksum = (handle.metadata() or {}).get(CHECKSUM_KEY)
-    except (SafetensorError, OSError, RuntimeError) as error:
-        raise AdapterError(f"{weights}: not a readable safetensors file ({error})") from None
-    if checksum is not None and checksum != tensors_digest(tensors):
-        raise AdapterError(f"{weights}: checksum mismatch, the weights are corrupted")
+    expected = {key: parameter for name, layer in layers.items() for key, parameter in peft_keys(name, layer).items()}
+    tensors = read_adapter_weights(path)
+    for key, tensor in tensors.items():
+        if key not in expected:
+            raise AdapterError(f"{weights}: unexpected key {key} (not a LoRA layer of this model)")
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise AdapterError(
+                f"{weights}: key {key} has shape {list(tensor.shape)} in the adapter "
+                f"but {list(expected[key].shape)} in the model (adapter made for another base model?)"
+            )
+    missing = [key for key in expected if key not in tensors]
+    if missing:
+        raise AdapterError(f"{weights}: missing key {missing[0]} ({len(missing)} missing in all)")
     with torch.no_grad():
-        for key, tensor in tensors.items():
-            if not torch.isfinite(tensor).all():
-                raise AdapterError(f"{weights}: key {key} holds NaN or infinite values")
         for key, tensor in tensors.items():
             expected[key].copy_(tensor.to(expected[key].dtype))
     return config

@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 
 from torch import nn
 
-from lora.layer import LoRALinear, check_hyperparameters
+from lora.layer import LoRALinear, check_hyperparameters, check_rank_fits
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 
@@ -39,8 +39,8 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable A and B matrices, in a stable order (what the optimizer gets)."""
-    return [p for _, layer in lora_layers(model) for p in (layer.lora_A, layer.lora_B)]
+    """The trainable A, B (and DoRA's m) of every layer, in a stable order (what the optimizer gets)."""
+    return [p for _, layer in lora_layers(model) for p in layer.adapter_parameters()]
 
 
 def count_parameters(model: nn.Module) -> LoRASummary:
@@ -62,14 +62,18 @@ def inject_lora(
     rank: int = 16,
     alpha: float = 32,
     dropout: float = 0.05,
+    variant: str = "lora",
 ) -> LoRASummary:
     """Replace every `nn.Linear` whose name ends with a target by a LoRALinear; freeze the rest.
 
     A module matches a target when its qualified name is the target or ends with "." + target,
-    so "q_proj" matches "model.layers.0.self_attn.q_proj".
+    so "q_proj" matches "model.layers.0.self_attn.q_proj". `variant` is "lora", "rslora" or
+    "dora" (see LoRALinear). DoRA's m is taken from the weights at injection: inject after loading.
 
     Raises:
-        ValueError: if the model already holds LoRA layers, or no linear layer matches.
+        ValueError: if the model already holds LoRA layers, no linear layer matches, a
+            hyperparameter is bad, or the rank exceeds a matched layer's min(in, out); the model is
+            unchanged.
     """
     if any(True for _ in lora_layers(model)):
         raise ValueError("model already has LoRA layers: inject_lora was called twice")
@@ -87,12 +91,14 @@ def inject_lora(
             f"no linear layer matches targets {list(targets)}; linear layers in this model "
             f"are named {linear_names[:8]}"
         )
-    check_hyperparameters(rank, alpha, dropout)
+    check_hyperparameters(rank, alpha, dropout, variant)
+    for name in matches:
+        check_rank_fits(model.get_submodule(name), rank, name)
     model.requires_grad_(False)
     for name in matches:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout, variant))
     return count_parameters(model)
 
 

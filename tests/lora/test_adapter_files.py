@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
 
-from lora import AdapterError, inject_lora, load_adapter, lora_layers, merge_lora, save_adapter
-from tests.conftest import make_tiny_model
+from lora import AdapterError, inject_lora, load_adapter, lora_layers, merge_lora, read_adapter, save_adapter
+from tests.conftest import make_tiny_model, tiny_llama_config
 
 
 def trained_like(model, seed=1):
@@ -83,7 +84,7 @@ def test_rank_or_target_mismatch_with_injected_model(saved_adapter):
     _, folder = saved_adapter
     model = make_tiny_model()
     inject_lora(model, rank=8, alpha=16)
-    with pytest.raises(AdapterError, match=r"adapter has r=4 on \['q_proj', 'v_proj'\], model has r=\[8\]"):
+    with pytest.raises(AdapterError, match=r"adapter is lora with r=4 on \['q_proj', 'v_proj'\], model has \['lora'\] with r=\[8\]"):
         load_adapter(model, folder)
 
 
@@ -159,3 +160,78 @@ def test_bit_flip_in_weights_is_caught_by_the_header_checksum(saved_adapter):
     path.write_bytes(bytes(data))
     with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: checksum mismatch"):
         load_adapter(make_tiny_model(), folder)
+
+
+@pytest.mark.parametrize("variant", ["rslora", "dora"])
+def test_variant_round_trips_through_peft_flags(tmp_path, variant):
+    model = make_tiny_model()
+    inject_lora(model, rank=4, alpha=8, dropout=0.0, variant=variant)
+    trained_like(model)
+    save_adapter(model, tmp_path, base_model="tiny")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["use_rslora"], config["use_dora"]) == (variant == "rslora", variant == "dora")
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    magnitude = "base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector"
+    assert (magnitude in keys) == (variant == "dora") and len(keys) == (12 if variant == "dora" else 8)
+    fresh = make_tiny_model()
+    assert load_adapter(fresh, tmp_path)["variant"] == variant
+    ids = torch.randint(0, 49152, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"use_dora": "yes"}, "use_dora must be true or false, got 'yes'"),
+        ({"use_rslora": 1}, "use_rslora must be true or false, got 1"),
+        ({"use_rslora": True, "use_dora": True}, r"use_rslora and use_dora are both true .* supported variants are lora, rslora"),
+        ({"lora_bias": True}, "lora_bias=True is a PEFT option this project does not implement"),
+        ({"rank_pattern": {"q_proj": 8}}, "rank_pattern=.* is a PEFT option this project does not implement"),
+    ],
+)
+def test_unknown_or_contradictory_variant_in_config_is_refused(saved_adapter, changes, message):
+    _, folder = saved_adapter
+    write_config(folder, **changes)
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(make_tiny_model(), folder)
+
+
+def test_variant_mismatch_with_injected_model_and_missing_magnitude(saved_adapter):
+    _, folder = saved_adapter
+    model = make_tiny_model()
+    inject_lora(model, rank=4, alpha=8, variant="dora")
+    with pytest.raises(AdapterError, match=r"adapter is lora with r=4 .* model has \['dora'\] with r=\[4\]"):
+        load_adapter(model, folder)
+    write_config(folder, use_dora=True)  # a DoRA config over files that lack m
+    with pytest.raises(AdapterError, match=r"missing key .*q_proj\.lora_magnitude_vector"):
+        load_adapter(make_tiny_model(), folder)
+    with pytest.raises(AdapterError, match=r"missing key .*q_proj\.lora_magnitude_vector"):
+        read_adapter(folder)
+
+
+def test_read_adapter_without_a_model_groups_tensors_and_checks_shapes(saved_adapter):
+    model, folder = saved_adapter
+    config, modules = read_adapter(folder)
+    assert list(modules) == [name for name, _ in lora_layers(model)]
+    assert set(modules["model.layers.0.self_attn.v_proj"]) == {"lora_A", "lora_B"}
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(3, 64)
+    save_file(tensors, path)
+    with pytest.raises(AdapterError, match=r"module model\.layers\.0\.self_attn\.q_proj has lora_A \[3, 64\], lora_B \[64, 4\]; r=4"):
+        read_adapter(folder)
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_E"] = torch.zeros(4)
+    save_file(tensors, path)
+    with pytest.raises(AdapterError, match=r"unexpected key .*q_proj\.lora_E \(not a lora adapter tensor\)"):
+        read_adapter(folder)
+
+
+def test_read_adapter_lists_modules_in_layer_order_not_text_order(tmp_path):
+    config = tiny_llama_config()
+    config.num_hidden_layers = 11
+    model = LlamaForCausalLM(config)
+    inject_lora(model, targets=("v_proj",), rank=2, alpha=4)
+    save_adapter(model, tmp_path, base_model="tiny")
+    _, modules = read_adapter(tmp_path)
+    assert list(modules) == [f"model.layers.{i}.self_attn.v_proj" for i in range(11)]
