@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from base_model import load_tokenizer
+from medlora.model import load_tokenizer
 from lora import inject_lora, lora_layers, save_adapter
 
 
