@@ -152,3 +152,4 @@ def save_experiments(rows: list[dict], output: str | Path) -> dict[str, Path]:
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
     paths["json"].write_text(json.dumps({"experiments": rows}, indent=2) + "\n")
     paths["table"].write_text(experiments_table(rows) + "\n")
+    return paths

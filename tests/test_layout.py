@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {path.stem for path in ROOT.glob("*.py")}  # train, evaluate, chat (and any later one)
 PACKAGES = ("medlora", "lora", "data", "experiments", "bench")
 PRODUCT = ("medlora", "lora", "data", "experiments")  # with the scripts: what users run
-LOCAL = SCRIPTS | set(PACKAGES) | {"tests"}
+LOCAL = SCRIPTS | {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".") and any(p.rglob("*.py"))}
+ENTRY_POINTS = {ROOT / "data" / "__main__.py"}  # `python -m data`: a command line, free to use the model loader
 REFERENCE_ONLY = {"peft", "trl", "sacrebleu", "llama_cpp"}  # allowed in tests/ and bench/ only
 ENVIRONMENT_SETTINGS = {"MEDLORA_CACHE"}  # documented user settings; anything else would be a hook
 
@@ -38,6 +39,7 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_the_rules_see_every_script_and_package():
     assert {"train", "evaluate", "chat"} <= SCRIPTS
+    assert set(PACKAGES) | {"tests"} <= LOCAL
     assert all(python_files(package) for package in PACKAGES)
 
 
@@ -57,9 +59,13 @@ def test_lora_imports_only_torch_safetensors_and_the_standard_library(path):
     assert imported_modules(path) - allowed == set()
 
 
-@pytest.mark.parametrize("path", python_files("data"), ids=lambda path: str(path.relative_to(ROOT)))
+@pytest.mark.parametrize("path", sorted(set(python_files("data")) - ENTRY_POINTS), ids=lambda path: str(path.relative_to(ROOT)))
 def test_data_imports_no_other_part_of_the_project(path):
     assert imported_modules(path) & (LOCAL - {"data"}) == set()
+
+
+def test_the_data_command_line_uses_only_the_library_s_model_loader():
+    assert imported_modules(ROOT / "data" / "__main__.py") & (LOCAL - {"data"}) == {"medlora"}
 
 
 @pytest.mark.parametrize("path", python_files("medlora"), ids=lambda path: str(path.relative_to(ROOT)))

@@ -167,7 +167,7 @@ def test_without_validation_rows_no_val_numbers_are_logged(tiny_model_dir, tmp_p
     rows = tmp_path / "one.jsonl"
     rows.write_text(json.dumps({"question": "What does insulin do?", "answer": "It lowers blood glucose by moving it into cells."}) + "\n")
     out = tmp_path / "run"
-    argv = ["--model", str(tiny_model_dir), "--data", str(rows), "--output-dir", str(out), "--max-steps", "2", "--eval-every", "1"]
+    argv = ["--model", str(tiny_model_dir), "--data", str(rows), "--output-dir", str(out), "--epochs", "2", "--eval-every", "1"]
     assert train_script.main(argv) == 0
     printed = capsys.readouterr().out
     assert "[eval] no validation rows: no validation loss is logged" in printed
