@@ -21,9 +21,8 @@ from dataclasses import replace
 
 from transformers.utils.logging import disable_progress_bar
 
-import train
-from base_model import PRECISIONS, TORCH_DTYPES, choose_device, resolve_precision
-from inference import (
+from medlora.errors import USER_FAILURES, report_failure
+from medlora.generation import (
     GenerationSettings,
     PromptTooLongError,
     context_budget,
@@ -32,6 +31,7 @@ from inference import (
     load_for_inference,
     stream_answer,
 )
+from medlora.model import PRECISIONS, TORCH_DTYPES, choose_device, resolve_precision
 
 DISCLAIMER = (
     "For education only: this assistant is a small language model and can be wrong. "
@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             serve(build_app(model, tokenizer, settings, description, args.max_input_chars, args.max_context_tokens), args)
         else:
             chat_in_terminal(model, tokenizer, args, settings)
-    except train.USER_FAILURES as error:  # a bad adapter, model or flag: one line, exit 2
-        return train.report_failure(error)
+    except USER_FAILURES as error:  # a bad adapter, model or flag: one line, exit 2
+        return report_failure(error)
     except KeyboardInterrupt:
         print()
         return 0

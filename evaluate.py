@@ -14,11 +14,12 @@ model's answer), <name>_metrics.png (bar chart) and <name>.md (the printed table
 Perplexity is exp(summed NLL / target tokens) over the whole split: answer tokens only, and
 (perplexity_full, the reference notebook's method) every token of the sequence. Answers are
 generated in left-padded batches, greedy unless --sample. Every metric has a 95% bootstrap
-interval; with --compare-base the delta has a paired one. See evaluation.py for the details.
+interval; with --compare-base the delta has a paired one. See medlora/evaluation/ for the details.
 
 --experiments FILE trains every experiment of a JSON list (preset + overrides, run folders under
-runs/experiments/<name>) with train.train, evaluates each adapter, and writes the table
-(r, LR, epochs, losses, ROUGE-1, BLEU, perplexity, peak memory, time) as markdown and JSON.
+runs/experiments/<name>), each in its own train.py process, evaluates each adapter, and writes the
+table (r, LR, epochs, losses, ROUGE-1, BLEU, perplexity, peak memory, time) as markdown and JSON
+(experiments/runner.py).
 """
 
 from __future__ import annotations
@@ -30,19 +31,13 @@ from pathlib import Path
 
 from transformers.utils.logging import disable_progress_bar
 
-import train
-from base_model import PRECISIONS
-from evaluation import (
-    BOOTSTRAP_RESAMPLES,
-    experiments_table,
-    load_experiments,
-    markdown_table,
-    resolve_settings,
-    run_evaluation,
-    run_experiments,
-    save_evaluation,
-    save_experiments,
-)
+from experiments.runner import experiments_table, load_experiments, run_experiments, save_experiments
+from medlora.errors import USER_FAILURES, report_failure
+from medlora.evaluation.report import markdown_table, save_evaluation
+from medlora.evaluation.run import run_evaluation
+from medlora.evaluation.scores import BOOTSTRAP_RESAMPLES
+from medlora.evaluation.settings import SPLITS, resolve_settings
+from medlora.model import PRECISIONS
 
 FLAGS_SET_BY_EACH_EXPERIMENT = ("model", "adapter", "data", "num_examples", "seed", "max_length", "compare_base")
 
@@ -59,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--num-examples", type=int, help="rows sampled before the 85/10/5 split (default: the run's, else all)")
     add("--seed", type=int, help="split seed (default: the run's, else 42); also the --sample seed unless --sample-seed")
     add("--max-length", type=int, help="tokens per example; longer answers are cut (default: the run's, else 512)")
-    add("--split", choices=("test", "validation"), help="split to evaluate (default: test)")
+    add("--split", choices=SPLITS, help="split to evaluate (default: test)")
     add("--limit", type=int, help="evaluate only the first N examples of the split (default: all)")
     add("--batch-size", type=int, help="questions per generation batch (default: 16)")
     add("--max-new-tokens", type=int, help="most tokens generated per answer (default: 200)")
@@ -97,7 +92,7 @@ def experiments(flags: dict) -> None:
     print(f"[experiments] {len(planned)} from {path}: {', '.join(name for name, _ in planned)}; "
           f"evaluation: {flags.get('limit') or 'all'} examples, bootstrap {BOOTSTRAP_RESAMPLES} resamples")
     started = time.perf_counter()
-    rows = run_experiments(planned, train.train, flags)
+    rows = run_experiments(planned, flags)
     paths = save_experiments(rows, output)
     print()
     print(experiments_table(rows))
@@ -113,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             experiments(flags)
         else:
             evaluate(flags)
-    except train.USER_FAILURES as error:
-        return train.report_failure(error)
+    except USER_FAILURES as error:
+        return report_failure(error)
     return 0
 
 

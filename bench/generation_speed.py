@@ -11,7 +11,7 @@ alpha=32) gets random non-zero B, so it really changes the model. Merged, it is 
 base weights and should cost nothing; the unmerged row shows what merging saves (two extra small
 matmuls per adapted layer and token).
 
---batched times what evaluate.py does instead: inference.generate_answers (greedy, its default
+--batched times what evaluate.py does instead: medlora.generation.generate_answers (greedy, its default
 max_new_tokens, stopping at end of turn) over the first --questions questions of the embedded test
 split, one at a time (batch 1) and in evaluate.py's batches (prompts sorted by length, left-padded).
 It reports seconds per answer and how many answers equal the one-at-a-time answers.
@@ -26,11 +26,11 @@ import time
 
 import torch
 
-from base_model import PRECISIONS, TORCH_DTYPES, load_model_and_tokenizer, resolve_precision
 from data.format import prompt_ids
 from data import prepare_data
-from inference import GenerationSettings, generate_answers, generation_kwargs
 from lora import inject_lora, lora_layers, merge_lora, unmerge_lora
+from medlora.generation import GenerationSettings, generate_answers, generation_kwargs
+from medlora.model import PRECISIONS, TORCH_DTYPES, load_model_and_tokenizer, resolve_precision
 
 PROMPTS = [
     "What is the mechanism of action of metformin?",

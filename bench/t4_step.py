@@ -11,7 +11,7 @@ vocabulary (id mod 32,000): real lengths, a real shared system-prompt prefix, me
 Both implementations run the t4 preset: LoRA r=16, alpha=32, dropout 0.05 on q_proj and v_proj,
 2 rows x 8 accumulation, gradient checkpointing on, lr 2e-4, fp16 AMP with a loss scaler.
 
-    ours   training.optimizer_step over data.epoch_steps / data.micro_batches (as train.py).
+    ours   bench.train_speed.optimizer_step_as_train_py over data.epoch_steps / data.micro_batches.
     trl    PEFT LoraConfig + TRL SFTTrainer (bench.train_speed.train_trl) with fp16=True.
 
 Each runs in its own process. The table gives seconds per optimizer step and peak memory
@@ -30,11 +30,21 @@ from pathlib import Path
 
 import torch
 
-import training
-from base_model import TORCH_DTYPES, load_tokenizer
-from bench.train_speed import GRAD_ACCUM, MICRO_BATCH, SEED, STEP_EXAMPLES, TARGETS, run_in_subprocess, train_trl
+from bench.train_speed import (
+    GRAD_ACCUM,
+    MICRO_BATCH,
+    SEED,
+    STEP_EXAMPLES,
+    TARGETS,
+    optimizer_step_as_train_py,
+    run_in_subprocess,
+    train_trl,
+)
 from data import EncodedExample, clean_rows, encode_example, epoch_steps, load_rows, micro_batches
 from lora import inject_lora, lora_parameters
+from medlora.loss import answer_nll
+from medlora.model import TORCH_DTYPES, autocast_for, load_tokenizer, peak_memory_gb
+from medlora.schedule import cosine_with_warmup
 
 TINYLLAMA_VOCAB = 32_000
 REFERENCE_PEAK_GB = 3.51  # the reference notebook on a T4
@@ -79,21 +89,21 @@ def train_ours(model, examples, precision: str, device: str) -> dict:
     model.train()
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=2e-4, weight_decay=0.001, foreach=True)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
-    autocast = training.autocast_for(torch.device(device).type, precision)
+    autocast = autocast_for(torch.device(device).type, precision)
 
     lengths = [len(e.input_ids) for e in examples]
     steps = epoch_steps(lengths, STEP_EXAMPLES, SEED, epoch=0)
     start = time.perf_counter()
     losses = []
     for step, indices in enumerate(steps):
-        lr = training.cosine_with_warmup(step, len(steps), 1, 2e-4)
+        lr = cosine_with_warmup(step, len(steps), 1, 2e-4)
         batches = micro_batches(indices, lengths, MICRO_BATCH)
-        result = training.optimizer_step(model, optimizer, scaler, examples, batches, 2, device, autocast, lr, 1.0)
-        losses.append(result.loss)
+        loss, _ = optimizer_step_as_train_py(model, optimizer, scaler, examples, batches, 2, device, autocast, lr, answer_nll)
+        losses.append(loss)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    setting = f"training.optimizer_step, {MICRO_BATCH} rows x {GRAD_ACCUM}, gradient checkpointing on, foreach AdamW, {precision}"
+    setting = f"train.py's optimizer step, {MICRO_BATCH} rows x {GRAD_ACCUM}, gradient checkpointing on, foreach AdamW, {precision}"
     return {"setting": setting, "wall_s": wall, "steps": len(steps), "mean_loss": sum(losses) / len(losses)}
 
 
@@ -110,7 +120,7 @@ def child_main(spec: dict) -> None:
         with tempfile.TemporaryDirectory(prefix="trl-") as scratch:
             result = train_trl(model, tokenizer, examples, True, precision == "bf16", scratch, fp16=precision == "fp16")
     memory = "torch.cuda.max_memory_allocated" if device.startswith("cuda") else "peak RSS"
-    peak_gb = training.peak_memory_gb(torch.device(device))
+    peak_gb = peak_memory_gb(torch.device(device))
     result.update(impl=spec["impl"], layers=spec["layers"], examples=len(examples), peak_gb=peak_gb, memory=memory)
     Path(spec["result_file"]).write_text(json.dumps(result))
 

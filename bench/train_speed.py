@@ -12,18 +12,18 @@ data.encode_example (chat template with the system prompt, completion-only label
 An optimizer step sees 16 examples; lr 2e-4, cosine with 3% warmup, AdamW weight decay 0.001,
 gradients clipped to 1.0.
 
-float32 (the setting of issue #8):
+float32:
     ours        data.epoch_steps (length-grouped) -> data.micro_batches (padded-token budget
-                --max-batch-tokens, or fixed --batch-size rows) -> training.optimizer_step (answer-only
-                lm_head and a shared system-prompt prefix via training.answer_nll), foreach AdamW,
-                training.cosine_with_warmup.
+                --max-batch-tokens, or fixed --batch-size rows) -> one optimizer step as train.py's loop
+                takes it (optimizer_step_as_train_py; answer-only lm_head and a shared system-prompt
+                prefix via medlora.loss.answer_nll), foreach AdamW, medlora.schedule.cosine_with_warmup.
     trl         PEFT LoraConfig + TRL SFTTrainer: 2 rows x 8 accumulation, gradient checkpointing on
                 (the reference notebook's setting), TRL's default optimizer and dataloader order.
     trl-nockpt  the same with gradient checkpointing off.
     peft-loop   get_peft_model in a hand-written loop: the same length-grouped steps, 2 rows x 8,
                 model(input_ids, attention_mask, labels).loss (full-vocabulary logits), SDPA.
 bfloat16 (CPUs with native bf16 matmuls; base weights stored in bf16, matmuls under autocast,
-adapter weights and optimizer state float32, attention as base_model.attention_for picks):
+adapter weights and optimizer state float32, attention as medlora.model.attention_for picks):
     ours-bf16   ours with --precision bf16.
     trl-bf16    trl-nockpt with the model loaded in bf16 and SFTConfig(bf16=True).
 
@@ -61,9 +61,11 @@ from pathlib import Path
 
 import torch
 
-import training
 from data import IGNORE_INDEX, clean_rows, collate, encode_example, epoch_steps, load_rows, micro_batches
 from lora import inject_lora, lora_parameters
+from medlora.loss import answer_nll, batch_on_device
+from medlora.model import autocast_for, peak_memory_gb
+from medlora.schedule import cosine_with_warmup
 
 # transformers, peft, trl and datasets are imported inside the functions that run in the children:
 # the parent process only measures the matmul peak and prints.
@@ -92,14 +94,17 @@ FLOPS_PER_TOKEN_PER_PARAM = 4  # forward (2) + activation gradients (2); frozen 
 
 @dataclass(frozen=True)
 class OursSettings:
-    """The speed levers of our loop; the defaults are what train.py does."""
+    """The speed levers of our loop. The defaults are the choices train.py makes on this CPU (token-budget
+    micro-batches of 1,024, length grouping, answer-only lm_head, shared prefix, foreach AdamW, fp32);
+    the recipe around them (lr, 16 examples per step, LoRA settings) is this benchmark's, above.
+    """
 
     max_batch_tokens: int | None = 1024  # padded tokens per micro-batch; None = fixed `batch_size` rows
     batch_size: int = MICRO_BATCH  # rows per micro-batch when max_batch_tokens is None
     length_grouped: bool = True  # data.epoch_steps groups similar lengths into a step; False = random steps
-    answer_only_head: bool = True  # lm_head only where the next token is a target (training.answer_nll)
-    share_prefix: bool = True  # the system-prompt prefix runs once per micro-batch (training.answer_nll)
-    attention: str = "auto"  # "sdpa", "eager", or "auto": base_model.attention_for (eager for bf16 on CPU)
+    answer_only_head: bool = True  # lm_head only where the next token is a target (medlora.loss.answer_nll)
+    share_prefix: bool = True  # the system-prompt prefix runs once per micro-batch (medlora.loss.answer_nll)
+    attention: str = "auto"  # "sdpa", "eager", or "auto": medlora.model.attention_for (eager for bf16 on CPU)
     adamw: str = "foreach"  # "foreach" (all tensors in batched calls), "fused" (one kernel), "for-loop"
     precision: str = "fp32"  # "fp32", or "bf16": bfloat16 base weights and autocast, LoRA A/B float32
     compile: str = "off"  # torch.compile: "off", "layers" (each decoder layer) or "mlp+norms"; compile time is on the clock
@@ -231,7 +236,7 @@ def training_steps(lengths: list[int], length_grouped: bool) -> list[list[int]]:
 
 
 def full_vocabulary_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """training.answer_nll computed the usual way: lm_head at every position, then cross-entropy."""
+    """medlora.loss.answer_nll computed the usual way: lm_head at every position, then cross-entropy."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [batch, seq, vocab]
     targets = batch["labels"][:, 1:]  # [batch, seq - 1]
     nll = torch.nn.functional.cross_entropy(
@@ -240,14 +245,35 @@ def full_vocabulary_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return nll, int((targets != IGNORE_INDEX).sum())
 
 
+def optimizer_step_as_train_py(model, optimizer, scaler, examples, batches, pad_id, device, autocast, lr, loss_fn) -> tuple[float, int]:
+    """One optimizer step the way train.py's loop takes it: set lr; forward/backward each micro-batch
+    (summed NLL / the step's target tokens); unscale; clip; step (the GradScaler skips inf/NaN under
+    fp16); zero the gradients. Without train.py's logging and its inf/NaN skip for fp32/bf16.
+
+    `loss_fn(model, batch) -> (summed NLL, target tokens)`: medlora.loss.answer_nll, or a lever's.
+    Returns the step's mean answer-token loss and its real (non-pad) tokens.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    target_tokens = sum(examples[i].answer_token_count for batch in batches for i in batch)
+    nll_sum, real_tokens = 0.0, 0
+    for rows in batches:
+        batch = batch_on_device(examples, rows, pad_id, device)
+        with autocast():
+            nll, _ = loss_fn(model, batch)
+        scaler.scale(nll / target_tokens).backward()
+        nll_sum, real_tokens = nll_sum + nll.item(), real_tokens + int(batch["attention_mask"].sum())
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], MAX_GRAD_NORM)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return nll_sum / target_tokens, real_tokens
+
+
 def train_ours(model, tokenizer, examples, settings: OursSettings) -> dict:
     """This project's loop, as train.py runs it, without validation or checkpoints."""
-    # optimizer_step takes no loss argument, so these two levers swap the loss function that
-    # training.accumulate_gradients calls; the swap lasts only as long as this child process.
-    if not settings.answer_only_head:
-        training.answer_nll = full_vocabulary_nll
-    elif not settings.share_prefix:
-        training.answer_nll = functools.partial(training.answer_nll, share_prefix=False)
+    loss_fn = full_vocabulary_nll if not settings.answer_only_head else functools.partial(answer_nll, share_prefix=settings.share_prefix)
     if settings.attention != "auto":
         model.set_attn_implementation(settings.attention)
     torch.manual_seed(SEED)
@@ -265,7 +291,7 @@ def train_ours(model, tokenizer, examples, settings: OursSettings) -> dict:
         foreach=settings.adamw == "foreach", fused=settings.adamw == "fused",
     )
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # float32 and bfloat16 need no loss scaling
-    autocast = training.autocast_for("cpu", settings.precision)
+    autocast = autocast_for("cpu", settings.precision)
     lengths = [len(e.input_ids) for e in examples]
 
     steps = training_steps(lengths, settings.length_grouped)
@@ -273,12 +299,12 @@ def train_ours(model, tokenizer, examples, settings: OursSettings) -> dict:
     tokens, losses = 0, []
     for step, step_indices in enumerate(steps):
         batches = micro_batches(step_indices, lengths, settings.batch_size, settings.max_batch_tokens)
-        lr = training.cosine_with_warmup(step, len(steps), warmup_steps, LR)
-        result = training.optimizer_step(
-            model, optimizer, scaler, examples, batches, tokenizer.pad_token_id, "cpu", autocast, lr, MAX_GRAD_NORM
+        lr = cosine_with_warmup(step, len(steps), warmup_steps, LR)
+        loss, step_tokens = optimizer_step_as_train_py(
+            model, optimizer, scaler, examples, batches, tokenizer.pad_token_id, "cpu", autocast, lr, loss_fn
         )
-        tokens += result.tokens
-        losses.append(result.loss)
+        tokens += step_tokens
+        losses.append(loss)
     wall = time.perf_counter() - start
     setting = settings.describe(model.config._attn_implementation)
     return {"setting": setting, "wall_s": wall, "tokens": tokens, "steps": len(steps), "mean_loss": sum(losses) / len(losses)}
@@ -308,7 +334,7 @@ def train_peft_loop(model, tokenizer, examples) -> dict:
     tokens, losses = 0, []
     for step, step_indices in enumerate(steps):
         for group in optimizer.param_groups:
-            group["lr"] = training.cosine_with_warmup(step, len(steps), warmup_steps, LR)
+            group["lr"] = cosine_with_warmup(step, len(steps), warmup_steps, LR)
         batches = micro_batches(step_indices, lengths, MICRO_BATCH)
         step_loss = 0.0
         for batch_indices in batches:
@@ -329,7 +355,7 @@ def train_peft_loop(model, tokenizer, examples) -> dict:
 def train_trl(model, tokenizer, examples, checkpointing: bool, bf16: bool, scratch_dir: str, fp16: bool = False) -> dict:
     """TRL's SFTTrainer with a PEFT LoraConfig; only trainer.train() is timed.
 
-    bf16: the model was loaded in bfloat16 (with the attention kernel base_model chose for it, as
+    bf16: the model was loaded in bfloat16 (with the attention kernel medlora.model chose for it, as
     for ours-bf16) and the trainer autocasts to bfloat16; PEFT keeps the adapter weights float32.
     fp16: the same in float16 with a loss scaler, on the model's CUDA device (bench/t4_step.py).
     """
@@ -378,7 +404,7 @@ def train_trl(model, tokenizer, examples, checkpointing: bool, bf16: bool, scrat
 
 def child_main(spec: dict) -> None:
     """Load the model and rows, train one peer, write its result (with peak RSS) as JSON."""
-    from base_model import load_model_and_tokenizer
+    from medlora.model import load_model_and_tokenizer
 
     bf16 = spec["peer"] in BF16_PEERS or (spec["peer"] == "ours" and spec["ours"]["precision"] == "bf16")
     model, tokenizer = load_model_and_tokenizer(None, dtype=torch.bfloat16 if bf16 else torch.float32, device="cpu")
@@ -394,7 +420,7 @@ def child_main(spec: dict) -> None:
     result.update(
         peer=spec["peer"], precision="bf16" if bf16 else "fp32", examples=len(examples), params=params,
         threads=torch.get_num_threads(),
-        peak_rss_gb=training.peak_memory_gb(torch.device("cpu")),
+        peak_rss_gb=peak_memory_gb(torch.device("cpu")),
     )
     Path(spec["result_file"]).write_text(json.dumps(result))
 

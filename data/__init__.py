@@ -9,8 +9,8 @@ from data.batching import collate, epoch_steps, micro_batches, padding_fraction
 from data.clean import CleaningReport, QAPair, clean_rows, normalize
 from data.format import IGNORE_INDEX, SYSTEM_PROMPT, EncodedExample, build_messages, encode_example, prompt_ids, prompt_text
 from data.load import EMBEDDED_DATASET, DataError, load_rows
-from data.pipeline import PreparedData, prepare_data, save_length_histogram
-from data.split import Splits, sample_and_split
+from data.pipeline import PreparedData, check_max_length, prepare_data, save_length_histogram
+from data.split import Splits, check_num_examples, sample_and_split
 
 __all__ = [
     "CleaningReport",
@@ -23,6 +23,8 @@ __all__ = [
     "SYSTEM_PROMPT",
     "Splits",
     "build_messages",
+    "check_max_length",
+    "check_num_examples",
     "clean_rows",
     "collate",
     "encode_example",

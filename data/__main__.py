@@ -1,6 +1,9 @@
 """Inspect a dataset: cleaning report, split sizes, token-length stats.
 
     python -m data [--data PATH] [--num-examples N] [--max-length 512] [--json] [--histogram FILE.png]
+
+A command-line entry point, not part of the package's library: it is the one module of data/ that
+imports from outside it (the model loader, for the tokenizer).
 """
 
 from __future__ import annotations
@@ -9,9 +12,9 @@ import argparse
 import json
 import sys
 
-from base_model import ModelLoadError, load_tokenizer
 from data.load import DataError
 from data.pipeline import prepare_data, save_length_histogram
+from medlora.model import ModelLoadError, load_tokenizer  # the tokenizer to count tokens with
 
 
 def main(argv: list[str] | None = None) -> int:

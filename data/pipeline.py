@@ -11,6 +11,8 @@ from data.format import EncodedExample, encode_example
 from data.load import DataError, load_rows
 from data.split import Splits, sample_and_split
 
+MIN_MAX_LENGTH = 16  # tokens: room for the chat template's markers and a few words
+
 
 @dataclass
 class PreparedData:
@@ -19,7 +21,6 @@ class PreparedData:
     source: str
     cleaning: CleaningReport
     bad_rows: int
-    pairs: Splits[QAPair]
     examples: Splits[EncodedExample]
     prompt_too_long: int
 
@@ -50,6 +51,12 @@ class PreparedData:
         return lines
 
 
+def check_max_length(max_length: int) -> None:
+    """Raise DataError unless `max_length` leaves room for a prompt and an answer."""
+    if max_length < MIN_MAX_LENGTH:
+        raise DataError(f"--max-length must be at least {MIN_MAX_LENGTH} tokens, got {max_length}")
+
+
 def prepare_data(
     tokenizer,
     source: str | None = None,
@@ -59,8 +66,7 @@ def prepare_data(
     skip_bad_rows: bool = False,
 ) -> PreparedData:
     """Load, clean, sample/split with `seed`, and encode every split with the chat template."""
-    if max_length < 16:
-        raise DataError(f"--max-length must be at least 16 tokens, got {max_length}")
+    check_max_length(max_length)
     raw = load_rows(source, skip_bad_rows=skip_bad_rows)
     pairs, cleaning = clean_rows(raw.rows, raw.source)
     splits = sample_and_split(pairs, num_examples, seed)
@@ -80,17 +86,15 @@ def prepare_data(
     examples = Splits(encode(splits.train), encode(splits.validation), encode(splits.test))
     if not examples.train:
         raise DataError(f"{raw.source}: no training example fits --max-length {max_length}")
-    return PreparedData(raw.source, cleaning, raw.bad_rows, splits, examples, too_long)
+    return PreparedData(raw.source, cleaning, raw.bad_rows, examples, too_long)
 
 
 def save_length_histogram(lengths: list[int], path: str, max_length: int) -> None:
     """Histogram PNG of token lengths, like the reference's token_length_distribution.png."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure = Figure(figsize=(7, 4))
+    axes = figure.subplots()
     axes.hist(lengths, bins=40, color="#4477aa")
     axes.axvline(max_length, color="#cc3311", linestyle="--", label=f"max length {max_length}")
     axes.set_xlabel("tokens per example (prompt + answer + EOS)")
@@ -99,4 +103,3 @@ def save_length_histogram(lengths: list[int], path: str, max_length: int) -> Non
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)

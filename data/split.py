@@ -26,14 +26,19 @@ class Splits(Generic[Row]):
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
 
 
+def check_num_examples(num_examples: int | None) -> None:
+    """Raise DataError unless `num_examples` is None (all rows) or positive."""
+    if num_examples is not None and num_examples <= 0:
+        raise DataError(f"--num-examples must be positive, got {num_examples}")
+
+
 def sample_and_split(rows: Sequence[Row], num_examples: int | None = None, seed: int = 42) -> Splits[Row]:
     """Shuffle with `seed`, keep the first `num_examples` (all when None), split 85 / 10 / 5.
 
     Sizes: validation = round(0.10 n), test = round(0.05 n), train = the rest; for n = 3,000 that
     is 2,550 / 300 / 150.
     """
-    if num_examples is not None and num_examples <= 0:
-        raise DataError(f"--num-examples must be positive, got {num_examples}")
+    check_num_examples(num_examples)
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     sample = [rows[i] for i in order[: num_examples or len(rows)]]

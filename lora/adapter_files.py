@@ -258,6 +258,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
 
     Raises:
         AdapterError: naming the file and the first offending key, with both shapes.
+        ValueError: the model's LoRA layers are merged (call unmerge_lora first).
     """
     config = read_adapter_config(path)
     weights = Path(path) / WEIGHTS_NAME

@@ -4,8 +4,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from base_model import load_tokenizer
 from lora import inject_lora, lora_layers, save_adapter
+from medlora.config import TrainConfig
+from medlora.model import load_tokenizer
+from medlora.run_folder import write_config
 
 
 def tiny_llama_config(vocab_size: int = 49152) -> LlamaConfig:
@@ -103,3 +105,17 @@ def record_prompts(model, tokenizer, monkeypatch) -> list[str]:
 
     monkeypatch.setattr(model, "generate", recording_generate)
     return prompts
+
+
+def save_run_folder(folder, model_dir):
+    """A train.py-shaped run folder in `folder`: config.json (model_dir, 100 rows, seed 7, max length 256)
+    and adapter/ (rank 4, random B, so fine-tuned != base; its config names another base model)."""
+    config = TrainConfig(model=str(model_dir), num_examples=100, seed=7, max_length=256, output_dir=str(folder))
+    write_config(folder, config)
+    model = make_tiny_model()
+    inject_lora(model, rank=4, alpha=8, dropout=0.0)
+    torch.manual_seed(1)
+    for _, layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    save_adapter(model, folder / "adapter", base_model="an/adapter-config-name")
+    return folder

@@ -12,7 +12,7 @@ import pytest
 
 import chat
 from data.format import prompt_ids
-from inference import GenerationSettings, generate_answers, load_for_inference
+from medlora.generation import GenerationSettings, generate_answers, load_for_inference
 from tests.conftest import chatty_tiny_model, record_prompts, save_tiny_adapter
 
 REPO = Path(__file__).resolve().parents[1]

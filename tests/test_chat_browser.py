@@ -9,9 +9,9 @@ import shutil
 import pytest
 
 import chat
-from inference import GenerationSettings
+from medlora.generation import GenerationSettings
+from tests.conftest import chatty_tiny_model
 from tests.test_chat import serving
-from tests.test_inference import chatty_tiny_model
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

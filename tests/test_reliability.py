@@ -2,7 +2,8 @@
 
 Each test injects the fault for real (a killed subprocess, a truncated file, ...) and checks that
 nothing is lost: the resumed run logs the same losses and ends with the same adapter as a run that
-was never interrupted.
+was never interrupted. The faults are injected from here, by wrapping train.py's functions
+(tests/faults.py); the product code has no hook for them.
 """
 
 import errno
@@ -21,9 +22,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import train as train_script
-import training
 from data import DataError, clean_rows, load_rows
-from training import verify_checkpoint
+from medlora import checkpoint
+from medlora.checkpoint import verify_checkpoint
+from tests.faults import PAUSE_MARKER, corrupt_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("loss", "lr", "grad_norm", "tokens", "val_loss")
@@ -58,13 +60,12 @@ def reference_run(tiny_model_dir, tmp_path_factory):
 
 
 def kill_at(tiny_model_dir, out, pause):
-    """Start train.py in a subprocess, wait until it reaches `pause`, then kill -9 it."""
-    env = {**os.environ, "MEDLORA_TEST_PAUSE": pause, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "train.py", *args(tiny_model_dir, out)], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    """Train in a subprocess paused at `pause` (tests/faults.py), wait until it gets there, then kill -9 it."""
+    process = subprocess.Popen([sys.executable, "-m", "tests.faults", pause, "--", *args(tiny_model_dir, out)], cwd=ROOT,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in process.stdout:
-            if line.startswith("[test-pause]"):
+            if line.startswith(PAUSE_MARKER):
                 break
         else:
             pytest.fail(f"train.py ended before reaching {pause}")
@@ -107,7 +108,7 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one(tiny_model_dir, tmp
 
 
 def test_inf_gradients_under_fp16_skip_the_step_and_halve_the_scale(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDLORA_TEST_FAULT", "inf_grad:2")
+    corrupt_loss(monkeypatch.setattr, "inf_grad", {2})
     out = tmp_path / "run"
     assert train_script.main(args(tiny_model_dir, out, "--precision", "fp16", "--max-steps", "3")) == 0
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
@@ -117,7 +118,7 @@ def test_inf_gradients_under_fp16_skip_the_step_and_halve_the_scale(tiny_model_d
 
 
 def test_nan_loss_for_k_steps_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MEDLORA_TEST_FAULT", "nan_loss:3,4,5")
+    corrupt_loss(monkeypatch.setattr, "nan_loss", {3, 4, 5})
     out = tmp_path / "run"
     assert train_script.main(args(tiny_model_dir, out, "--max-nan-steps", "3")) == 3
     err = capsys.readouterr().err
@@ -140,14 +141,14 @@ def test_unwritable_output_folder_is_a_clear_error(tiny_model_dir, tmp_path, cap
 
 
 def test_full_disk_during_checkpoint_keeps_previous_checkpoints(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    original = training.save_file
+    original = checkpoint.save_file
 
     def failing_save_file(tensors, path, metadata=None):
         if "step-000004" in path:
             raise OSError(errno.ENOSPC, "No space left on device", path)
         return original(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(training, "save_file", failing_save_file)
+    monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
     out = tmp_path / "run"
     assert train_script.main(args(tiny_model_dir, out)) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
@@ -189,8 +190,12 @@ def test_fuzzed_files_load_or_fail_clearly(tmp_path_factory, content, suffix):
         try:
             raw = load_rows(str(path), skip_bad_rows=skip)
             clean_rows(raw.rows, str(path))
-        except DataError:
-            pass
+        except DataError as error:
+            # Clearly: one line that names the file first, then says what is wrong with it.
+            message = str(error)
+            assert "\n" not in message and message.startswith(f"{path}: ")
+            problem = message[len(f"{path}: "):]
+            assert len(problem.split()) >= 2, message
 
 
 @pytest.mark.parametrize("script", ["chat.py", "evaluate.py"])

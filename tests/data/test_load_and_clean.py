@@ -133,5 +133,8 @@ def test_hub_unreachable_is_one_clear_line(monkeypatch):
         load_rows("nobody/no-such-dataset")
 
 
-def test_embedded_file_is_jsonl():
-    assert EMBEDDED_DATASET.suffix == ".jsonl"
+def test_embedded_dataset_is_read_line_by_line_as_json_objects():
+    lines = [line for line in EMBEDDED_DATASET.read_text(encoding="utf-8").splitlines() if line.strip()]
+    raw = load_rows(None)
+    assert raw.source == str(EMBEDDED_DATASET) and raw.bad_rows == 0
+    assert raw.rows == [json.loads(line) for line in lines] and len(raw.rows) > 0

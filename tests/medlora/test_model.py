@@ -1,22 +1,24 @@
-"""base_model's choices of precision and attention kernel."""
+"""medlora/model.py: the choices of precision and attention kernel."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
-import base_model
-from base_model import attention_for, resolve_precision
+from medlora import model as model_module
+from medlora.model import attention_for, resolve_precision
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_on_cpu_is_bf16_only_with_native_bf16_matmuls(monkeypatch, native, expected):
-    monkeypatch.setattr(base_model, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: native)
     assert resolve_precision("auto", CPU) == expected
 
 
 def test_batch_invariant_auto_on_cpu_is_fp32(monkeypatch):
-    monkeypatch.setattr(base_model, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)
     assert resolve_precision("auto", CPU, batch_invariant=True) == "fp32"
     assert resolve_precision("bf16", CPU, batch_invariant=True) == "bf16"  # asked for explicitly
 
@@ -29,7 +31,7 @@ def test_auto_on_cuda_prefers_bf16(monkeypatch, bf16_supported, expected):
 
 @pytest.mark.parametrize("asked", ["fp32", "fp16", "bf16"])
 def test_an_explicit_precision_is_kept(monkeypatch, asked):
-    monkeypatch.setattr(base_model, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)
     assert resolve_precision(asked, CPU) == asked
 
 
@@ -45,5 +47,16 @@ def test_eager_attention_only_for_bf16_on_cpu():
     assert attention_for(CUDA, torch.float16) == "sdpa"
 
 
-def test_native_bf16_probe_answers_a_bool():
-    assert isinstance(base_model.cpu_has_native_bf16(), bool)
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, False), (True, False, True), (False, True, True)])
+def test_native_bf16_probe_is_true_with_avx512_bf16_or_amx(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert model_module.cpu_has_native_bf16() is expected
+
+
+def test_native_bf16_probe_agrees_with_the_cpu_flags_of_this_machine():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo to compare with (not Linux)")
+    flags = {flag for line in cpuinfo.read_text().splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    assert model_module.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_tile"})

@@ -1,6 +1,6 @@
-"""Tests of metrics.py: hand-computed BLEU/ROUGE/perplexity values and parity with sacreBLEU.
+"""Tests of medlora/metrics.py: hand-computed BLEU/ROUGE/perplexity values and parity with sacreBLEU.
 
-    .venv/bin/python -m pytest -q tests/test_metrics.py
+    .venv/bin/python -m pytest -q tests/medlora/test_metrics.py
 """
 
 import math
@@ -9,19 +9,16 @@ import string
 import numpy as np
 import pytest
 import sacrebleu
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-from metrics import (
-    bootstrap_ci,
+from medlora.metrics import (
     bootstrap_interval,
     corpus_bleu,
     is_scope_decline,
     perplexity,
     rouge_scores,
-    token_nll,
     tokenize_13a,
 )
 
@@ -269,72 +266,26 @@ def test_rouge_empty_inputs_and_length_check() -> None:
         rouge_scores(["a"], [])
 
 
-# --- token_nll and perplexity -------------------------------------------------------------
+# --- perplexity -------------------------------------------------------------------------
 
 
-def test_uniform_logits_give_perplexity_equal_to_vocab_size() -> None:
-    logits = torch.zeros(2, 5, 4)  # uniform over V = 4: every target costs log 4 nats
-    labels = torch.tensor([[0, 1, 2, 3, 0], [3, 2, 1, 0, 3]])
-    nll_sum, token_count = token_nll(logits, labels)
-    assert token_count == 2 * 4  # the causal shift leaves 4 targets per row
-    assert nll_sum == pytest.approx(8 * math.log(4), rel=1e-6)
-    assert perplexity(nll_sum, token_count) == pytest.approx(4.0, rel=1e-6)
-
-
-def _hand_built_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """One row, V = 2: two targets with probabilities 3/4 and 1/4, then an ignored one."""
-    log3 = math.log(3)
-    logits = torch.tensor([[[0.0, log3], [0.0, log3], [5.0, -5.0], [9.0, 9.0]]])
-    # softmax([0, log 3]) = [1/4, 3/4]. Targets after the shift: labels[0, 1:] = [1, 0, -100].
-    # Position 0 predicts 1 with p = 3/4, position 1 predicts 0 with p = 1/4, position 2 is
-    # ignored, position 3 has nothing to predict. labels[0, 0] is never a target.
-    labels = torch.tensor([[1, 1, 0, -100]])
-    return logits, labels
-
-
-def test_token_nll_by_hand_with_ignore_index() -> None:
-    logits, labels = _hand_built_batch()
-    nll_sum, token_count = token_nll(logits, labels)
-    # -log(3/4) - log(1/4) = log(4/3) + log 4 = log(16/3), over 2 tokens.
-    assert token_count == 2
-    assert nll_sum == pytest.approx(math.log(16 / 3), rel=1e-6)
-    # perplexity = exp(log(16/3) / 2) = sqrt(16/3) = 4 / sqrt(3)
-    assert perplexity(nll_sum, token_count) == pytest.approx(4 / math.sqrt(3), rel=1e-6)
-
-
-def test_token_nll_ignores_first_label_and_custom_ignore_index() -> None:
-    logits, labels = _hand_built_batch()
-    relabelled = labels.clone()
-    relabelled[0, 0] = 0  # never a target
-    relabelled[0, 3] = 7  # now the ignore value
-    assert token_nll(logits, relabelled, ignore_index=7) == token_nll(logits, labels)
+def test_uniform_probabilities_give_perplexity_equal_to_vocab_size() -> None:
+    # 8 targets, each with probability 1/4: nll = 8 log 4 nats.
+    assert perplexity(8 * math.log(4), 8) == pytest.approx(4.0, rel=1e-12)
 
 
 def test_perplexity_pools_sums_across_batches_not_batch_means() -> None:
-    batch_a = _hand_built_batch()  # nll log(16/3) over 2 tokens, perplexity 4/sqrt(3) ~ 2.309
-    # Batch B: uniform over V = 2, one target -> nll log 2 over 1 token, perplexity 2.
-    batch_b = (torch.zeros(1, 4, 2), torch.tensor([[0, 0, -100, -100]]))
-    nll_a, count_a = token_nll(*batch_a)
-    nll_b, count_b = token_nll(*batch_b)
+    # Batch A: two targets with probabilities 3/4 and 1/4, nll log(16/3); batch B: one target with 1/2.
+    nll_a, count_a = -math.log(3 / 4) - math.log(1 / 4), 2
+    nll_b, count_b = math.log(2), 1
     pooled = perplexity(nll_a + nll_b, count_a + count_b)
     # exp((log(16/3) + log 2) / 3) = (32/3) ** (1/3) ~ 2.201
-    assert pooled == pytest.approx((32 / 3) ** (1 / 3), rel=1e-6)
-    # Same as one batch holding both rows.
-    both_rows = (torch.cat([batch_a[0], batch_b[0]]), torch.cat([batch_a[1], batch_b[1]]))
-    assert perplexity(*token_nll(*both_rows)) == pytest.approx(pooled, rel=1e-6)
+    assert pooled == pytest.approx((32 / 3) ** (1 / 3), rel=1e-12)
     # The mean of batch perplexities, (4/sqrt(3) + 2) / 2 ~ 2.155, weighs batch B's single
     # token like batch A's two and is a different number.
     mean_of_batches = (perplexity(nll_a, count_a) + perplexity(nll_b, count_b)) / 2
-    assert mean_of_batches == pytest.approx((4 / math.sqrt(3) + 2) / 2, rel=1e-6)
+    assert mean_of_batches == pytest.approx((4 / math.sqrt(3) + 2) / 2, rel=1e-12)
     assert abs(mean_of_batches - pooled) > 0.04
-
-
-def test_token_nll_all_ignored_and_shape_errors() -> None:
-    assert token_nll(torch.zeros(1, 3, 4), torch.full((1, 3), -100)) == (0.0, 0)
-    with pytest.raises(ValueError, match=r"logits \(2, 3\) and labels \(2, 3\)"):
-        token_nll(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"logits \(1, 3, 4\) and labels \(1, 2\)"):
-        token_nll(torch.zeros(1, 3, 4), torch.zeros(1, 2, dtype=torch.long))
 
 
 def test_perplexity_rejects_non_positive_token_count() -> None:
@@ -348,20 +299,26 @@ def test_perplexity_rejects_non_positive_token_count() -> None:
 # --- bootstrap ----------------------------------------------------------------------------
 
 
+def mean_interval(values, **options) -> tuple[float, float]:
+    """Bootstrap interval of the mean of per-example values (as ROUGE and decline rates are scored)."""
+    values = np.asarray(values, dtype=float)
+    return bootstrap_interval(len(values), lambda indices: float(values[indices].mean()), **options)
+
+
 def test_bootstrap_of_one_example_or_constant_values_collapses() -> None:
     # Every resample of one example is [0]; every resample of equal values has the same mean.
-    assert bootstrap_ci([0.7], np.mean) == (0.7, 0.7)
-    assert bootstrap_ci([0.25] * 10, np.mean, n_resamples=50) == pytest.approx((0.25, 0.25))
+    assert mean_interval([0.7]) == (0.7, 0.7)
+    assert mean_interval([0.25] * 10, n_resamples=50) == pytest.approx((0.25, 0.25))
 
 
-def test_bootstrap_ci_contains_point_estimate_and_is_deterministic() -> None:
+def test_bootstrap_interval_contains_point_estimate_and_is_deterministic() -> None:
     values = [0.1, 0.4, 0.35, 0.8, 0.6, 0.2, 0.9, 0.5, 0.45, 0.3]
-    low, high = bootstrap_ci(values, np.mean, seed=3)
+    low, high = mean_interval(values, seed=3)
     assert min(values) <= low <= np.mean(values) <= high <= max(values)
-    assert bootstrap_ci(values, np.mean, seed=3) == (low, high)
-    assert bootstrap_ci(values, np.mean, seed=4) != (low, high)
+    assert mean_interval(values, seed=3) == (low, high)
+    assert mean_interval(values, seed=4) != (low, high)
     # A wider coverage level gives a wider interval on the same resamples.
-    wide_low, wide_high = bootstrap_ci(values, np.mean, seed=3, level=0.99)
+    wide_low, wide_high = mean_interval(values, seed=3, level=0.99)
     assert wide_low <= low and high <= wide_high
 
 
@@ -393,11 +350,9 @@ def test_bootstrap_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="n must be a positive number of examples, got 0"):
         bootstrap_interval(0, lambda idx: 0.0)
     with pytest.raises(ValueError, match="n_resamples must be positive, got 0"):
-        bootstrap_ci([1.0], np.mean, n_resamples=0)
+        bootstrap_interval(1, lambda idx: 0.0, n_resamples=0)
     with pytest.raises(ValueError, match=r"level must be in \(0, 1\), got 1.0"):
-        bootstrap_ci([1.0], np.mean, level=1.0)
-    with pytest.raises(ValueError, match="empty"):
-        bootstrap_ci([], np.mean)
+        bootstrap_interval(1, lambda idx: 0.0, level=1.0)
 
 
 # --- is_scope_decline ---------------------------------------------------------------------

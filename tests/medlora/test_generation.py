@@ -1,4 +1,4 @@
-"""inference.py: batched and streamed generation, history fitting, loading with a merged adapter."""
+"""medlora/generation.py: batched and streamed generation, history fitting, loading with a merged adapter."""
 
 import threading
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-import inference
 from data.format import prompt_ids
-from inference import (
+from lora import AdapterError, load_adapter, lora_layers
+from medlora import generation
+from medlora.generation import (
     GenerationSettings,
     PromptTooLongError,
     context_budget,
@@ -19,7 +20,6 @@ from inference import (
     stop_token_ids,
     stream_answer,
 )
-from lora import AdapterError, load_adapter, lora_layers
 from tests.conftest import chatty_tiny_model, record_prompts, save_tiny_adapter
 
 QUESTIONS = [
@@ -169,7 +169,7 @@ def test_adapter_is_checked_before_the_model_loads(tmp_path, tiny_adapter_dir, m
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the adapter was checked")
 
-    monkeypatch.setattr(inference, "load_model_and_tokenizer", must_not_load)
+    monkeypatch.setattr(generation, "load_model_and_tokenizer", must_not_load)
     with pytest.raises(AdapterError, match="adapter folder not found"):
         load_for_inference(None, tmp_path / "missing")
     config_only = tmp_path / "config-only"

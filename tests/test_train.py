@@ -1,126 +1,16 @@
-"""training.py and train.py: schedule, loss, gradient accumulation, AMP, checkpoints and resume."""
+"""train.py: flags and presets, the run folder, the loop (gradient accumulation, fp16), resume, and the
+two rules of resuming and of runs without validation rows."""
 
 import json
 import math
 import shutil
-from contextlib import nullcontext
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import train as train_script
-from data import collate, encode_example, load_rows, clean_rows
-from lora import inject_lora, lora_layers, lora_parameters
-from tests.conftest import make_tiny_model
-from training import (
-    TrainConfig,
-    accumulate_gradients,
-    answer_nll,
-    cosine_with_warmup,
-    shared_prefix_length,
-    validate_config,
-    write_manifest,
-)
-
-
-# ---- learning-rate schedule ---------------------------------------------------------------------
-
-def test_schedule_boundaries():
-    peak, total, warmup = 2e-4, 100, 3
-    assert cosine_with_warmup(0, total, warmup, peak) == pytest.approx(peak / 3)  # first warmup step
-    assert cosine_with_warmup(2, total, warmup, peak) == pytest.approx(peak)  # warmup ends at the peak
-    assert cosine_with_warmup(3, total, warmup, peak) == pytest.approx(peak)  # decay starts at the peak
-    midpoint = warmup + (total - warmup) / 2
-    assert cosine_with_warmup(int(midpoint), total, warmup, peak) == pytest.approx(peak / 2, rel=0.02)
-    assert cosine_with_warmup(total - 1, total, warmup, peak) < peak * 1e-3  # near zero at the end
-    assert cosine_with_warmup(total, total, warmup, peak) == 0.0  # floor
-    assert cosine_with_warmup(total + 5, total, warmup, peak) == 0.0
-    values = [cosine_with_warmup(s, total, warmup, peak) for s in range(warmup, total)]
-    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
-
-
-# ---- loss ---------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def examples(tokenizer):
-    pairs, _ = clean_rows(load_rows(None).rows[:40], "embedded")
-    return [encode_example(tokenizer, p.question, p.answer, 512) for p in pairs[:16]]
-
-
-def full_logits_nll(model, batch):
-    """The straightforward loss: every position through lm_head, cross-entropy with ignore_index."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-    )
-
-
-def lora_model_with_random_B():
-    model = make_tiny_model()
-    inject_lora(model, dropout=0.0)
-    torch.manual_seed(1)
-    for _, layer in lora_layers(model):
-        torch.nn.init.normal_(layer.lora_B, std=0.05)
-    return model.train()
-
-
-@pytest.mark.parametrize("share_prefix", [True, False])
-def test_optimized_loss_and_gradients_equal_full_logits_loss(examples, tokenizer, share_prefix):
-    batch = collate(examples[:6], tokenizer.pad_token_id)
-    assert shared_prefix_length(batch) > 30  # the system prompt is shared
-    model = lora_model_with_random_B()
-    reference = full_logits_nll(model, batch)
-    reference.backward()
-    reference_grads = [p.grad.clone() for p in lora_parameters(model)]
-    model.zero_grad()
-    nll, count = answer_nll(model, batch, share_prefix=share_prefix)
-    nll.backward()
-    assert count == sum(e.answer_token_count for e in examples[:6])
-    assert abs(nll.item() - reference.item()) / count <= 1e-5
-    for ours, theirs in zip((p.grad for p in lora_parameters(model)), reference_grads):
-        assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, theirs.abs().max().item())
-
-
-def test_shared_prefix_stops_before_the_first_target(examples, tokenizer):
-    batch = collate([examples[0], examples[0]], tokenizer.pad_token_id)  # identical rows share everything
-    assert shared_prefix_length(batch) == examples[0].prompt_length - 1
-
-
-def test_grad_accumulation_2x8_equals_16x1(examples, tokenizer):
-    def gradients(batches):
-        torch.manual_seed(0)
-        model = make_tiny_model()
-        inject_lora(model, dropout=0.0)
-        for _, layer in lora_layers(model):
-            torch.nn.init.normal_(layer.lora_B, std=0.02)
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        accumulate_gradients(model, examples, batches, tokenizer.pad_token_id, "cpu", nullcontext, scaler)
-        return [p.grad.clone() for p in lora_parameters(model)]
-
-    one_batch = gradients([list(range(16))])
-    accumulated = gradients([[2 * i, 2 * i + 1] for i in range(8)])
-    worst = max((a - b).abs().max().item() for a, b in zip(one_batch, accumulated))
-    assert worst <= 1e-5
-    # The bug transformers fixed in 2024, a mean of per-micro-batch means, differs measurably here.
-    assert len({e.answer_token_count for e in examples}) > 1
-
-
-# ---- configuration ------------------------------------------------------------------------------
-
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        ({"rank": 0}, "--rank must be a positive integer, got 0"),
-        ({"alpha": -1.0}, "--alpha must be positive, got -1.0"),
-        ({"lr": 0.0}, "--lr must be positive, got 0.0"),
-        ({"batch_size": 0}, "--batch-size must be positive, got 0"),
-        ({"dropout": 1.0}, r"--dropout must be in \[0, 1\), got 1.0"),
-    ],
-)
-def test_invalid_settings_are_refused(change, message):
-    with pytest.raises(ValueError, match=message):
-        validate_config(TrainConfig(**change))
+from medlora.checkpoint import write_manifest
 
 
 def test_bad_settings_fail_before_any_model_is_loaded(tmp_path, capsys, monkeypatch):
@@ -137,11 +27,29 @@ def test_target_that_matches_no_module_fails_before_the_weights_load(tiny_model_
 
 
 def test_presets_and_overrides():
-    config, _ = train_script.parse_args(["--preset", "t4", "--lr", "1e-4"])
+    config, _, given = train_script.parse_args(["--preset", "t4", "--lr", "1e-4"])
     assert config.model == "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
     assert (config.rank, config.alpha, config.batch_size, config.grad_accum, config.epochs) == (16, 32.0, 2, 8, 2.0)
     assert (config.precision, config.grad_checkpointing, config.num_examples, config.max_length) == ("fp16", True, 3000, 512)
     assert config.lr == 1e-4
+    assert given == {"preset", "lr"}
+    default, _, given = train_script.parse_args([])
+    assert (default.preset, default.output_dir, given) == ("cpu", "runs/cpu", set())
+
+
+def test_config_file_gives_the_defaults_and_flags_override_it(tmp_path, capsys):
+    saved, _, _ = train_script.parse_args(["--preset", "t4", "--rank", "4"])
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved.to_json()))
+    config, _, given = train_script.parse_args(["--config", str(path), "--lr", "3e-4"])
+    assert (config.preset, config.rank, config.lr, config.batch_size) == ("t4", 4, 3e-4, 2)
+    assert given == {"lr"}
+    with pytest.raises(SystemExit):
+        train_script.parse_args(["--config", str(path), "--preset", "cpu"])
+    assert "--preset and --config both give the defaults" in capsys.readouterr().err
+    path.write_text(json.dumps({**saved.to_json(), "learning_rate": 1}))
+    assert train_script.main(["--config", str(path)]) == 2
+    assert f"--config {path}: unknown setting 'learning_rate'" in capsys.readouterr().err
 
 
 # ---- end to end on the tiny model ---------------------------------------------------------------
@@ -236,3 +144,48 @@ def test_fp16_amp_on_cpu_saves_and_restores_scaler(tiny_model_dir, tmp_path, mon
     monkeypatch.setattr(train_script, "load_checkpoint", spy)
     assert run(tiny_model_dir, out, "--precision", "fp16", "--max-steps", "4", "--resume", "auto") == 0
     assert (captured["scale"], captured["_growth_tracker"]) == (512.0, 7)
+
+
+def test_gradient_accumulation_2x8_equals_one_batch_of_16(tiny_model_dir, tmp_path):
+    """The loop divides each micro-batch's summed NLL by the whole step's target tokens, so cutting a
+    step into micro-batches changes neither its loss nor its gradient (a mean of per-micro-batch
+    means would: these steps mix answers of different lengths)."""
+    def first_step(out, batch_size, grad_accum):
+        argv = ["--model", str(tiny_model_dir), "--num-examples", "40", "--output-dir", str(out), "--max-steps", "1",
+                "--batch-size", str(batch_size), "--grad-accum", str(grad_accum), "--max-batch-tokens", "0",
+                "--dropout", "0", "--precision", "fp32"]
+        assert train_script.main(argv) == 0
+        return next(r for r in records(out, "loss", "grad_norm", "tokens") if "loss" in r)
+
+    whole, accumulated = first_step(tmp_path / "16x1", 16, 1), first_step(tmp_path / "2x8", 2, 8)
+    assert whole["tokens"] == accumulated["tokens"]
+    assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+
+
+def test_without_validation_rows_no_val_numbers_are_logged(tiny_model_dir, tmp_path, capsys):
+    rows = tmp_path / "one.jsonl"
+    rows.write_text(json.dumps({"question": "What does insulin do?", "answer": "It lowers blood glucose by moving it into cells."}) + "\n")
+    out = tmp_path / "run"
+    argv = ["--model", str(tiny_model_dir), "--data", str(rows), "--output-dir", str(out), "--epochs", "2", "--eval-every", "1"]
+    assert train_script.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "[eval] no validation rows: no validation loss is logged" in printed
+    assert "val loss" not in printed.replace("best val loss n/a (no validation rows)", "")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2] and not any("val_loss" in r for r in lines)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_val_loss"] is None and summary["best_val_ppl"] is None and summary["steps"] == 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()  # the latest adapter, for evaluate.py and chat.py
+
+
+def test_resume_refuses_a_flag_that_differs_from_the_run(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(tiny_model_dir, out, "--max-steps", "2") == 0
+    before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert run(tiny_model_dir, out, "--max-steps", "2", "--resume", "auto", "--lr", "1e-2") == 2
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("error: --lr 0.01 differs from the resumed run's 0.005 (") and "config.json" in error
+    assert (out / "metrics.jsonl").read_text() == before  # nothing was touched
+    assert run(tiny_model_dir, out, "--max-steps", "2", "--resume", "auto") == 0  # the same flags resume

@@ -1,6 +1,6 @@
 """Load a base chat model and its tokenizer, and choose device and precision.
 
-This is the one place the three scripts get a model from. It knows nothing of LoRA.
+This is the one place the scripts get a model from. It knows nothing of LoRA.
 
 `--model` accepts three things:
   * nothing (or "embedded"): SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
@@ -15,12 +15,16 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
+import resource
 import shutil
 import sys
 import tempfile
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -33,7 +37,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(ValueError):
     """A model could not be loaded for a reason the user can fix; the message is one line."""
 
 
@@ -246,3 +250,21 @@ def resolve_precision(precision: str, device: torch.device, batch_invariant: boo
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_native_bf16() and not batch_invariant else "fp32"
+
+
+def autocast_for(device_type: str, precision: str) -> Callable[[], AbstractContextManager]:
+    """A zero-argument factory of the context each forward runs in.
+
+    fp16/bf16: torch.autocast, so the matmuls run in half precision while LoRA A and B stay
+    float32. fp32: no autocast at all.
+    """
+    if precision == "fp32":
+        return nullcontext
+    return functools.partial(torch.autocast, device_type, dtype=TORCH_DTYPES[precision])
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak CUDA allocation on a GPU; on a CPU the process's peak resident memory (it never goes down)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux

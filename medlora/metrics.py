@@ -5,15 +5,15 @@ theirs: sufficient statistics first (n-gram counts, summed NLL and token count),
 
     corpus_bleu(predictions, references)    corpus BLEU-4 in [0, 1], sacreBLEU-13a compatible
     rouge_scores(predictions, references)   per-example ROUGE-1/2/L F1 (Porter-stemmed)
-    token_nll(logits, labels)               summed next-token NLL and target-token count
     perplexity(nll_sum, token_count)        exp(nll_sum / token_count)
     bootstrap_interval(n, metric_of_indices) percentile bootstrap of any corpus-level metric
-    bootstrap_ci(per_example, statistic)    the same for a statistic of per-example values
     is_scope_decline(answer)                does an answer decline as outside medical scope?
+
+The summed NLL and token counts come from the model, through medlora.loss.row_nll.
 
 Tests (hand-computed values and parity with sacreBLEU):
 
-    .venv/bin/python -m pytest -q tests/test_metrics.py
+    .venv/bin/python -m pytest -q tests/medlora/test_metrics.py
 """
 
 import math
@@ -23,8 +23,6 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from nltk.translate import bleu_score
 from rouge_score import rouge_scorer
 
@@ -179,55 +177,11 @@ def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, lis
 # --- Perplexity ---------------------------------------------------------------------------
 
 
-def token_nll(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
-) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood and the number of target tokens.
-
-    ``nll_sum = -sum_{b, t} log softmax(logits[b, t])[labels[b, t+1]]``, summed over the
-    positions whose target ``labels[b, t+1]`` is not ``ignore_index``.
-
-    The causal shift: the logits at position t predict the token at position t + 1, so the
-    last position's logits and the first position's label are never used.
-
-    Returns a sum, never a mean: accumulate ``(nll_sum, token_count)`` over all batches and
-    call :func:`perplexity` once, so every target token weighs the same whatever batch it
-    fell in (a mean of per-batch perplexities over-weights short batches).
-
-    Args:
-        logits: ``(batch, seq_len, vocab)`` model outputs, any float dtype (computed in float32).
-        labels: ``(batch, seq_len)`` token ids, ``ignore_index`` where there is no target
-            (prompt and padding positions).
-        ignore_index: label value that marks positions to skip.
-
-    Returns:
-        ``(nll_sum in nats, token_count)``; ``(0.0, 0)`` when every target is ignored.
-
-    Raises:
-        ValueError: if the shapes do not fit ``(batch, seq_len, vocab)`` and ``(batch, seq_len)``.
-    """
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"expected logits (batch, seq_len, vocab) and labels (batch, seq_len), got logits "
-            f"{tuple(logits.shape)} and labels {tuple(labels.shape)}"
-        )
-    predicting_logits = logits[:, :-1, :].float()  # (batch, seq_len - 1, vocab)
-    targets = labels[:, 1:]  # (batch, seq_len - 1)
-    nll_sum = F.cross_entropy(
-        predicting_logits.reshape(-1, predicting_logits.size(-1)),  # (batch * (seq_len - 1), vocab)
-        targets.reshape(-1),  # (batch * (seq_len - 1),)
-        ignore_index=ignore_index,
-        reduction="sum",
-    )
-    token_count = int((targets != ignore_index).sum())
-    return float(nll_sum), token_count
-
-
 def perplexity(nll_sum: float, token_count: int) -> float:
     """Perplexity ``exp(nll_sum / token_count)`` from a summed NLL in nats.
 
     Args:
-        nll_sum: negative log-likelihood summed over all target tokens (see :func:`token_nll`).
+        nll_sum: negative log-likelihood summed over all target tokens (medlora.loss.row_nll).
         token_count: number of target tokens in that sum.
 
     Returns:
@@ -293,42 +247,6 @@ def bootstrap_interval(
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(resampled_metrics, [tail, 1.0 - tail])
     return float(low), float(high)
-
-
-def bootstrap_ci(
-    per_example: Sequence[float],
-    statistic: Callable[[np.ndarray], float],
-    n_resamples: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of a statistic of per-example values, e.g. mean ROUGE-L.
-
-    ``bootstrap_ci(values, np.mean)`` is ``bootstrap_interval(len(values),
-    lambda idx: np.mean(values[idx]))``; see :func:`bootstrap_interval` for the method. Use
-    :func:`bootstrap_interval` directly for corpus BLEU or perplexity, which are not a
-    statistic of per-example scores.
-
-    Args:
-        per_example: one value per example.
-        statistic: maps an array of resampled values to a number (``np.mean``, ``np.median``).
-        n_resamples: number of bootstrap resamples.
-        seed: seed of the numpy random generator.
-        level: coverage of the interval, in (0, 1).
-
-    Returns:
-        ``(low, high)``.
-
-    Raises:
-        ValueError: if per_example is empty, n_resamples is not positive, or level is
-            outside (0, 1).
-    """
-    values = np.asarray(per_example, dtype=float)
-    if values.size == 0:
-        raise ValueError("per_example must hold at least one value, got an empty sequence")
-    return bootstrap_interval(
-        len(values), lambda indices: statistic(values[indices]), n_resamples, seed, level
-    )
 
 
 # --- Scope declines ---------------------------------------------------------------------

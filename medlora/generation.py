@@ -22,10 +22,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from base_model import load_model_and_tokenizer, model_display_name
 from data.format import prompt_ids
 from lora import AdapterError, load_adapter, merge_lora, read_adapter_config
 from lora.adapter_files import WEIGHTS_NAME
+from medlora.model import load_model_and_tokenizer, model_display_name
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Experiment runner (runner.py) and experiment files (*.json): evaluate.py --experiments FILE."""

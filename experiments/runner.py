@@ -1,0 +1,155 @@
+"""The experiment runner: train each experiment of a JSON list, evaluate its adapter, write one table.
+
+    experiments = load_experiments("experiments/cpu.json")
+    rows = run_experiments(experiments, {"limit": 8, "max_new_tokens": 64})
+    save_experiments(rows, "runs/experiments/cpu.json")        # JSON + markdown table
+
+Each experiment trains in its own `python train.py --config FILE` process (the run folder is the
+contract between the two), so its peak memory is its own; the evaluation runs here, through the
+library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from medlora.config import TrainConfig, config_from_preset
+from medlora.errors import TrainingStopped
+from medlora.evaluation.report import save_evaluation
+from medlora.evaluation.run import run_evaluation
+from medlora.evaluation.settings import resolve_settings
+from medlora.run_folder import ADAPTER, CONFIG, finished_run_summary, read_summary
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
+
+EXPERIMENT_KEYS = ("name", "description")  # allowed in an experiment besides TrainConfig fields
+EXPERIMENT_COLUMNS = {  # row key -> column title, in table order
+    "name": "Experiment", "r": "r", "lr": "LR", "epochs": "Epochs", "train_loss": "Train loss",
+    "val_loss": "Val loss", "rouge1": "ROUGE-1", "bleu": "BLEU", "perplexity": "Perplexity",
+    "peak_memory_gb": "Peak memory (GB)", "time_min": "Time (min)",
+}
+
+
+def load_experiments(path: str | Path) -> list[tuple[str, TrainConfig]]:
+    """Read a JSON list of experiments: each a preset plus TrainConfig overrides and a unique name.
+
+        [{"name": "EXP-01", "preset": "t4", "rank": 8, "lr": 2e-4, "epochs": 1}, ...]
+
+    An experiment's run folder is runs/experiments/<name> unless it sets output_dir.
+
+    Raises:
+        ValueError: naming the file, the experiment and the bad key or value.
+    """
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: unreadable experiments file ({error})") from None
+    if not isinstance(entries, list) or not entries or not all(isinstance(entry, dict) for entry in entries):
+        raise ValueError(f"{path}: expected a non-empty JSON list of objects, one per experiment")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    experiments, names = [], set()
+    for index, entry in enumerate(entries):
+        name = entry.get("name")
+        if not isinstance(name, str) or not name or name in names:
+            raise ValueError(f"{path}: experiment {index} needs a unique \"name\", got {name!r}")
+        names.add(name)
+        unknown = sorted(set(entry) - fields - set(EXPERIMENT_KEYS))
+        if unknown:
+            raise ValueError(f"{path}: {name}: unknown key {unknown[0]!r}; allowed: {', '.join(EXPERIMENT_KEYS)} and the TrainConfig fields")
+        overrides = {key: value for key, value in entry.items() if key in fields and key != "preset"}
+        try:
+            config = config_from_preset(entry.get("preset", "cpu"), **{"output_dir": f"runs/experiments/{name}", **overrides})
+            config.validate()
+        except ValueError as error:
+            raise ValueError(f"{path}: {name}: {error}") from None
+        experiments.append((name, config))
+    return experiments
+
+
+def train_in_subprocess(name: str, config: TrainConfig) -> dict:
+    """Train `config` with `python train.py --config FILE` in a process of its own; return its summary.
+
+    A stale run of another config in the same folder is replaced (--overwrite). Raises
+    TrainingStopped, with train.py's exit code, when training fails (train.py printed why).
+    """
+    command = [sys.executable, str(TRAIN_SCRIPT)]
+    if (Path(config.output_dir) / CONFIG).is_file():
+        command.append("--overwrite")
+    with tempfile.TemporaryDirectory(prefix="experiment-") as folder:
+        config_file = Path(folder) / CONFIG
+        config_file.write_text(json.dumps(config.to_json()))
+        finished = subprocess.run([*command, "--config", str(config_file)])
+    if finished.returncode != 0:
+        raise TrainingStopped(
+            f"experiment {name}: train.py ended with exit code {finished.returncode} (its message is above); "
+            "the experiments after it did not run",
+            exit_code=finished.returncode,
+        )
+    return read_summary(Path(config.output_dir))
+
+
+def run_experiments(experiments: list[tuple[str, TrainConfig]], eval_flags: dict, progress: bool = True) -> list[dict]:
+    """Train each experiment (train_in_subprocess), evaluate its adapter, return one row each.
+
+    A run folder that already holds a finished run of the same config is evaluated without
+    retraining. The evaluation uses `eval_flags` (limit, generation, device...) and the run's own
+    config for model, data and split; it scores only the fine-tuned model, on the split alone.
+    """
+    rows = []
+    for number, (name, config) in enumerate(experiments, start=1):
+        print(f"[experiments] {name} ({number}/{len(experiments)}): run folder {config.output_dir}")
+        summary = finished_run_summary(config)
+        if summary is None:
+            summary = train_in_subprocess(name, config)
+        else:
+            print(f"[experiments] {name}: reusing the finished run (same config) in {config.output_dir}")
+        adapter = Path(config.output_dir) / ADAPTER
+        settings = resolve_settings({**eval_flags, "adapter": str(adapter), "output": str(Path(config.output_dir) / "eval.json")})
+        settings.extra_ood_questions = ()
+        evaluation = run_evaluation(settings, progress)
+        save_evaluation(evaluation, settings.output)
+        finetuned = evaluation.report["finetuned"]
+        rows.append({
+            "name": name, "r": config.rank, "lr": config.lr, "epochs": config.epochs,
+            "train_loss": summary["train_loss"], "val_loss": summary["best_val_loss"],
+            "rouge1": finetuned["rouge1"], "bleu": finetuned["bleu"], "perplexity": finetuned["perplexity"],
+            "peak_memory_gb": summary["peak_memory_gb"], "time_min": summary["time_s"] / 60,
+            "steps": summary["steps"], "n": finetuned["n"], "run_dir": config.output_dir,
+        })
+        gc.collect()
+    return rows
+
+
+def experiments_table(rows: list[dict]) -> str:
+    """The experiment table as markdown, one row per experiment, with a footnote on each column's meaning."""
+    formats = {"lr": "{:.3g}", "epochs": "{:g}", "train_loss": "{:.4f}", "val_loss": "{:.4f}", "rouge1": "{:.4f}",
+               "bleu": "{:.4f}", "perplexity": "{:.2f}", "peak_memory_gb": "{:.2f}", "time_min": "{:.1f}"}
+    lines = ["| " + " | ".join(EXPERIMENT_COLUMNS.values()) + " |", "|---|" + "---:|" * (len(EXPERIMENT_COLUMNS) - 1)]
+    for row in rows:
+        cells = [formats.get(key, "{}").format(row[key]) if row[key] is not None else "n/a" for key in EXPERIMENT_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    n = sorted({row["n"] for row in rows})
+    lines += [
+        "",
+        "Train loss: answer-token loss of the last optimizer step; val loss: best validation answer-token loss. "
+        f"ROUGE-1 (mean F1), BLEU-4 and answer-token perplexity of the fine-tuned model on {'/'.join(map(str, n))} "
+        "held-out examples. Peak memory: of the experiment's training process, CUDA peak allocation on a GPU, "
+        "peak resident memory on a CPU. Time: training only.",
+    ]
+    return "\n".join(lines)
+
+
+def save_experiments(rows: list[dict], output: str | Path) -> dict[str, Path]:
+    """Write the experiment table as JSON and markdown (same name, .md)."""
+    paths = {"json": Path(output), "table": Path(output).with_suffix(".md")}
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
+    paths["json"].write_text(json.dumps({"experiments": rows}, indent=2) + "\n")
+    paths["table"].write_text(experiments_table(rows) + "\n")
+    return paths

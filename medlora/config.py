@@ -1,0 +1,141 @@
+"""Every setting of a training run: TrainConfig, the named presets, and the one check of them all.
+
+    config = config_from_preset("cpu", lr=5e-4, max_steps=20)
+    config.validate()                                  # ValueError naming the first bad setting
+    TrainConfig.from_json(config.to_json()) == config  # what RUN/config.json holds
+
+train.py builds the config from --preset and the flags, prints it, and stores it as config.json
+in the run folder and in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from data import check_max_length, check_num_examples
+from medlora.model import PRECISIONS
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; saved as config.json in the run folder and each checkpoint."""
+
+    model: str | None = None  # base model: None = embedded SmolLM2-135M-Instruct, a local folder, or a hub id
+    data: str | None = None  # dataset: None = embedded flashcards, a local file, or a hub id
+    num_examples: int | None = None  # rows sampled after cleaning before the 85/10/5 split (None = all)
+    output_dir: str = "runs/cpu"  # run folder: config.json, metrics.jsonl, adapter/, checkpoints/
+    preset: str = "cpu"  # named defaults (see PRESETS); explicit flags override them
+    epochs: float = 1.0  # passes over the training split
+    max_steps: int | None = None  # stop after this many optimizer steps (None = epochs decide)
+    batch_size: int = 16  # rows per micro-batch (ignored for splitting when max_batch_tokens is set)
+    grad_accum: int = 1  # micro-batches per optimizer step; a step sees batch_size x grad_accum rows
+    max_batch_tokens: int | None = 1024  # padded tokens per micro-batch (rows x longest row); None = fixed rows
+    lr: float = 1e-3  # peak learning rate after warmup
+    warmup_fraction: float = 0.03  # share of optimizer steps spent warming up linearly from 0
+    weight_decay: float = 0.001  # AdamW weight decay, as the reference
+    max_grad_norm: float = 1.0  # gradients are clipped to this global L2 norm
+    rank: int = 16  # LoRA rank r
+    alpha: float = 32.0  # LoRA alpha; the update is scaled by alpha / r
+    dropout: float = 0.05  # dropout on the LoRA branch input
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # module-name suffixes that get adapters
+    max_length: int = 512  # tokens per example; the answer is cut, never the prompt
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16 (auto: medlora.model.resolve_precision)
+    grad_checkpointing: bool = False  # recompute activations in backward to save memory
+    eval_every: int = 10  # optimizer steps between validation passes (also at step 0 and the end)
+    save_every: int = 10  # optimizer steps between checkpoints (also at the end)
+    keep_last: int = 2  # checkpoints kept on disk
+    seed: int = 42  # sampling, split, data order, LoRA init and dropout
+    max_nan_steps: int = 3  # stop after this many consecutive steps with a non-finite loss
+    device: str | None = None  # cpu | cuda | cuda:N (None = CUDA when available)
+
+    @property
+    def step_examples(self) -> int:
+        """Examples per optimizer step: micro-batch rows x gradient accumulation."""
+        return self.batch_size * self.grad_accum
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict (tuples become lists)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, values: dict, source: str = "config") -> TrainConfig:
+        """The config `to_json` wrote; ValueError naming `source` and the first unknown key."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(known))}")
+        values = dict(values)
+        if "targets" in values:
+            values["targets"] = tuple(values["targets"])
+        return cls(**values)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid setting (before any model is loaded)."""
+        checks = [
+            (self.rank > 0, f"--rank must be a positive integer, got {self.rank}"),
+            (self.alpha > 0, f"--alpha must be positive, got {self.alpha}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
+            (self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}"),
+            (self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
+            (self.max_steps is None or self.max_steps > 0, f"--max-steps must be positive, got {self.max_steps}"),
+            (self.max_batch_tokens is None or self.max_batch_tokens > 0, f"--max-batch-tokens must be positive, got {self.max_batch_tokens}"),
+            (self.eval_every > 0 and self.save_every > 0, "--eval-every and --save-every must be positive"),
+            (self.keep_last > 0, f"--keep-last must be positive, got {self.keep_last}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+            (len(self.targets) > 0, "--targets must name at least one module"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        check_max_length(self.max_length)
+        check_num_examples(self.num_examples)
+        check_preset(self.preset)
+
+
+PRESETS: dict[str, dict] = {
+    # The default: the embedded model and dataset, sized so `make run` (train + evaluate) takes
+    # well under 10 minutes on a 2-core CPU.
+    "cpu": dict(
+        model=None, data=None, num_examples=None, epochs=1.0, batch_size=16, grad_accum=1,
+        max_batch_tokens=1024, lr=1e-3, rank=16, alpha=32.0, dropout=0.05, max_length=512,
+        precision="auto", grad_checkpointing=False, eval_every=10, save_every=10,
+    ),
+    # The reference notebook's run on a T4: TinyLlama-1.1B-Chat, 3,000 flashcards, fp16 AMP.
+    "t4": dict(
+        model="TinyLlama/TinyLlama-1.1B-Chat-v1.0", data="medalpaca/medical_meadow_medical_flashcards",
+        num_examples=3000, epochs=2.0, batch_size=2, grad_accum=8, max_batch_tokens=None, lr=2e-4,
+        rank=16, alpha=32.0, dropout=0.05, max_length=512, precision="fp16", grad_checkpointing=True,
+        eval_every=50, save_every=50,
+    ),
+}
+
+
+def check_preset(preset: str) -> None:
+    """Raise ValueError unless `preset` names one of PRESETS."""
+    if preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+
+
+def config_from_preset(preset: str, **overrides) -> TrainConfig:
+    """A preset's values with `overrides` on top (what the command line and experiment files do)."""
+    check_preset(preset)
+    return TrainConfig.from_json({**PRESETS[preset], "preset": preset, **overrides})
+
+
+def resumed_config(saved: TrainConfig, requested: TrainConfig, given: set[str], source: str) -> TrainConfig:
+    """The saved config of the run being resumed, with the requested output_dir.
+
+    Resuming continues the saved run exactly, so a setting given on the command line (`given`,
+    field names) that differs from the saved one is refused instead of being ignored.
+    """
+    for name in sorted(given - {"output_dir"}):
+        if getattr(requested, name) != getattr(saved, name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{flag} {getattr(requested, name)!r} differs from the resumed run's {getattr(saved, name)!r} "
+                f"({source}): resume continues that run as it was; drop {flag}, or start a new run with --overwrite"
+            )
+    return dataclasses.replace(saved, output_dir=requested.output_dir)

@@ -1,0 +1,126 @@
+"""The loss: summed next-token NLL over the answer tokens, per row and per batch, and on held-out rows.
+
+    batch = batch_on_device(examples, [0, 1, 2], pad_id, device)  # input_ids, attention_mask, labels
+    nll, target_tokens = answer_nll(model, batch)               # scalar sum (nats), its token count
+    loss = nll / target_tokens                                   # the mean answer-token loss
+
+Sums, never means: train.py divides each micro-batch's sum by the target-token count of the whole
+optimizer step, and evaluation pools sums over examples before it divides, so every target token
+weighs the same wherever it falls.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from data import IGNORE_INDEX, EncodedExample, collate, micro_batches
+
+
+def batch_on_device(examples: Sequence[EncodedExample], rows: Sequence[int], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """The examples at `rows`, right-padded (data.collate) and moved to `device`: [batch, seq] each."""
+    return {name: tensor.to(device) for name, tensor in collate([examples[i] for i in rows], pad_id).items()}
+
+
+def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
+    """Length of the token prefix shared by every row that no target is predicted from.
+
+    Every example starts with the same system prompt (and chat-template header), so rows share a
+    prefix. It stops one token before the earliest target, so no prediction comes from it.
+    """
+    ids, labels = batch["input_ids"], batch["labels"]
+    same_as_first = (ids == ids[:1]).all(dim=0)  # [seq]
+    common = int(same_as_first.int().cumprod(dim=0).sum())
+    first_target = int((labels != IGNORE_INDEX).int().argmax(dim=1).min())  # earliest target position
+    return max(0, min(common, first_target - 1))
+
+
+def row_nll(model, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed next-token NLL over target (answer + EOS) tokens, and each row's target count.
+
+    Returns ([batch] float32 NLL in nats, differentiable; [batch] int64 counts). A row's sums do not
+    depend on the other rows of the batch (padding is masked), which lets evaluation batch examples.
+
+    Two savings that leave the math unchanged (tests/medlora/test_loss.py compares both against
+    plain full-logits cross-entropy):
+      * The shared prompt prefix (system prompt + template header, about half of a short example's
+        tokens) runs through the model once per batch instead of once per row: its keys and values
+        are computed for one row, expanded to the batch, and the rest of each row attends to them.
+        Gradients flow back through the expansion into the single prefix pass.
+      * The 49,152-way lm_head runs only at positions whose next token is a target: the hidden
+        state at position t predicts token t + 1. Prompt and padding positions never reach it.
+    """
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    prefix = shared_prefix_length(batch) if share_prefix and ids.shape[0] > 1 else 0
+    cache = None
+    if prefix >= 8 and not model.is_activation_checkpointing:
+        cache = model.model(input_ids=ids[:1, :prefix], use_cache=True).cache
+        for layer in cache.layers:  # [1, kv_heads, prefix, head_dim] -> [batch, ...], no copy
+            layer.keys = layer.keys.expand(ids.shape[0], -1, -1, -1)
+            layer.values = layer.values.expand(ids.shape[0], -1, -1, -1)
+    else:
+        prefix = 0
+    hidden = model.model(input_ids=ids[:, prefix:], attention_mask=mask, cache=cache, use_cache=cache is not None).last_hidden_state
+    targets = labels[:, prefix + 1 :]  # [batch, seq - prefix - 1]: the token each position predicts
+    is_target = targets != IGNORE_INDEX
+    logits = model.lm_head(hidden[:, :-1][is_target])  # [targets, vocab]
+    token_nll = torch.nn.functional.cross_entropy(logits.float(), targets[is_target], reduction="none")  # [targets]
+    row_of_target = is_target.nonzero()[:, 0]  # [targets], row-major like the boolean index above
+    sums = torch.zeros(ids.shape[0], dtype=token_nll.dtype, device=token_nll.device).index_add(0, row_of_target, token_nll)
+    return sums, is_target.sum(dim=1)
+
+
+def answer_nll(model, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL over every target token of the batch (a scalar), and how many there are."""
+    sums, counts = row_nll(model, batch, share_prefix)
+    return sums.sum(), int(counts.sum())
+
+
+def full_sequence_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch with every non-pad token as a target (system prompt + question + answer).
+
+    This is the reference notebook's perplexity (labels = input_ids, padding ignored). The first
+    token of a sequence has nothing before it, so a row of L tokens has L - 1 targets.
+    """
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    return {**batch, "labels": labels}
+
+
+@torch.no_grad()
+def heldout_row_nll(
+    model,
+    examples: Sequence[EncodedExample],
+    batches: Sequence[Sequence[int]],
+    pad_id: int,
+    full_sequence: bool = False,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> Iterator[tuple[Sequence[int], torch.Tensor, torch.Tensor]]:
+    """For each batch of example indices: (the indices, [batch] summed NLL, [batch] target counts).
+
+    Answer tokens only, or with `full_sequence` every non-pad token. No gradients; the model runs
+    on its own device, in whatever train/eval mode the caller set.
+    """
+    device = next(model.parameters()).device
+    for rows in batches:
+        batch = batch_on_device(examples, rows, pad_id, device)
+        with autocast():
+            sums, counts = row_nll(model, full_sequence_labels(batch) if full_sequence else batch)
+        yield rows, sums, counts
+
+
+def validation_loss(model, examples: Sequence[EncodedExample], pad_id: int, batch_size: int, max_batch_tokens: int | None, autocast) -> float:
+    """Answer-token NLL summed over the whole split, divided by its target-token count (nats).
+
+    Examples are batched shortest first, cut as training cuts its micro-batches. The model is put
+    in eval mode (no dropout) for the pass and back in train mode after it.
+    """
+    model.eval()
+    lengths = [len(example.input_ids) for example in examples]
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])
+    nll_sum, count = 0.0, 0
+    for _, sums, counts in heldout_row_nll(model, examples, micro_batches(order, lengths, batch_size, max_batch_tokens), pad_id, autocast=autocast):
+        nll_sum, count = nll_sum + sums.sum().item(), count + int(counts.sum())
+    model.train()
+    return nll_sum / count

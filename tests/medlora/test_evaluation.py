@@ -1,0 +1,183 @@
+"""medlora/evaluation: perplexity statistics, scores and paired deltas, settings from the run folder."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from data import EncodedExample, clean_rows, collate, encode_example, load_rows, prepare_data
+from medlora.config import TrainConfig
+from medlora.evaluation.run import evaluation_examples, example_nlls
+from medlora.evaluation.scores import METRICS, ModelOutputs, paired_deltas
+from medlora.evaluation.settings import HELDOUT_OOD_QUESTIONS, EvalSettings, generation_settings, resolve_settings
+from medlora.generation import GenerationSettings
+from medlora.loss import answer_nll, full_sequence_labels
+from tests.conftest import make_tiny_model, save_run_folder
+
+PAD = 2
+TRANSITIONS = [  # P[current token][next token]; token 2 is padding
+    [0.5, 0.25, 0.25],
+    [0.25, 0.5, 0.25],
+    [1 / 3, 1 / 3, 1 / 3],
+]
+
+
+class BigramModel(torch.nn.Module):
+    """A stub with the `.model(...)` / `.lm_head` shape answer_nll expects: logits at t = log P[token_t].
+
+    The hidden state is the one-hot of the current token and lm_head's weight is log P transposed,
+    so the NLL of token b after token a is exactly -log P[a][b].
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(3, 3, bias=False)
+        self.lm_head.weight.data = torch.log(torch.tensor(TRANSITIONS)).T.contiguous()
+
+    def model(self, input_ids, attention_mask=None, **cache_arguments):
+        return SimpleNamespace(last_hidden_state=torch.nn.functional.one_hot(input_ids, 3).float())
+
+
+def toy_example(ids: list[int], prompt_length: int) -> EncodedExample:
+    labels = [-100] * prompt_length + ids[prompt_length:]
+    return EncodedExample(ids, labels, prompt_length, question="q", answer="a")
+
+
+def outputs_with(nll: np.ndarray, answers=("",), references=("",), declines=()) -> ModelOutputs:
+    answers, references = list(answers) * (len(nll) // len(answers)), list(references) * (len(nll) // len(references))
+    rouge = {name: np.zeros(len(nll)) for name in ("rouge1", "rouge2", "rougeL")}
+    return ModelOutputs(answers, references, nll, rouge, ["x"] * len(declines), np.array(declines, dtype=float))
+
+
+# ---- perplexity -------------------------------------------------------------------------------
+
+def test_answer_only_and_full_perplexity_count_what_they_should():
+    # A = [0, 0 | 1, 1]: answer targets 1|0 (P .25) and 1|1 (P .5); full adds 0|0 (P .5).
+    # B = [1 | 0]: one target, 0|1 (P .25), the same for both.
+    examples = [toy_example([0, 0, 1, 1], 2), toy_example([1, 0], 1)]
+    table = example_nlls(BigramModel(), examples, PAD)
+    expected = [[math.log(8), 2, math.log(16), 3], [math.log(4), 1, math.log(4), 1]]
+    np.testing.assert_allclose(table, expected, rtol=1e-6)
+    outputs = outputs_with(table)
+    both = np.arange(2)
+    # exp(sum NLL / sum tokens), not the mean of per-example perplexities (sqrt(8)+4)/2 = 3.41.
+    assert METRICS["perplexity"].of_indices(outputs, both) == pytest.approx(32 ** (1 / 3))
+    assert METRICS["perplexity_full"].of_indices(outputs, both) == pytest.approx(64 ** (1 / 4))
+
+
+@pytest.fixture(scope="module")
+def real_examples(tokenizer):
+    pairs, _ = clean_rows(load_rows(None).rows[:30], "embedded")
+    return [encode_example(tokenizer, p.question, p.answer, 512) for p in pairs[:6]]
+
+
+def test_batched_perplexity_keeps_each_example_apart(real_examples, tokenizer):
+    model = make_tiny_model()
+    one_at_a_time = example_nlls(model, real_examples, tokenizer.pad_token_id, max_batch_tokens=1)  # a batch per example
+    batched = example_nlls(model, real_examples, tokenizer.pad_token_id, max_batch_tokens=10_000)  # one padded batch
+    assert len({len(e.input_ids) for e in real_examples}) > 1  # so the batch really is padded
+    np.testing.assert_array_equal(batched[:, [1, 3]], one_at_a_time[:, [1, 3]])
+    np.testing.assert_allclose(batched[:, [0, 2]], one_at_a_time[:, [0, 2]], rtol=1e-5)
+
+
+def test_perplexity_pooled_over_examples_equals_one_padded_batch(real_examples, tokenizer):
+    model = make_tiny_model()
+    table = example_nlls(model, real_examples, tokenizer.pad_token_id)
+    batch = collate(real_examples, tokenizer.pad_token_id)
+    assert len({len(e.input_ids) for e in real_examples}) > 1  # the one batch really is padded
+    with torch.no_grad():
+        answer_sum, answer_count = answer_nll(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # The reference notebook's labels: input_ids, -100 on padding; every position through lm_head.
+    labels = full_sequence_labels(batch)["labels"][:, 1:]
+    full_sum = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
+    full_count = int((labels != -100).sum())
+    assert table[:, 1].sum() == answer_count == sum(e.answer_token_count for e in real_examples)
+    assert table[:, 3].sum() == full_count == sum(len(e.input_ids) - 1 for e in real_examples)
+    assert table[:, 0].sum() == pytest.approx(answer_sum.item(), rel=1e-5)
+    assert table[:, 2].sum() == pytest.approx(full_sum, rel=1e-5)
+
+
+def test_paired_delta_of_a_model_with_itself_is_exactly_zero():
+    outputs = outputs_with(np.array([[3.0, 2, 5.0, 4]] * 3), ["the drug blocks the channel"], ["a drug blocks a channel"], [1, 0])
+    deltas = paired_deltas(outputs, outputs)
+    for name in METRICS:
+        assert deltas[name]["value"] == 0.0 and deltas[name]["interval"] == [0.0, 0.0]
+        assert not deltas[name]["excludes_zero"]
+
+
+# ---- settings -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir):
+    """A train.py-shaped run folder: config.json and adapter/ (random B, so fine-tuned != base)."""
+    return save_run_folder(tmp_path_factory.mktemp("run"), tiny_model_dir)
+
+
+def test_run_folder_config_gives_the_defaults_and_flags_override_it(run_dir, tiny_model_dir, tokenizer):
+    settings = resolve_settings({"adapter": str(run_dir / "adapter")})
+    assert (settings.model, settings.data, settings.num_examples, settings.seed, settings.max_length) == (
+        str(tiny_model_dir), None, 100, 7, 256)
+    assert settings.sources["seed"] == str(run_dir / "config.json")
+    assert settings.output == str(run_dir / "eval.json")
+    assert settings.model_keys == ["finetuned"]
+    # The same split as training: prepare_data with the run's arguments.
+    expected = prepare_data(tokenizer, None, 100, 7, 256).examples.test
+    assert [e.question for e in evaluation_examples(tokenizer, settings)] == [e.question for e in expected]
+
+    override = resolve_settings({"adapter": str(run_dir / "adapter"), "seed": 3, "compare_base": True})
+    assert override.seed == 3
+    assert override.sources["seed"] == "--seed; the run used 7, so this split may hold training rows"
+    assert override.model_keys == ["finetuned", "base"]
+
+
+def test_without_a_run_folder_the_model_comes_from_the_adapter_config(run_dir, tmp_path):
+    lone = tmp_path / "lone-adapter"
+    lone.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (lone / name).write_bytes((run_dir / "adapter" / name).read_bytes())
+    settings = resolve_settings({"adapter": str(lone)})
+    assert settings.model == "an/adapter-config-name" and settings.seed == TrainConfig().seed
+    assert settings.output == "eval.json"
+    assert resolve_settings({}).model_keys == ["base"]
+
+
+def test_sampling_flags_need_sample_and_default_to_the_split_seed():
+    with pytest.raises(ValueError, match="--temperature only apply with --sample"):
+        generation_settings({"temperature": 0.5}, seed=42)
+    sampled = generation_settings({"sample": True, "max_new_tokens": 50}, seed=42)
+    assert (sampled.temperature, sampled.top_p, sampled.seed, sampled.max_new_tokens) == (0.7, 0.9, 42, 50)
+    assert generation_settings({}, seed=42).greedy
+
+
+def test_heldout_ood_questions_are_new_to_the_embedded_dataset():
+    asked = {" ".join(str(row.get("input", "")).lower().split()) for row in load_rows(None).rows}
+    assert len(set(HELDOUT_OOD_QUESTIONS)) == len(HELDOUT_OOD_QUESTIONS) >= 15
+    assert not [q for q in HELDOUT_OOD_QUESTIONS if " ".join(q.lower().split()) in asked]
+
+
+def test_settings_survive_a_json_round_trip(run_dir):
+    settings = resolve_settings({"adapter": str(run_dir / "adapter"), "sample": True, "limit": 3, "seed": 5})
+    saved = json.loads(json.dumps(settings.to_json()))
+    rebuilt = EvalSettings(**{
+        **saved, "generation": GenerationSettings(**saved["generation"]), "extra_ood_questions": tuple(saved["extra_ood_questions"]),
+    })
+    assert rebuilt == settings
+    assert saved["generation"]["seed"] == 5 and saved["sources"]["limit"] == "--limit"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"limit": 0}, "--limit must be a positive integer, got 0"),
+        ({"max_length": 8}, "--max-length must be at least 16 tokens, got 8"),
+        ({"num_examples": -1}, "--num-examples must be positive, got -1"),
+        ({"output": "report.txt"}, "--output must be a .json file, got 'report.txt'"),
+    ],
+)
+def test_invalid_settings_name_the_flag(flags, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_settings(flags)

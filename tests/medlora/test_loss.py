@@ -1,0 +1,68 @@
+"""medlora/loss.py: the optimized answer-token NLL against plain cross-entropy, the shared prefix,
+and the held-out passes built on it."""
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from data import clean_rows, collate, encode_example, load_rows
+from lora import inject_lora, lora_layers, lora_parameters
+from medlora.loss import answer_nll, shared_prefix_length, validation_loss
+from tests.conftest import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer):
+    pairs, _ = clean_rows(load_rows(None).rows[:40], "embedded")
+    return [encode_example(tokenizer, p.question, p.answer, 512) for p in pairs[:16]]
+
+
+def full_logits_nll(model, batch):
+    """The straightforward loss: every position through lm_head, cross-entropy with ignore_index."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+
+
+def lora_model_with_random_B():
+    model = make_tiny_model()
+    inject_lora(model, dropout=0.0)
+    torch.manual_seed(1)
+    for _, layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    return model.train()
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_optimized_loss_and_gradients_equal_full_logits_loss(examples, tokenizer, share_prefix):
+    batch = collate(examples[:6], tokenizer.pad_token_id)
+    assert shared_prefix_length(batch) > 30  # the system prompt is shared
+    model = lora_model_with_random_B()
+    reference = full_logits_nll(model, batch)
+    reference.backward()
+    reference_grads = [p.grad.clone() for p in lora_parameters(model)]
+    model.zero_grad()
+    nll, count = answer_nll(model, batch, share_prefix=share_prefix)
+    nll.backward()
+    assert count == sum(e.answer_token_count for e in examples[:6])
+    assert abs(nll.item() - reference.item()) / count <= 1e-5
+    for ours, theirs in zip((p.grad for p in lora_parameters(model)), reference_grads):
+        assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, theirs.abs().max().item())
+
+
+def test_shared_prefix_stops_before_the_first_target(examples, tokenizer):
+    batch = collate([examples[0], examples[0]], tokenizer.pad_token_id)  # identical rows share everything
+    assert shared_prefix_length(batch) == examples[0].prompt_length - 1
+
+
+def test_validation_loss_pools_the_split_however_it_is_batched(examples, tokenizer):
+    model = lora_model_with_random_B()
+    loss = validation_loss(model, examples, tokenizer.pad_token_id, 16, None, nullcontext)
+    assert model.training  # put back in train mode after the pass
+    with torch.no_grad():
+        nll, count = answer_nll(model, collate(examples, tokenizer.pad_token_id))
+    assert loss == pytest.approx(nll.item() / count, rel=1e-5)  # summed NLL / target tokens of the whole split
+    assert validation_loss(model, examples, tokenizer.pad_token_id, 2, None, nullcontext) == pytest.approx(loss, rel=1e-5)
+    assert validation_loss(model, examples, tokenizer.pad_token_id, 1, 600, nullcontext) == pytest.approx(loss, rel=1e-5)
