@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from data import epoch_steps, micro_batches, padding_fraction, prepare_data, save_length_histogram
-from lora import LoRASummary, inject_lora, lora_parameters, save_adapter
+from lora import VARIANTS, LoRASummary, inject_lora, lora_parameters, save_adapter
 from medlora.checkpoint import TrainState, load_checkpoint, rng_state, save_checkpoint
 from medlora.config import PRESETS, TrainConfig, check_preset, config_from_preset
 from medlora.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, USER_FAILURES, TrainingStopped, report_failure
@@ -60,7 +60,7 @@ def load_base_model(config: TrainConfig):
     The targets are first matched on a weightless (meta-device) copy, so a bad --targets fails
     before the slow load. The seed is set before loading, so the LoRA init is reproducible.
     """
-    inject_lora(model_skeleton(config.model), config.targets, config.rank, config.alpha, config.dropout)
+    inject_lora(model_skeleton(config.model), config.targets, config.rank, config.alpha, config.dropout, config.lora_variant)
     device = choose_device(config.device)
     precision = resolve_precision(config.precision, device)
     torch.manual_seed(config.seed)
@@ -116,7 +116,7 @@ def train(config: TrainConfig, given: set[str] = frozenset(), resume: str | None
         print("[eval] no validation rows: no validation loss is logged; adapter/ holds the latest adapter")
     train_examples, pad_id = data.examples.train, tokenizer.pad_token_id
     lengths = [len(e.input_ids) for e in train_examples]
-    lora = inject_lora(model, config.targets, config.rank, config.alpha, config.dropout)
+    lora = inject_lora(model, config.targets, config.rank, config.alpha, config.dropout, config.lora_variant)
     print(f"[lora] {lora}")
     if config.grad_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -261,7 +261,7 @@ def done_line(summary: dict, lora: LoRASummary, run_dir: Path) -> str:
 
 FLAG_FIELDS = (  # TrainConfig fields set by a flag of the same name
     "model", "data", "num_examples", "epochs", "max_steps", "batch_size", "grad_accum", "max_batch_tokens", "lr",
-    "rank", "alpha", "dropout", "max_length", "precision", "grad_checkpointing", "eval_every", "save_every",
+    "rank", "alpha", "dropout", "lora_variant", "max_length", "precision", "grad_checkpointing", "eval_every", "save_every",
     "keep_last", "max_nan_steps", "seed", "device",
 )
 
@@ -286,6 +286,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace,
     add("--rank", type=int, help="LoRA rank r")
     add("--alpha", type=float, help="LoRA alpha (update scaled by alpha / r)")
     add("--dropout", type=float, help="dropout on the LoRA branch, in [0, 1)")
+    add("--lora-variant", choices=VARIANTS, help="lora: update scaled by alpha/r; rslora: alpha/sqrt(r); dora: plus a learned per-row magnitude (default: lora)")
     add("--targets", help="comma-separated module-name suffixes (default: q_proj,v_proj)")
     add("--max-length", type=int, help="tokens per example (default: 512)")
     add("--precision", choices=PRECISIONS, help="auto: bf16 or fp16 on CUDA; bf16 on a CPU with native bf16 matmuls (AVX512-BF16/AMX), else fp32")

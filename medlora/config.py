@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from data import check_max_length, check_num_examples
+from lora import VARIANTS
 from medlora.model import PRECISIONS
 
 
@@ -38,6 +39,7 @@ class TrainConfig:
     rank: int = 16  # LoRA rank r
     alpha: float = 32.0  # LoRA alpha; the update is scaled by alpha / r
     dropout: float = 0.05  # dropout on the LoRA branch input
+    lora_variant: str = "lora"  # lora (scale alpha/r) | rslora (alpha/sqrt(r)) | dora (learned magnitude); lora/layer.py
     targets: tuple[str, ...] = ("q_proj", "v_proj")  # module-name suffixes that get adapters
     max_length: int = 512  # tokens per example; the answer is cut, never the prompt
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 (auto: medlora.model.resolve_precision)
@@ -86,6 +88,7 @@ class TrainConfig:
             (self.keep_last > 0, f"--keep-last must be positive, got {self.keep_last}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (len(self.targets) > 0, "--targets must name at least one module"),
+            (self.lora_variant in VARIANTS, f"--lora-variant must be one of {', '.join(VARIANTS)}, got {self.lora_variant!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -189,3 +189,14 @@ def test_resume_refuses_a_flag_that_differs_from_the_run(tiny_model_dir, tmp_pat
     assert error.startswith("error: --lr 0.01 differs from the resumed run's 0.005 (") and "config.json" in error
     assert (out / "metrics.jsonl").read_text() == before  # nothing was touched
     assert run(tiny_model_dir, out, "--max-steps", "2", "--resume", "auto") == 0  # the same flags resume
+
+
+@pytest.mark.parametrize("variant, flags", [("rslora", {"use_rslora": True, "use_dora": False}), ("dora", {"use_rslora": False, "use_dora": True})])
+def test_lora_variant_flag_trains_and_is_written_to_the_adapter(tiny_model_dir, tmp_path, variant, flags):
+    out = tmp_path / "run"
+    assert run(tiny_model_dir, out, "--lora-variant", variant, "--max-steps", "2", "--eval-every", "2") == 0
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert {key: adapter_config[key] for key in flags} == flags
+    assert json.loads((out / "config.json").read_text())["lora_variant"] == variant
+    magnitudes = [key for key in load_file(out / "adapter" / "adapter_model.safetensors") if "lora_magnitude_vector" in key]
+    assert bool(magnitudes) == (variant == "dora")
