@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from data import check_max_length, check_num_examples
 from lora import VARIANTS
-from medlora.model import PRECISIONS
+from medlora.model import check_precision
 
 
 @dataclass
@@ -86,13 +86,13 @@ class TrainConfig:
             (self.max_batch_tokens is None or self.max_batch_tokens > 0, f"--max-batch-tokens must be positive, got {self.max_batch_tokens}"),
             (self.eval_every > 0 and self.save_every > 0, "--eval-every and --save-every must be positive"),
             (self.keep_last > 0, f"--keep-last must be positive, got {self.keep_last}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (len(self.targets) > 0, "--targets must name at least one module"),
             (self.lora_variant in VARIANTS, f"--lora-variant must be one of {', '.join(VARIANTS)}, got {self.lora_variant!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_precision(self.precision)
         check_max_length(self.max_length)
         check_num_examples(self.num_examples)
         check_preset(self.preset)

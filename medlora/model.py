@@ -226,6 +226,12 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
+def check_precision(precision: str) -> None:
+    """Raise ValueError unless `precision` is one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def resolve_precision(precision: str, device: torch.device, batch_invariant: bool = False) -> str:
     """Turn `auto` into fp32/fp16/bf16 for `device`.
 
@@ -243,8 +249,7 @@ def resolve_precision(precision: str, device: torch.device, batch_invariant: boo
     fp16 and bf16 can also be asked for on any CPU (torch.autocast("cpu") supports both), which
     lets CI exercise the mixed-precision path.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_precision(precision)
     if precision != "auto":
         return precision
     if device.type == "cuda":

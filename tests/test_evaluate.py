@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import evaluate as evaluate_script
+import evaluate
 from medlora.evaluation.scores import METRICS
 from medlora.evaluation.settings import HELDOUT_OOD_QUESTIONS
 from tests.conftest import save_run_folder
@@ -21,7 +21,7 @@ MODEL_KEYS = {"perplexity", "perplexity_full", "bleu", "rouge1", "rouge2", "roug
 
 def test_compare_base_writes_json_predictions_chart_and_table(run_dir, capsys):
     argv = ["--adapter", str(run_dir / "adapter"), "--compare-base", "--limit", "4", "--max-new-tokens", "8"]
-    assert evaluate_script.main(argv) == 0
+    assert evaluate.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| Metric | Base | Fine-tuned | Delta (fine-tuned - base) |" in printed
     report = json.loads((run_dir / "eval.json").read_text())
@@ -44,7 +44,7 @@ def test_compare_base_writes_json_predictions_chart_and_table(run_dir, capsys):
 def test_without_an_adapter_only_the_base_model_is_evaluated(tiny_model_dir, tmp_path):
     output = tmp_path / "base.json"
     argv = ["--model", str(tiny_model_dir), "--num-examples", "60", "--limit", "2", "--max-new-tokens", "4", "--output", str(output)]
-    assert evaluate_script.main(argv) == 0
+    assert evaluate.main(argv) == 0
     assert set(json.loads(output.read_text())) == {"settings", "base"}
 
 
@@ -70,7 +70,7 @@ def corrupt_adapter(run_dir, tmp_path):
     ids=["missing-adapter", "corrupt-adapter", "bad-data", "bad-model", "bad-limit"],
 )
 def test_user_errors_exit_2_with_one_line(make_argv, message, run_dir, tmp_path, capsys):
-    assert evaluate_script.main(make_argv(run_dir, tmp_path)) == 2
+    assert evaluate.main(make_argv(run_dir, tmp_path)) == 2
     stderr = capsys.readouterr().err
     [error] = stderr.strip().splitlines()  # exactly one line
     assert error.startswith("error: ") and message in error
@@ -86,7 +86,7 @@ def test_experiments_train_evaluate_and_write_the_table(tiny_model_dir, tmp_path
     plan = tmp_path / "tiny.json"
     plan.write_text(json.dumps([experiment]))
     argv = ["--experiments", str(plan), "--limit", "2", "--max-new-tokens", "4", "--output", str(tmp_path / "table.json")]
-    assert evaluate_script.main(argv) == 0
+    assert evaluate.main(argv) == 0
     table = (tmp_path / "table.md").read_text()
     header = table.splitlines()[0]
     for column in ("r", "LR", "Epochs", "Train loss", "Val loss", "ROUGE-1", "BLEU", "Perplexity", "Peak memory (GB)", "Time (min)"):
@@ -97,16 +97,16 @@ def test_experiments_train_evaluate_and_write_the_table(tiny_model_dir, tmp_path
     assert set(json.loads((run / "eval.json").read_text())) == {"settings", "finetuned"}
 
     capsys.readouterr()
-    assert evaluate_script.main(argv) == 0  # a finished run of the same config is evaluated, not retrained
+    assert evaluate.main(argv) == 0  # a finished run of the same config is evaluated, not retrained
     assert "reusing the finished run" in capsys.readouterr().out
 
 
 def test_experiments_file_errors_name_the_experiment_and_key(tmp_path, capsys):
     plan = tmp_path / "bad.json"
     plan.write_text(json.dumps([{"name": "EXP-X", "rank": 8, "learning_rate": 1e-3}]))
-    assert evaluate_script.main(["--experiments", str(plan)]) == 2
+    assert evaluate.main(["--experiments", str(plan)]) == 2
     assert "EXP-X: unknown key 'learning_rate'" in capsys.readouterr().err
-    assert evaluate_script.main(["--experiments", str(plan), "--adapter", "x"]) == 2
+    assert evaluate.main(["--experiments", str(plan), "--adapter", "x"]) == 2
     assert "--adapter cannot be combined with --experiments" in capsys.readouterr().err
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-import evaluate as evaluate_script
-import train as train_script
+import evaluate
+import train
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ROWS = FIXTURES / "golden_rows.jsonl"
@@ -51,9 +51,9 @@ def tensor_digest(path: Path) -> str:
 def observed_values(model_dir, tmp_path) -> dict:
     """Train, evaluate, and collect every number the golden file pins."""
     run_dir = tmp_path / "run"
-    assert train_script.main(train_args(model_dir, run_dir)) == 0
+    assert train.main(train_args(model_dir, run_dir)) == 0
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert evaluate_script.main(["--adapter", str(run_dir / "adapter"), "--compare-base", "--max-new-tokens", "12"]) == 0
+    assert evaluate.main(["--adapter", str(run_dir / "adapter"), "--compare-base", "--max-new-tokens", "12"]) == 0
     report = json.loads((run_dir / "eval.json").read_text())
     return {
         "metrics": [{key: record[key] for key in METRIC_KEYS if key in record} for record in metrics],

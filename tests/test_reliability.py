@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-import train as train_script
+import train
 from data import DataError, clean_rows, load_rows
 from medlora import checkpoint
 from medlora.checkpoint import verify_checkpoint
@@ -55,7 +55,7 @@ def assert_same_run(run_dir, reference):
 @pytest.fixture(scope="module")
 def reference_run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
-    assert train_script.main(args(tiny_model_dir, out)) == 0
+    assert train.main(args(tiny_model_dir, out)) == 0
     return out
 
 
@@ -80,7 +80,7 @@ def kill_at(tiny_model_dir, out, pause):
 def test_kill_9_then_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path, reference_run, pause, resumes_from, capsys):
     out = tmp_path / "run"
     kill_at(tiny_model_dir, out, pause)
-    assert train_script.main(args(tiny_model_dir, out, "--resume", "auto")) == 0
+    assert train.main(args(tiny_model_dir, out, "--resume", "auto")) == 0
     assert f"continuing from step-{resumes_from:06d}" in capsys.readouterr().out
     assert_same_run(out, reference_run)
     assert not list((out / "checkpoints").glob(".tmp-*"))
@@ -100,7 +100,7 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one(tiny_model_dir, tmp
     else:
         target.unlink()
     assert verify_checkpoint(target.parent) is not None
-    assert train_script.main(args(tiny_model_dir, out, "--resume", "auto")) == 0
+    assert train.main(args(tiny_model_dir, out, "--resume", "auto")) == 0
     printed = capsys.readouterr().out
     assert "skipping step-000006: " in printed and "falling back to the previous checkpoint" in printed
     assert "continuing from step-000004" in printed
@@ -110,7 +110,7 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one(tiny_model_dir, tmp
 def test_inf_gradients_under_fp16_skip_the_step_and_halve_the_scale(tiny_model_dir, tmp_path, monkeypatch):
     corrupt_loss(monkeypatch.setattr, "inf_grad", {2})
     out = tmp_path / "run"
-    assert train_script.main(args(tiny_model_dir, out, "--precision", "fp16", "--max-steps", "3")) == 0
+    assert train.main(args(tiny_model_dir, out, "--precision", "fp16", "--max-steps", "3")) == 0
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert [s["skipped"] for s in steps] == [False, True, False]
     assert steps[1]["loss_scale"] == steps[0]["loss_scale"] / 2
@@ -120,7 +120,7 @@ def test_inf_gradients_under_fp16_skip_the_step_and_halve_the_scale(tiny_model_d
 def test_nan_loss_for_k_steps_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):
     corrupt_loss(monkeypatch.setattr, "nan_loss", {3, 4, 5})
     out = tmp_path / "run"
-    assert train_script.main(args(tiny_model_dir, out, "--max-nan-steps", "3")) == 3
+    assert train.main(args(tiny_model_dir, out, "--max-nan-steps", "3")) == 3
     err = capsys.readouterr().err
     assert "loss was NaN or infinite for 3 consecutive steps; stopped at step 5" in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
@@ -135,7 +135,7 @@ def test_nan_loss_for_k_steps_stops_and_keeps_last_good_checkpoint(tiny_model_di
 def test_unwritable_output_folder_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    assert train_script.main(args(tiny_model_dir, blocker / "run")) == 2
+    assert train.main(args(tiny_model_dir, blocker / "run")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "a-file/run" in err and "\n" not in err
 
@@ -150,7 +150,7 @@ def test_full_disk_during_checkpoint_keeps_previous_checkpoints(tiny_model_dir, 
 
     monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
     out = tmp_path / "run"
-    assert train_script.main(args(tiny_model_dir, out)) == 2
+    assert train.main(args(tiny_model_dir, out)) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith("error: No space left on device") and "step-000004" in errors[0]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]

@@ -9,46 +9,46 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train as train_script
+import train
 from medlora.checkpoint import write_manifest
 
 
 def test_bad_settings_fail_before_any_model_is_loaded(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train_script, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
-    assert train_script.main(["--rank", "0", "--output-dir", str(tmp_path / "r")]) == 2
+    monkeypatch.setattr(train, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    assert train.main(["--rank", "0", "--output-dir", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.strip() == "error: --rank must be a positive integer, got 0"
 
 
 def test_target_that_matches_no_module_fails_before_the_weights_load(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train_script, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
-    code = train_script.main(["--model", str(tiny_model_dir), "--targets", "qkv", "--output-dir", str(tmp_path / "r")])
+    monkeypatch.setattr(train, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    code = train.main(["--model", str(tiny_model_dir), "--targets", "qkv", "--output-dir", str(tmp_path / "r")])
     assert code == 2
     assert capsys.readouterr().err.strip().startswith("error: no linear layer matches targets ['qkv']; linear layers in this model are named")
 
 
 def test_presets_and_overrides():
-    config, _, given = train_script.parse_args(["--preset", "t4", "--lr", "1e-4"])
+    config, _, given = train.parse_args(["--preset", "t4", "--lr", "1e-4"])
     assert config.model == "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
     assert (config.rank, config.alpha, config.batch_size, config.grad_accum, config.epochs) == (16, 32.0, 2, 8, 2.0)
     assert (config.precision, config.grad_checkpointing, config.num_examples, config.max_length) == ("fp16", True, 3000, 512)
     assert config.lr == 1e-4
     assert given == {"preset", "lr"}
-    default, _, given = train_script.parse_args([])
+    default, _, given = train.parse_args([])
     assert (default.preset, default.output_dir, given) == ("cpu", "runs/cpu", set())
 
 
 def test_config_file_gives_the_defaults_and_flags_override_it(tmp_path, capsys):
-    saved, _, _ = train_script.parse_args(["--preset", "t4", "--rank", "4"])
+    saved, _, _ = train.parse_args(["--preset", "t4", "--rank", "4"])
     path = tmp_path / "config.json"
     path.write_text(json.dumps(saved.to_json()))
-    config, _, given = train_script.parse_args(["--config", str(path), "--lr", "3e-4"])
+    config, _, given = train.parse_args(["--config", str(path), "--lr", "3e-4"])
     assert (config.preset, config.rank, config.lr, config.batch_size) == ("t4", 4, 3e-4, 2)
     assert given == {"lr"}
     with pytest.raises(SystemExit):
-        train_script.parse_args(["--config", str(path), "--preset", "cpu"])
+        train.parse_args(["--config", str(path), "--preset", "cpu"])
     assert "--preset and --config both give the defaults" in capsys.readouterr().err
     path.write_text(json.dumps({**saved.to_json(), "learning_rate": 1}))
-    assert train_script.main(["--config", str(path)]) == 2
+    assert train.main(["--config", str(path)]) == 2
     assert f"--config {path}: unknown setting 'learning_rate'" in capsys.readouterr().err
 
 
@@ -58,7 +58,7 @@ def run(tiny_model_dir, out, *extra):
     args = ["--model", str(tiny_model_dir), "--num-examples", "120", "--output-dir", str(out), "--max-steps", "6",
             "--batch-size", "4", "--grad-accum", "2", "--eval-every", "2", "--save-every", "2", "--keep-last", "10",
             "--lr", "5e-3", *extra]
-    return train_script.main(args)
+    return train.main(args)
 
 
 def records(run_dir, *keys):
@@ -134,14 +134,14 @@ def test_fp16_amp_on_cpu_saves_and_restores_scaler(tiny_model_dir, tmp_path, mon
     (step2 / "trainer_state.json").write_text(json.dumps(state))
     write_manifest(step2)
     captured = {}
-    original = train_script.load_checkpoint
+    original = train.load_checkpoint
 
     def spy(folder, model, optimizer, scaler):
         result = original(folder, model, optimizer, scaler)
         captured.update(scaler.state_dict())
         return result
 
-    monkeypatch.setattr(train_script, "load_checkpoint", spy)
+    monkeypatch.setattr(train, "load_checkpoint", spy)
     assert run(tiny_model_dir, out, "--precision", "fp16", "--max-steps", "4", "--resume", "auto") == 0
     assert (captured["scale"], captured["_growth_tracker"]) == (512.0, 7)
 
@@ -154,7 +154,7 @@ def test_gradient_accumulation_2x8_equals_one_batch_of_16(tiny_model_dir, tmp_pa
         argv = ["--model", str(tiny_model_dir), "--num-examples", "40", "--output-dir", str(out), "--max-steps", "1",
                 "--batch-size", str(batch_size), "--grad-accum", str(grad_accum), "--max-batch-tokens", "0",
                 "--dropout", "0", "--precision", "fp32"]
-        assert train_script.main(argv) == 0
+        assert train.main(argv) == 0
         return next(r for r in records(out, "loss", "grad_norm", "tokens") if "loss" in r)
 
     whole, accumulated = first_step(tmp_path / "16x1", 16, 1), first_step(tmp_path / "2x8", 2, 8)
@@ -168,7 +168,7 @@ def test_without_validation_rows_no_val_numbers_are_logged(tiny_model_dir, tmp_p
     rows.write_text(json.dumps({"question": "What does insulin do?", "answer": "It lowers blood glucose by moving it into cells."}) + "\n")
     out = tmp_path / "run"
     argv = ["--model", str(tiny_model_dir), "--data", str(rows), "--output-dir", str(out), "--epochs", "2", "--eval-every", "1"]
-    assert train_script.main(argv) == 0
+    assert train.main(argv) == 0
     printed = capsys.readouterr().out
     assert "[eval] no validation rows: no validation loss is logged" in printed
     assert "val loss" not in printed.replace("best val loss n/a (no validation rows)", "")
