@@ -52,6 +52,7 @@ from medlora.run_folder import (
     write_summary,
 )
 from medlora.schedule import cosine_with_warmup, schedule_lengths
+from medlora.scope_gate import fit_gate_on_examples
 
 
 def load_base_model(config: TrainConfig):
@@ -215,6 +216,10 @@ def train(config: TrainConfig, given: set[str] = frozenset(), resume: str | None
         bar.close()  # before any message, so an error is printed on a line of its own
 
     save_loss_curve(run_dir)
+    # 10. the scope gate: a linear classifier on the trained model's own prompt states, kept with the adapter
+    model.eval()
+    gate = fit_gate_on_examples(model, tokenizer, train_examples)
+    print(f"[gate] scope gate saved to {gate.save(run_dir / ADAPTER)}" if gate else "[gate] the training answers teach one class: no scope gate")
     summary = run_summary(state, lora, peak_memory_gb(device), padding_fraction(padded_batches, lengths) if padded_batches else None)
     write_summary(run_dir, summary)
     print(done_line(summary, lora, run_dir))
