@@ -1,0 +1,1 @@
+"""medlora: the library behind train.py, evaluate.py, chat.py and export.py."""
