@@ -402,10 +402,13 @@ def test_modelfile_has_from_chatml_template_stop_and_the_training_system_prompt(
 # ---------------------------------------------------------------- the embedded model (slow)
 
 
-@pytest.fixture(scope="module")
-def embedded_export(tmp_path_factory):
-    """A random adapter (all 7 projections, rank 8, B ~ N(0, 0.002)) on the embedded model, exported as GGUF f32/f16/q8_0."""
-    folder = tmp_path_factory.mktemp("embedded-export")
+def embedded_model_with_random_adapter(folder):
+    """A random adapter (all 7 projections, rank 8, B ~ N(0, 0.002)) on the embedded model, saved to folder/adapter
+    and exported as merged GGUF f32/f16/q8_0 (folder/merged-DTYPE.gguf).
+
+    Returns:
+        (the merged model, tokenizer, the 34 test questions of the embedded data's evaluation split).
+    """
     merged, tokenizer, _ = load_for_inference(None, None)
     random_adapter(merged, rank=8, alpha=16, std=0.002, seed=0)
     save_adapter(merged, folder / "adapter", base_model="SmolLM2-135M-Instruct")
@@ -414,7 +417,13 @@ def embedded_export(tmp_path_factory):
     for dtype in ("f32", "f16", "q8_0"):
         export_adapter(folder / "adapter", "gguf", folder / f"merged-{dtype}.gguf", dtype)
     questions = [example.question for example in prepare_data(tokenizer).examples.test]
-    return folder, merged.eval(), tokenizer, questions
+    return merged.eval(), tokenizer, questions
+
+
+@pytest.fixture(scope="module")
+def embedded_export(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("embedded-export")
+    return folder, *embedded_model_with_random_adapter(folder)
 
 
 @pytest.mark.slow
