@@ -10,6 +10,8 @@
     metrics.py      BLEU, ROUGE, perplexity, bootstrap intervals
     scope.py        the one rule for declines and referrals; the held-out scope set; scope rates
     evaluation/     settings, one evaluation run, scores with intervals, report files
+    export/         the merged model out: Hugging Face folder, GGUF (llama.cpp), LoRA GGUF, Ollama folder
+    scope_gate.py   a learned scope gate on the model's own prompt state, fitted after training
     errors.py       the failures users can act on, report_failure and the exit codes
 
 It imports lora/ and data/, never a script (train.py, evaluate.py, chat.py).
