@@ -7,7 +7,6 @@ theirs: sufficient statistics first (n-gram counts, summed NLL and token count),
     rouge_scores(predictions, references)   per-example ROUGE-1/2/L F1 (Porter-stemmed)
     perplexity(nll_sum, token_count)        exp(nll_sum / token_count)
     bootstrap_interval(n, metric_of_indices) percentile bootstrap of any corpus-level metric
-    is_scope_decline(answer)                does an answer decline as outside medical scope?
 
 The summed NLL and token counts come from the model, through medlora.loss.row_nll.
 
@@ -247,40 +246,3 @@ def bootstrap_interval(
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(resampled_metrics, [tail, 1.0 - tail])
     return float(low), float(high)
-
-
-# --- Scope declines ---------------------------------------------------------------------
-
-# Phrases of an answer that refuses a question as outside the assistant's medical scope.
-# Matched as lowercase substrings, so "outside my" covers "outside my expertise / area /
-# scope". "medical questions" is deliberately broad ("I can only help with medical
-# questions"): it also fires on an answer that merely mentions medical questions.
-SCOPE_DECLINE_PHRASES = (
-    "outside my",
-    "outside of my",
-    "outside the scope",
-    "beyond my scope",
-    "beyond the scope",
-    "my specialty",
-    "only answer medical",
-    "medical questions",
-)
-
-
-def is_scope_decline(answer: str) -> bool:
-    """True when an answer declines a question as outside the assistant's medical scope.
-
-    Heuristic: the answer is lowercased and its whitespace runs (line breaks included)
-    collapsed to single spaces; it counts as a decline if it then contains any of
-    :data:`SCOPE_DECLINE_PHRASES`. A substring test, so it can miss a decline worded
-    otherwise ("I can't help with tax law") and can fire on an answer that only quotes
-    such a phrase.
-
-    Args:
-        answer: the generated answer.
-
-    Returns:
-        Whether the answer contains a scope-decline phrase.
-    """
-    normalized = " ".join(answer.lower().split())
-    return any(phrase in normalized for phrase in SCOPE_DECLINE_PHRASES)

@@ -16,7 +16,6 @@ from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 from medlora.metrics import (
     bootstrap_interval,
     corpus_bleu,
-    is_scope_decline,
     perplexity,
     rouge_scores,
     tokenize_13a,
@@ -353,32 +352,3 @@ def test_bootstrap_rejects_bad_arguments() -> None:
         bootstrap_interval(1, lambda idx: 0.0, n_resamples=0)
     with pytest.raises(ValueError, match=r"level must be in \(0, 1\), got 1.0"):
         bootstrap_interval(1, lambda idx: 0.0, level=1.0)
-
-
-# --- is_scope_decline ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "answer",
-    [
-        "I'm sorry, that question is outside my area of expertise.",
-        "This falls OUTSIDE THE SCOPE of a medical assistant.",
-        "Tax law is not my specialty; please consult an accountant.",
-        "I can only answer medical\nquestions.",
-        "Sorry, I can only help with medical questions.",
-    ],
-)
-def test_is_scope_decline_positive(answer: str) -> None:
-    assert is_scope_decline(answer)
-
-
-@pytest.mark.parametrize(
-    "answer",
-    [
-        "Take 400 mg of ibuprofen every 8 hours with food.",
-        "See a doctor if the rash spreads outside the original area.",
-        "",
-    ],
-)
-def test_is_scope_decline_negative(answer: str) -> None:
-    assert not is_scope_decline(answer)
