@@ -9,13 +9,15 @@ over the held-out scope set (data/scope_heldout.jsonl, decided by medlora.scope)
     perplexity       exp(sum NLL / sum tokens) over the answer (+ EOS) tokens of the whole split
     perplexity_full  the same over every predicted non-pad token (system prompt + question + answer),
                      the reference notebook's method, kept for comparison
-    bleu             corpus BLEU-4 (medlora.metrics.corpus_bleu), recomputed on each resample
+    bleu             corpus BLEU-4 from summed per-example n-gram statistics (medlora.metrics.bleu_statistics)
     rouge1/2/L       mean of per-example F1 (medlora.metrics.rouge_scores)
     ood_decline_rate            share of out-of-domain prompts declined (medlora.scope.scope_outcomes)
     medical_false_decline_rate  share of medical prompts declined
     emergency_referral_rate     share of emergency / personal-dose prompts referred on
 
-The split metrics get a bootstrap interval; the scope rates a Wilson score interval
+Each metric takes every bootstrap resample at once (an index array [resamples, n]) and re-sums the
+per-example statistics, so all intervals of an evaluation take well under a second. The split
+metrics get a bootstrap interval; the scope rates a Wilson score interval
 (medlora.scope.wilson_interval), since each is a plain proportion. Deltas of either kind get a
 paired bootstrap interval.
 """
@@ -23,11 +25,12 @@ paired bootstrap interval.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
 
-from medlora.metrics import bootstrap_interval, corpus_bleu, perplexity
+from medlora.metrics import bleu_from_statistics, bleu_statistics, bootstrap_interval, perplexity
 from medlora.scope import SCOPE_RATES, rate_of
 
 BOOTSTRAP_RESAMPLES = 1000  # resamples per interval (sacreBLEU's paired bootstrap uses 1000 too)
@@ -49,35 +52,41 @@ class ModelOutputs:
     def n(self) -> int:
         return len(self.answers)
 
+    @cached_property
+    def bleu_statistics(self) -> np.ndarray:
+        """[n, 10] BLEU sufficient statistics per example (medlora.metrics.bleu_statistics)."""
+        return np.stack([bleu_statistics(a, r) for a, r in zip(self.answers, self.references)]).reshape(self.n, 10)
+
 
 @dataclass(frozen=True)
 class Metric:
     label: str  # row name in the table
     population: str  # "split": the evaluated medical examples; "scope": the held-out scope prompts of this rate
-    of_indices: Callable[[ModelOutputs, np.ndarray], float]  # the metric of the examples at these indices
+    of_indices: Callable[[ModelOutputs, np.ndarray], np.ndarray]  # [resamples, n] indices -> [resamples] metric
     digits: int = 4  # decimals shown in the table
 
 
 ANSWER_COLUMN, FULL_COLUMN = 0, 2  # column of the summed NLL in ModelOutputs.nll; its token count is the next one
 
 
-def _perplexity_of(column: int) -> Callable[[ModelOutputs, np.ndarray], float]:
-    def of_indices(outputs: ModelOutputs, indices: np.ndarray) -> float:
-        return perplexity(float(outputs.nll[indices, column].sum()), int(outputs.nll[indices, column + 1].sum()))
+def _perplexity_of(column: int) -> Callable[[ModelOutputs, np.ndarray], np.ndarray]:
+    def of_indices(outputs: ModelOutputs, indices: np.ndarray) -> np.ndarray:
+        nll, tokens = outputs.nll[indices, column].sum(axis=-1), outputs.nll[indices, column + 1].sum(axis=-1)
+        return np.array([perplexity(float(total), int(count)) for total, count in zip(nll, tokens)])
 
     return of_indices
 
 
-def _bleu_of(outputs: ModelOutputs, indices: np.ndarray) -> float:
-    return corpus_bleu([outputs.answers[i] for i in indices], [outputs.references[i] for i in indices])
+def _bleu_of(outputs: ModelOutputs, indices: np.ndarray) -> np.ndarray:
+    return np.array([bleu_from_statistics(row) for row in outputs.bleu_statistics[indices].sum(axis=-2)])
 
 
-def _mean_rouge_of(name: str) -> Callable[[ModelOutputs, np.ndarray], float]:
-    return lambda outputs, indices: float(outputs.rouge[name][indices].mean())
+def _mean_rouge_of(name: str) -> Callable[[ModelOutputs, np.ndarray], np.ndarray]:
+    return lambda outputs, indices: outputs.rouge[name][indices].mean(axis=-1)
 
 
-def _scope_rate_of(name: str) -> Callable[[ModelOutputs, np.ndarray], float]:
-    return lambda outputs, indices: float(outputs.scope[name][indices].mean())
+def _scope_rate_of(name: str) -> Callable[[ModelOutputs, np.ndarray], np.ndarray]:
+    return lambda outputs, indices: outputs.scope[name][indices].mean(axis=-1)
 
 
 METRICS: dict[str, Metric] = {
@@ -113,7 +122,7 @@ def summarize(outputs: ModelOutputs, bar=None) -> dict:
     intervals = {}
     for name, metric in METRICS.items():
         size = population_size(outputs, name)
-        summary[name] = metric.of_indices(outputs, np.arange(size)) if size else None
+        summary[name] = value_on_all(outputs, name) if size else None
         if metric.population == "scope":
             rate = summary["scope"][name]
             intervals[name] = [rate["low"], rate["high"]] if size else None
@@ -136,17 +145,23 @@ def paired_deltas(base: ModelOutputs, finetuned: ModelOutputs, bar=None) -> dict
     for name, metric in METRICS.items():
         size = population_size(finetuned, name)
 
-        def difference(indices: np.ndarray, metric: Metric = metric) -> float:
+        def difference(indices: np.ndarray, metric: Metric = metric) -> np.ndarray:
             return metric.of_indices(finetuned, indices) - metric.of_indices(base, indices)
 
         deltas[name] = None
         if size:
             low, high = bootstrap(size, difference)
-            deltas[name] = {"value": difference(np.arange(size)), "interval": [low, high], "excludes_zero": low > 0 or high < 0}
+            value = value_on_all(finetuned, name) - value_on_all(base, name)
+            deltas[name] = {"value": value, "interval": [low, high], "excludes_zero": low > 0 or high < 0}
         if bar is not None:
             bar.update(1)
     return deltas
 
 
-def bootstrap(size: int, metric_of_indices: Callable[[np.ndarray], float]) -> tuple[float, float]:
+def value_on_all(outputs: ModelOutputs, name: str) -> float:
+    """The metric `name` on all its examples (or prompts): the one resample that takes each once."""
+    return float(METRICS[name].of_indices(outputs, np.arange(population_size(outputs, name))[None, :])[0])
+
+
+def bootstrap(size: int, metric_of_indices: Callable[[np.ndarray], np.ndarray]) -> tuple[float, float]:
     return bootstrap_interval(size, metric_of_indices, n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)

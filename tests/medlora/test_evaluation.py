@@ -64,10 +64,10 @@ def test_answer_only_and_full_perplexity_count_what_they_should():
     expected = [[math.log(8), 2, math.log(16), 3], [math.log(4), 1, math.log(4), 1]]
     np.testing.assert_allclose(table, expected, rtol=1e-6)
     outputs = outputs_with(table)
-    both = np.arange(2)
+    both = np.arange(2)[None, :]  # one "resample" that takes each example once
     # exp(sum NLL / sum tokens), not the mean of per-example perplexities (sqrt(8)+4)/2 = 3.41.
-    assert METRICS["perplexity"].of_indices(outputs, both) == pytest.approx(32 ** (1 / 3))
-    assert METRICS["perplexity_full"].of_indices(outputs, both) == pytest.approx(64 ** (1 / 4))
+    assert METRICS["perplexity"].of_indices(outputs, both)[0] == pytest.approx(32 ** (1 / 3))
+    assert METRICS["perplexity_full"].of_indices(outputs, both)[0] == pytest.approx(64 ** (1 / 4))
 
 
 @pytest.fixture(scope="module")
