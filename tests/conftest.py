@@ -38,6 +38,14 @@ def make_tiny_model(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(tiny_llama_config()).eval()
 
 
+@pytest.fixture(autouse=True)
+def evaluation_cache_in_tmp(tmp_path, monkeypatch):
+    """Every test gets its own empty evaluation cache: no base-model results leak between tests or from ~/.cache."""
+    from medlora.evaluation import cache
+
+    monkeypatch.setattr(cache, "eval_cache_dir", lambda: tmp_path / "eval-cache")
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The embedded model's real tokenizer (ChatML template, EOS = <|im_end|>)."""

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data import EncodedExample, micro_batches, prepare_data
+from medlora.evaluation.cache import cache_key, cache_path, read_cached, write_cached
 from medlora.evaluation.scores import METRICS, ModelOutputs, paired_deltas, summarize
 from medlora.evaluation.settings import NON_MEDICAL_TOPICS, EvalSettings
 from medlora.generation import generate_answers, load_for_inference
@@ -101,6 +102,10 @@ def evaluation_examples(tokenizer, settings: EvalSettings) -> list[EncodedExampl
 def run_evaluation(settings: EvalSettings, progress: bool = True) -> Evaluation:
     """Evaluate the fine-tuned model (adapter merged) and/or the base model on the held-out split.
 
+    The base model's outputs are read from the evaluation cache when an earlier run stored them
+    under the same key (medlora.evaluation.cache), and stored there otherwise (unless settings.cache
+    is off).
+
     The data are prepared before any model is loaded, and the fine-tuned model is evaluated
     first, so a bad dataset or adapter fails before minutes of generation.
     """
@@ -110,11 +115,20 @@ def run_evaluation(settings: EvalSettings, progress: bool = True) -> Evaluation:
     scope_prompts = load_heldout(settings.scope_set) if settings.scope else []
     outputs = {}
     for key in settings.model_keys:
+        base_key = cache_key(settings, dtype, device) if key == "base" and settings.cache else None
+        cached = read_cached(base_key) if base_key is not None else None
+        if cached is not None:
+            print(f"[eval] base model: reusing its results from {cache_path(base_key)} (same model, data, split, "
+                  "generation settings and code; --no-cache recomputes them)")
+            outputs[key] = cached
+            continue
         adapter = settings.adapter if key == "finetuned" else None
         model, tokenizer, description = load_for_inference(settings.model, adapter, device, dtype)
         print(f"[eval] {description} on {device}: {len(examples)} medical {settings.split} examples, "
               f"{len(scope_prompts)} held-out scope prompts")
         outputs[key] = evaluate_model(model, tokenizer, examples, scope_prompts, settings, progress)
+        if base_key is not None:
+            write_cached(base_key, outputs[key])
         del model
         gc.collect()
         if device.type == "cuda":

@@ -49,6 +49,7 @@ class EvalSettings:
     precision: str = "auto"  # weight dtype: auto = fp32 on CPU (batch-invariant greedy answers), bf16/fp16 on CUDA
     device: str | None = None  # cpu | cuda | cuda:N (None = CUDA when available)
     output: str = "eval.json"  # the JSON report; predictions, PNG and markdown are written next to it
+    cache: bool = True  # reuse the base model's outputs from an earlier run with the same key (medlora.evaluation.cache)
     scope: bool = True  # also answer the held-out scope prompts, for the three scope rates
     scope_set: str | None = None  # held-out scope prompts (JSON lines, medlora.scope.load_heldout); None = data/scope_heldout.jsonl
     sources: dict[str, str] = field(default_factory=dict)  # where each setting came from
@@ -76,6 +77,7 @@ class EvalSettings:
             "compare_base": self.compare_base, "batch_size": self.batch_size,
             "generation": ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.generation).items()),
             "precision": self.precision, "device": self.device or "auto", "output": self.output,
+            "cache": "base model results reused when unchanged" if self.cache else "off (--no-cache)",
             "scope": f"{self.scope_set or 'data/scope_heldout.jsonl'}, max_new_tokens={self.scope_generation.max_new_tokens}"
             if self.scope else "off",
         }
@@ -121,6 +123,8 @@ def resolve_settings(flags: dict) -> EvalSettings:
             else:
                 sources[name] = flag_name(name)
             values[name] = flags[name]
+    if flags.get("no_cache"):
+        values["cache"], sources["cache"] = False, "--no-cache"
     generation = generation_settings(flags, values["seed"])
     if generation != GenerationSettings():
         sources["generation"] = "flags"
