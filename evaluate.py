@@ -62,6 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--temperature", type=float, help="with --sample: softmax temperature (default: 0.7)")
     add("--top-p", type=float, help="with --sample: nucleus probability mass (default: 0.9)")
     add("--sample-seed", type=int, help="with --sample: seed of the sampler (default: --seed)")
+    add("--no-cache", action="store_true", help="evaluate the base model again instead of reusing its cached results "
+        "(~/.cache/medlora/eval, keyed by model, data, split, generation settings and code version)")
+    add("--scope-set", help="held-out scope prompts, JSON lines {question, kind, category, wording} "
+        "(default: data/scope_heldout.jsonl); answered with at most 64 new tokens for the three scope rates")
     add("--precision", choices=PRECISIONS, help="weight dtype; auto = bf16/fp16 on CUDA, fp32 on CPU (answers then do not depend on --batch-size)")
     add("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     add("--output", help="report .json (default: RUN/eval.json next to the adapter's run folder, else eval.json; "

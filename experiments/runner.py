@@ -112,7 +112,7 @@ def run_experiments(experiments: list[tuple[str, TrainConfig]], eval_flags: dict
             print(f"[experiments] {name}: reusing the finished run (same config) in {config.output_dir}")
         adapter = Path(config.output_dir) / ADAPTER
         settings = resolve_settings({**eval_flags, "adapter": str(adapter), "output": str(Path(config.output_dir) / "eval.json")})
-        settings.extra_ood_questions = ()
+        settings.scope = False  # the experiment table has no scope rates
         evaluation = run_evaluation(settings, progress)
         save_evaluation(evaluation, settings.output)
         finetuned = evaluation.report["finetuned"]

@@ -4,10 +4,10 @@ Pure functions, no model code. Each metric is built the way sacreBLEU and rouge_
 theirs: sufficient statistics first (n-gram counts, summed NLL and token count), the score last.
 
     corpus_bleu(predictions, references)    corpus BLEU-4 in [0, 1], sacreBLEU-13a compatible
+    bleu_statistics(prediction, reference)  its per-example sufficient statistics; bleu_from_statistics
     rouge_scores(predictions, references)   per-example ROUGE-1/2/L F1 (Porter-stemmed)
     perplexity(nll_sum, token_count)        exp(nll_sum / token_count)
     bootstrap_interval(n, metric_of_indices) percentile bootstrap of any corpus-level metric
-    is_scope_decline(answer)                does an answer decline as outside medical scope?
 
 The summed NLL and token counts come from the model, through medlora.loss.row_nll.
 
@@ -19,11 +19,11 @@ Tests (hand-computed values and parity with sacreBLEU):
 import math
 import re
 import string
-import warnings
+import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from nltk.translate import bleu_score
 from rouge_score import rouge_scorer
 
 # --- mteval-v13a tokenization -------------------------------------------------------------
@@ -86,6 +86,61 @@ def _check_same_length(predictions: Sequence[str], references: Sequence[str]) ->
         )
 
 
+BLEU_ORDERS = 4  # BLEU-4: n-grams of 1 to 4 tokens, weight 1/4 each
+# Columns of bleu_statistics: clipped matches of order 1..4, prediction n-grams of order 1..4
+# (at least 1 each), prediction length, reference length (tokens).
+MATCHES, TOTALS, PREDICTION_LENGTH, REFERENCE_LENGTH = slice(0, 4), slice(4, 8), 8, 9
+
+
+def _ngram_counts(tokens: list[str], order: int) -> Counter:
+    return Counter(tuple(tokens[i : i + order]) for i in range(len(tokens) - order + 1))
+
+
+def bleu_statistics(prediction: str, reference: str) -> np.ndarray:
+    """BLEU's sufficient statistics of one example: what corpus BLEU sums over examples.
+
+    For each order n = 1..4: the clipped n-gram matches (each prediction n-gram counts at most as
+    often as it occurs in the reference) and the number of prediction n-grams, at least 1 (nltk's
+    per-sentence ``max(1, count)``); then the prediction and reference lengths. Tokens come from
+    :func:`tokenize_13a` after stripping trailing whitespace, as sacreBLEU does.
+
+    Returns:
+        int64 [10]: matches 1..4, totals 1..4, prediction length, reference length.
+    """
+    prediction_tokens, reference_tokens = tokenize_13a(prediction.rstrip()), tokenize_13a(reference.rstrip())
+    statistics = np.zeros(10, dtype=np.int64)
+    for order in range(1, BLEU_ORDERS + 1):
+        predicted, referenced = _ngram_counts(prediction_tokens, order), _ngram_counts(reference_tokens, order)
+        statistics[order - 1] = sum(min(count, referenced[ngram]) for ngram, count in predicted.items())
+        statistics[BLEU_ORDERS + order - 1] = max(1, sum(predicted.values()))
+    statistics[PREDICTION_LENGTH], statistics[REFERENCE_LENGTH] = len(prediction_tokens), len(reference_tokens)
+    return statistics
+
+
+def bleu_from_statistics(statistics: Sequence[int]) -> float:
+    """Corpus BLEU-4 from :func:`bleu_statistics` summed over the corpus' examples.
+
+    ``BLEU = BP * exp(sum_{n=1..4} 0.25 * log p_n)`` with ``p_n = matches_n / totals_n`` and
+    ``BP = 1`` when the prediction length c exceeds the reference length r, ``0`` when c = 0,
+    else ``exp(1 - r / c)``. No matching unigram gives 0; an order with no match counts as the
+    smallest positive float (so BLEU < 1e-70), as unsmoothed nltk does. The arithmetic (float
+    division, ``math.log``, ``math.fsum``) follows ``nltk.translate.bleu_score.corpus_bleu``, so the
+    score is the same float.
+    """
+    matches, totals = statistics[MATCHES], statistics[TOTALS]
+    prediction_length, reference_length = int(statistics[PREDICTION_LENGTH]), int(statistics[REFERENCE_LENGTH])
+    if matches[0] == 0:
+        return 0.0
+    if prediction_length > reference_length:
+        brevity_penalty = 1.0
+    elif prediction_length == 0:
+        brevity_penalty = 0.0
+    else:
+        brevity_penalty = math.exp(1 - reference_length / prediction_length)
+    precisions = [int(m) / int(t) if m else sys.float_info.min for m, t in zip(matches, totals)]
+    return float(brevity_penalty * math.exp(math.fsum(math.log(p) / BLEU_ORDERS for p in precisions)))
+
+
 def corpus_bleu(predictions: list[str], references: list[str]) -> float:
     """Corpus BLEU-4 in [0, 1] of predictions against one reference each.
 
@@ -94,10 +149,12 @@ def corpus_bleu(predictions: list[str], references: list[str]) -> float:
     by prediction n-grams summed over all sentences) and ``BP = min(1, exp(1 - r / c))`` with
     ``c`` the total prediction length and ``r`` the total reference length, in tokens.
 
-    Tokens come from :func:`tokenize_13a`; the score comes from
-    ``nltk.translate.bleu_score.corpus_bleu`` with uniform weights and no smoothing. It equals
-    ``sacrebleu.corpus_bleu(predictions, [references], tokenize="13a").score / 100`` (within
-    float rounding) whenever
+    Sufficient statistics first (:func:`bleu_statistics` per example, summed), the score last
+    (:func:`bleu_from_statistics`), so a bootstrap resample only re-sums the statistics. Tokens
+    come from :func:`tokenize_13a`. The score equals
+    ``nltk.translate.bleu_score.corpus_bleu`` with uniform weights and no smoothing (tested to
+    the last bit) and ``sacrebleu.corpus_bleu(predictions, [references], tokenize="13a").score / 100``
+    (within float rounding) whenever
 
     * every n-gram order has at least one match in the corpus, and
     * every prediction has at least 4 tokens,
@@ -105,11 +162,11 @@ def corpus_bleu(predictions: list[str], references: list[str]) -> float:
     which holds for a realistic corpus of multi-sentence answers. Outside those conditions the
     two tools differ by design, and this function keeps the unsmoothed definition:
 
-    * an order with zero matches makes BLEU 0 here (nltk stands in the smallest positive float
-      for that precision, so the score is below 1e-70), while sacreBLEU's default ``exp``
+    * an order with zero matches makes BLEU 0 here (the smallest positive float stands in for that
+      precision, so the score is below 1e-70), while sacreBLEU's default ``exp``
       smoothing (mteval-v13a's) replaces the k-th zero precision with ``1 / (2^k * total_n)``;
-    * nltk counts at least one n-gram slot per sentence (its per-sentence denominator is
-      ``max(1, count)``), so a prediction shorter than n tokens adds 1 to the order-n
+    * at least one n-gram slot is counted per sentence (the per-sentence denominator is
+      ``max(1, count)``, as in nltk), so a prediction shorter than n tokens adds 1 to the order-n
       denominator, where sacreBLEU adds 0.
 
     Args:
@@ -125,17 +182,7 @@ def corpus_bleu(predictions: list[str], references: list[str]) -> float:
     _check_same_length(predictions, references)
     if not predictions:
         return 0.0
-    # sacreBLEU strips trailing whitespace before tokenizing; it matters only for a "-\n" at
-    # the very end, which would otherwise join with nothing.
-    prediction_tokens = [tokenize_13a(text.rstrip()) for text in predictions]
-    reference_tokens = [[tokenize_13a(text.rstrip())] for text in references]
-    with warnings.catch_warnings():
-        # nltk warns once per zero-match n-gram order; the docstring above covers that case.
-        warnings.filterwarnings("ignore", message=r"\s*The hypothesis contains 0 counts")
-        score = bleu_score.corpus_bleu(
-            reference_tokens, prediction_tokens, weights=(0.25, 0.25, 0.25, 0.25)
-        )
-    return float(score)
+    return bleu_from_statistics(sum(bleu_statistics(p, r) for p, r in zip(predictions, references)))
 
 
 # --- ROUGE --------------------------------------------------------------------------------
@@ -200,30 +247,34 @@ def perplexity(nll_sum: float, token_count: int) -> float:
 
 def bootstrap_interval(
     n: int,
-    metric_of_indices: Callable[[np.ndarray], float],
+    metric_of_indices: Callable[[np.ndarray], np.ndarray],
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of a metric over n examples, resampling example indices.
 
-    Each resample draws n indices uniformly with replacement from ``0 .. n-1`` and calls
-    ``metric_of_indices(indices)``; the interval is the ``(1 - level) / 2`` and
-    ``(1 + level) / 2`` quantiles (numpy's linear interpolation) of those values.
+    Each resample draws n indices uniformly with replacement from ``0 .. n-1``; the interval is
+    the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles (numpy's linear interpolation) of
+    the metric over the resamples.
 
-    Contract: ``metric_of_indices`` recomputes the whole metric on the examples at ``indices``
-    (an int array of length n, repeats allowed). That is what makes corpus-level metrics come
-    out right, since they pool sufficient statistics rather than average per-example scores:
+    Contract: ``metric_of_indices`` gets every resample at once, an int array
+    ``[n_resamples, n]`` (repeats allowed), and returns the metric of each row, ``[n_resamples]``,
+    recomputing the whole metric from the examples' sufficient statistics. That is what makes
+    corpus-level metrics come out right (they pool statistics rather than average per-example
+    scores) and fast (a resample re-sums statistics, it does not re-tokenize):
 
-        bootstrap_interval(len(preds), lambda idx: corpus_bleu(
-            [preds[i] for i in idx], [refs[i] for i in idx]))
-        bootstrap_interval(len(nll), lambda idx: perplexity(nll[idx].sum(), counts[idx].sum()))
+        statistics = np.stack([bleu_statistics(p, r) for p, r in zip(preds, refs)])   # [n, 10]
+        bootstrap_interval(n, lambda idx: [bleu_from_statistics(row) for row in statistics[idx].sum(1)])
+        bootstrap_interval(n, lambda idx: np.exp(nll[idx].sum(1) / counts[idx].sum(1)))
 
-    Deterministic: the same seed gives the same interval.
+    Deterministic: the same seed gives the same interval. The resamples come from one
+    ``numpy.random.default_rng(seed).integers(0, n, size=(n_resamples, n))`` call, which draws the
+    same index arrays as a loop of ``rng.integers(0, n, size=n)`` calls (tested).
 
     Args:
         n: number of examples.
-        metric_of_indices: the metric of the examples selected by an index array.
+        metric_of_indices: the metric of each resample, given the [n_resamples, n] index array.
         n_resamples: number of bootstrap resamples.
         seed: seed of the numpy random generator.
         level: coverage of the interval, in (0, 1).
@@ -241,46 +292,8 @@ def bootstrap_interval(
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
     rng = np.random.default_rng(seed)
-    resampled_metrics = np.array(
-        [metric_of_indices(rng.integers(0, n, size=n)) for _ in range(n_resamples)]
-    )
+    resamples = rng.integers(0, n, size=(n_resamples, n))  # [n_resamples, n]
+    resampled_metrics = np.asarray(metric_of_indices(resamples), dtype=float)
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(resampled_metrics, [tail, 1.0 - tail])
     return float(low), float(high)
-
-
-# --- Scope declines ---------------------------------------------------------------------
-
-# Phrases of an answer that refuses a question as outside the assistant's medical scope.
-# Matched as lowercase substrings, so "outside my" covers "outside my expertise / area /
-# scope". "medical questions" is deliberately broad ("I can only help with medical
-# questions"): it also fires on an answer that merely mentions medical questions.
-SCOPE_DECLINE_PHRASES = (
-    "outside my",
-    "outside of my",
-    "outside the scope",
-    "beyond my scope",
-    "beyond the scope",
-    "my specialty",
-    "only answer medical",
-    "medical questions",
-)
-
-
-def is_scope_decline(answer: str) -> bool:
-    """True when an answer declines a question as outside the assistant's medical scope.
-
-    Heuristic: the answer is lowercased and its whitespace runs (line breaks included)
-    collapsed to single spaces; it counts as a decline if it then contains any of
-    :data:`SCOPE_DECLINE_PHRASES`. A substring test, so it can miss a decline worded
-    otherwise ("I can't help with tax law") and can fire on an answer that only quotes
-    such a phrase.
-
-    Args:
-        answer: the generated answer.
-
-    Returns:
-        Whether the answer contains a scope-decline phrase.
-    """
-    normalized = " ".join(answer.lower().split())
-    return any(phrase in normalized for phrase in SCOPE_DECLINE_PHRASES)

@@ -60,10 +60,14 @@ def embedded_gguf_path() -> Path:
     raise ModelLoadError(f"'{EMBEDDED_WHEEL}' is installed but holds no {EMBEDDED_GGUF}")
 
 
+def cache_root() -> Path:
+    """Per-user cache folder of medlora: ~/.cache/medlora (override with MEDLORA_CACHE)."""
+    return Path(os.environ.get("MEDLORA_CACHE") or Path.home() / ".cache" / "medlora")
+
+
 def cache_dir() -> Path:
-    """Per-user folder holding the dequantized embedded model (override with MEDLORA_CACHE)."""
-    root = os.environ.get("MEDLORA_CACHE") or Path.home() / ".cache" / "medlora"
-    return Path(root) / "smollm2-135m-instruct"
+    """Folder holding the dequantized embedded model, inside cache_root()."""
+    return cache_root() / "smollm2-135m-instruct"
 
 
 def _build_embedded_cache(target: Path) -> None:

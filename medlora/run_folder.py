@@ -126,8 +126,28 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
         path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
+LOSS_SMOOTHING_HALF_WIDTH = 4  # the smoothed train loss averages 2 * 4 + 1 = 9 steps, centred on each step
+
+
+def centred_moving_average(values: list[float], half_width: int = LOSS_SMOOTHING_HALF_WIDTH) -> list[float]:
+    """Mean of values[i - half_width .. i + half_width] for each i; the window is cut at both ends.
+
+    Centred, so the smoothed curve does not lag behind the raw one (an exponential moving average
+    would); at the ends the window holds fewer steps (the first point averages steps 0..half_width).
+    Length-grouped batches make the per-step loss zig-zag (short answers score differently from
+    long ones); the average over 9 steps shows the trend.
+    """
+    if half_width < 0:
+        raise ValueError(f"half_width must be >= 0, got {half_width}")
+    smoothed = []
+    for index in range(len(values)):
+        window = values[max(0, index - half_width) : index + half_width + 1]
+        smoothed.append(sum(window) / len(window))
+    return smoothed
+
+
 def save_loss_curve(run_dir: Path) -> None:
-    """loss_curve.png: the train loss of every step and the validation loss of every pass."""
+    """loss_curve.png: the raw train loss of every step, its centred moving average, and the validation loss."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
     records = read_metrics(run_dir)
@@ -136,7 +156,10 @@ def save_loss_curve(run_dir: Path) -> None:
     figure = Figure(figsize=(7, 4))
     axes = figure.subplots()
     if train:
-        axes.plot(*zip(*train), label="train loss", color="#4477aa")
+        steps, losses = zip(*train)
+        axes.plot(steps, losses, label="train loss (per step)", color="#4477aa", alpha=0.35, linewidth=1)
+        width = 2 * LOSS_SMOOTHING_HALF_WIDTH + 1
+        axes.plot(steps, centred_moving_average(list(losses)), label=f"train loss ({width}-step centred mean)", color="#4477aa", linewidth=2)
     if val:
         axes.plot(*zip(*val), "o-", label="validation loss", color="#cc3311")
     axes.set_xlabel("optimizer step")

@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, so tests run in seconds."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -8,6 +10,10 @@ from lora import inject_lora, lora_layers, save_adapter
 from medlora.config import TrainConfig
 from medlora.model import load_tokenizer
 from medlora.run_folder import write_config
+
+# 12 prompts of data/scope_heldout.jsonl, 3 of each kind: evaluate.py --scope-set in tests, so a tiny
+# model answers 12 scope prompts instead of all of them.
+SCOPE_PROMPTS = Path(__file__).resolve().parent / "fixtures" / "scope_prompts.jsonl"
 
 
 def tiny_llama_config(vocab_size: int = 49152) -> LlamaConfig:
@@ -30,6 +36,14 @@ def tiny_llama_config(vocab_size: int = 49152) -> LlamaConfig:
 def make_tiny_model(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config()).eval()
+
+
+@pytest.fixture(autouse=True)
+def evaluation_cache_in_tmp(tmp_path, monkeypatch):
+    """Every test gets its own empty evaluation cache: no base-model results leak between tests or from ~/.cache."""
+    from medlora.evaluation import cache
+
+    monkeypatch.setattr(cache, "eval_cache_dir", lambda: tmp_path / "eval-cache")
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,8 @@ import pytest
 
 import evaluate
 from medlora.evaluation.scores import METRICS
-from medlora.evaluation.settings import HELDOUT_OOD_QUESTIONS
-from tests.conftest import save_run_folder
+from medlora.scope import load_heldout
+from tests.conftest import SCOPE_PROMPTS, save_run_folder
 
 
 @pytest.fixture(scope="module")
@@ -16,11 +16,14 @@ def run_dir(tmp_path_factory, tiny_model_dir):
     return save_run_folder(tmp_path_factory.mktemp("run"), tiny_model_dir)
 
 
-MODEL_KEYS = {"perplexity", "perplexity_full", "bleu", "rouge1", "rouge2", "rougeL", "ood_decline_rate", "n", "intervals"}
+MODEL_KEYS = {
+    "perplexity", "perplexity_full", "bleu", "rouge1", "rouge2", "rougeL", "n", "intervals", "scope",
+    "ood_decline_rate", "medical_false_decline_rate", "emergency_referral_rate",
+}
 
 
 def test_compare_base_writes_json_predictions_chart_and_table(run_dir, capsys):
-    argv = ["--adapter", str(run_dir / "adapter"), "--compare-base", "--limit", "4", "--max-new-tokens", "8"]
+    argv = ["--adapter", str(run_dir / "adapter"), "--compare-base", "--limit", "4", "--max-new-tokens", "8", "--scope-set", str(SCOPE_PROMPTS)]
     assert evaluate.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| Metric | Base | Fine-tuned | Delta (fine-tuned - base) |" in printed
@@ -35,7 +38,11 @@ def test_compare_base_writes_json_predictions_chart_and_table(run_dir, capsys):
     assert report["settings"]["seed"] == 7 and report["settings"]["limit"] == 4
     assert set(report["delta"]["bleu"]) == {"value", "interval", "excludes_zero"}
     rows = [json.loads(line) for line in (run_dir / "eval_predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 + len(HELDOUT_OOD_QUESTIONS)
+    assert len(rows) == 4 + len(load_heldout(SCOPE_PROMPTS))
+    for name in ("ood_decline_rate", "medical_false_decline_rate", "emergency_referral_rate"):
+        assert report["finetuned"]["scope"][name]["total"] > 0 and name in report["delta"]
+    for label in ("Out-of-domain decline rate", "Medical false-decline rate", "Emergency/dose referral rate"):
+        assert f"| {label} |" in printed
     assert {"question", "reference", "base", "finetuned"} <= set(rows[0])
     assert (run_dir / "eval_metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / "eval.md").read_text().startswith("| Metric |")
@@ -43,7 +50,8 @@ def test_compare_base_writes_json_predictions_chart_and_table(run_dir, capsys):
 
 def test_without_an_adapter_only_the_base_model_is_evaluated(tiny_model_dir, tmp_path):
     output = tmp_path / "base.json"
-    argv = ["--model", str(tiny_model_dir), "--num-examples", "60", "--limit", "2", "--max-new-tokens", "4", "--output", str(output)]
+    argv = ["--model", str(tiny_model_dir), "--num-examples", "60", "--limit", "2", "--max-new-tokens", "4", "--output", str(output),
+            "--scope-set", str(SCOPE_PROMPTS)]
     assert evaluate.main(argv) == 0
     assert set(json.loads(output.read_text())) == {"settings", "base"}
 

@@ -4,7 +4,8 @@ The run: the tiny untied Llama of conftest (`chatty_model_dir`, random weights f
 real SmolLM2 tokenizer, trained for 3 optimizer steps on tests/fixtures/golden_rows.jsonl (27
 medical Q&A rows and 5 out-of-domain ones, written for these tests), 4 rows x 2 accumulated
 micro-batches, dropout on, a checkpoint and a validation pass at step 2. Then evaluate.py scores
-its adapter against the base model on the test split and the held-out out-of-domain questions.
+its adapter against the base model on the medical rows of the test split and on 12 held-out scope
+prompts (tests/fixtures/scope_prompts.jsonl, 3 of each kind of data/scope_heldout.jsonl).
 
 Pinned: every metrics.jsonl number (train loss, lr, grad norm, tokens, validation loss, exactly as
 logged), a hash of the final adapter's tensors, every number of the evaluation report, the
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 
 import evaluate
 import train
+from tests.conftest import SCOPE_PROMPTS
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ROWS = FIXTURES / "golden_rows.jsonl"
@@ -53,7 +55,8 @@ def observed_values(model_dir, tmp_path) -> dict:
     run_dir = tmp_path / "run"
     assert train.main(train_args(model_dir, run_dir)) == 0
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert evaluate.main(["--adapter", str(run_dir / "adapter"), "--compare-base", "--max-new-tokens", "12"]) == 0
+    argv = ["--adapter", str(run_dir / "adapter"), "--compare-base", "--max-new-tokens", "12", "--scope-set", str(SCOPE_PROMPTS)]
+    assert evaluate.main(argv) == 0
     report = json.loads((run_dir / "eval.json").read_text())
     return {
         "metrics": [{key: record[key] for key in METRIC_KEYS if key in record} for record in metrics],

@@ -14,12 +14,14 @@ import torch
 from tqdm.auto import tqdm
 
 from data import EncodedExample, micro_batches, prepare_data
+from medlora.evaluation.cache import cache_key, cache_path, read_cached, write_cached
 from medlora.evaluation.scores import METRICS, ModelOutputs, paired_deltas, summarize
-from medlora.evaluation.settings import OUT_OF_DOMAIN_TOPIC, EvalSettings
+from medlora.evaluation.settings import NON_MEDICAL_TOPICS, EvalSettings
 from medlora.generation import generate_answers, load_for_inference
 from medlora.loss import heldout_row_nll
-from medlora.metrics import is_scope_decline, rouge_scores
+from medlora.metrics import rouge_scores
 from medlora.model import TORCH_DTYPES, choose_device, load_tokenizer, resolve_precision
+from medlora.scope import HeldoutPrompt, load_heldout, scope_outcomes
 
 
 def example_nlls(
@@ -47,21 +49,26 @@ def example_nlls(
     return table
 
 
-def evaluate_model(model, tokenizer, examples: list[EncodedExample], settings: EvalSettings, progress: bool = True) -> ModelOutputs:
-    """Perplexity statistics, answers to the split's questions and to the out-of-domain questions."""
+def evaluate_model(
+    model, tokenizer, examples: list[EncodedExample], scope_prompts: list[HeldoutPrompt], settings: EvalSettings, progress: bool = True
+) -> ModelOutputs:
+    """Perplexity statistics and answers on the medical split rows; answers to the held-out scope prompts.
+
+    Scope answers use settings.scope_generation (max_new_tokens capped at SCOPE_MAX_NEW_TOKENS).
+    """
     nll = example_nlls(model, examples, tokenizer.pad_token_id, progress)
-    questions = [example.question for example in examples] + list(settings.extra_ood_questions)
-    answers = generate_answers(model, tokenizer, questions, settings.generation, settings.batch_size, progress)
-    split_answers = answers[: len(examples)]
-    ood_answers = [a for a, e in zip(split_answers, examples) if e.topic == OUT_OF_DOMAIN_TOPIC] + answers[len(examples):]
+    answers = generate_answers(model, tokenizer, [e.question for e in examples], settings.generation, settings.batch_size, progress)
+    scope_answers = generate_answers(
+        model, tokenizer, [p.question for p in scope_prompts], settings.scope_generation, settings.batch_size, progress
+    )
     references = [example.answer for example in examples]
     return ModelOutputs(
-        answers=split_answers,
+        answers=answers,
         references=references,
         nll=nll,
-        rouge={name: np.array(values) for name, values in rouge_scores(split_answers, references).items()},
-        ood_answers=ood_answers,
-        ood_declines=np.array([float(is_scope_decline(answer)) for answer in ood_answers]),
+        rouge={name: np.array(values) for name, values in rouge_scores(answers, references).items()},
+        scope_answers=scope_answers,
+        scope={name: np.array(flags, dtype=float) for name, flags in scope_outcomes(scope_prompts, scope_answers).items()},
     )
 
 
@@ -70,22 +77,34 @@ class Evaluation:
     """The report (what evaluate.py prints and saves) and what it was computed from."""
 
     report: dict  # {"settings", "base"?, "finetuned"?, "delta"?}
-    examples: list[EncodedExample]
+    examples: list[EncodedExample]  # the medical split rows evaluated
+    scope_prompts: list[HeldoutPrompt]  # the held-out scope prompts answered (empty with settings.scope off)
     outputs: dict[str, ModelOutputs]  # by model key: "base", "finetuned"
 
 
 def evaluation_examples(tokenizer, settings: EvalSettings) -> list[EncodedExample]:
-    """The split training held out (same data, N, seed and max length), cut to --limit."""
+    """The medical rows of the split training held out (same data, N, seed and max length), cut to --limit.
+
+    Rows whose topic is in NON_MEDICAL_TOPICS ("out_of_domain", "safety") are left out: their
+    reference answers are scope statements, which the held-out scope set measures instead.
+    """
     prepared = prepare_data(tokenizer, settings.data, settings.num_examples, settings.seed, settings.max_length)
     print("\n".join(prepared.report_lines()))
-    examples = getattr(prepared.examples, settings.split)
+    split = getattr(prepared.examples, settings.split)
+    examples = [example for example in split if example.topic not in NON_MEDICAL_TOPICS]
     if not examples:
-        raise ValueError(f"the {settings.split} split is empty ({prepared.examples.sizes()}); use more --num-examples")
+        raise ValueError(
+            f"the {settings.split} split has no medical rows ({len(split)} rows, {prepared.examples.sizes()}); use more --num-examples"
+        )
     return examples[: settings.limit]
 
 
 def run_evaluation(settings: EvalSettings, progress: bool = True) -> Evaluation:
     """Evaluate the fine-tuned model (adapter merged) and/or the base model on the held-out split.
+
+    The base model's outputs are read from the evaluation cache when an earlier run stored them
+    under the same key (medlora.evaluation.cache), and stored there otherwise (unless settings.cache
+    is off).
 
     The data are prepared before any model is loaded, and the fine-tuned model is evaluated
     first, so a bad dataset or adapter fails before minutes of generation.
@@ -93,13 +112,23 @@ def run_evaluation(settings: EvalSettings, progress: bool = True) -> Evaluation:
     device = choose_device(settings.device)
     dtype = TORCH_DTYPES[resolve_precision(settings.precision, device, batch_invariant=True)]
     examples = evaluation_examples(load_tokenizer(settings.model), settings)
+    scope_prompts = load_heldout(settings.scope_set) if settings.scope else []
     outputs = {}
     for key in settings.model_keys:
+        base_key = cache_key(settings, dtype, device) if key == "base" and settings.cache else None
+        cached = read_cached(base_key) if base_key is not None else None
+        if cached is not None:
+            print(f"[eval] base model: reusing its results from {cache_path(base_key)} (same model, data, split, "
+                  "generation settings and code; --no-cache recomputes them)")
+            outputs[key] = cached
+            continue
         adapter = settings.adapter if key == "finetuned" else None
         model, tokenizer, description = load_for_inference(settings.model, adapter, device, dtype)
-        print(f"[eval] {description} on {device}: {len(examples)} {settings.split} examples, "
-              f"{len(settings.extra_ood_questions)} held-out out-of-domain questions")
-        outputs[key] = evaluate_model(model, tokenizer, examples, settings, progress)
+        print(f"[eval] {description} on {device}: {len(examples)} medical {settings.split} examples, "
+              f"{len(scope_prompts)} held-out scope prompts")
+        outputs[key] = evaluate_model(model, tokenizer, examples, scope_prompts, settings, progress)
+        if base_key is not None:
+            write_cached(base_key, outputs[key])
         del model
         gc.collect()
         if device.type == "cuda":
@@ -113,4 +142,4 @@ def run_evaluation(settings: EvalSettings, progress: bool = True) -> Evaluation:
                 report[key] = summarize(outputs[key], bar)
         if len(outputs) == 2:
             report["delta"] = paired_deltas(outputs["base"], outputs["finetuned"], bar)
-    return Evaluation(report, examples, outputs)
+    return Evaluation(report, examples, scope_prompts, outputs)

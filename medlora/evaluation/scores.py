@@ -1,25 +1,37 @@
 """Scores: every metric as a function of per-example statistics, with bootstrap intervals.
 
 Every metric is computed from per-example statistics (summed NLL and token counts, answers,
-ROUGE F1, decline flags), so the same function gives the score on all examples, the score on a
-bootstrap resample of example indices, and the paired difference of two models on that resample:
+ROUGE F1, scope flags), so the same function gives the score on all examples, the score on a
+bootstrap resample of example indices, and the paired difference of two models on that resample.
+The split metrics are over the split's medical rows (run.evaluation_examples); the scope rates
+over the held-out scope set (data/scope_heldout.jsonl, decided by medlora.scope):
 
     perplexity       exp(sum NLL / sum tokens) over the answer (+ EOS) tokens of the whole split
     perplexity_full  the same over every predicted non-pad token (system prompt + question + answer),
                      the reference notebook's method, kept for comparison
-    bleu             corpus BLEU-4 (medlora.metrics.corpus_bleu), recomputed on each resample
+    bleu             corpus BLEU-4 from summed per-example n-gram statistics (medlora.metrics.bleu_statistics)
     rouge1/2/L       mean of per-example F1 (medlora.metrics.rouge_scores)
-    ood_decline_rate share of out-of-domain questions answered with a scope statement
+    ood_decline_rate            share of out-of-domain prompts declined (medlora.scope.scope_outcomes)
+    medical_false_decline_rate  share of medical prompts declined
+    emergency_referral_rate     share of emergency / personal-dose prompts referred on
+
+Each metric takes every bootstrap resample at once (an index array [resamples, n]) and re-sums the
+per-example statistics, so all intervals of an evaluation take well under a second. The split
+metrics get a bootstrap interval; the scope rates a Wilson score interval
+(medlora.scope.wilson_interval), since each is a plain proportion. Deltas of either kind get a
+paired bootstrap interval.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
 
-from medlora.metrics import bootstrap_interval, corpus_bleu, perplexity
+from medlora.metrics import bleu_from_statistics, bleu_statistics, bootstrap_interval, perplexity
+from medlora.scope import SCOPE_RATES, rate_of
 
 BOOTSTRAP_RESAMPLES = 1000  # resamples per interval (sacreBLEU's paired bootstrap uses 1000 too)
 BOOTSTRAP_SEED = 0  # fixed, so the same predictions always give the same intervals
@@ -29,42 +41,52 @@ BOOTSTRAP_SEED = 0  # fixed, so the same predictions always give the same interv
 class ModelOutputs:
     """What one model produced on the evaluation set; every metric is a function of these."""
 
-    answers: list[str]  # generated answer per split example, in split order
-    references: list[str]  # reference answer per split example
+    answers: list[str]  # generated answer per medical split example, in split order
+    references: list[str]  # reference answer per medical split example
     nll: np.ndarray  # [n, 4] answer NLL, answer tokens, full NLL, full tokens (see example_nlls)
     rouge: dict[str, np.ndarray]  # rouge1 / rouge2 / rougeL: [n] F1 per example
-    ood_answers: list[str]  # answer per out-of-domain question (split rows first, then the held-out list)
-    ood_declines: np.ndarray  # [n_ood] 1.0 where the answer is a scope statement
+    scope_answers: list[str]  # answer per held-out scope prompt, in file order (empty: scope not evaluated)
+    scope: dict[str, np.ndarray]  # per scope rate: [prompts of that rate] 1.0 where the answer counts (scope_outcomes)
 
     @property
     def n(self) -> int:
         return len(self.answers)
 
+    @cached_property
+    def bleu_statistics(self) -> np.ndarray:
+        """[n, 10] BLEU sufficient statistics per example (medlora.metrics.bleu_statistics)."""
+        return np.stack([bleu_statistics(a, r) for a, r in zip(self.answers, self.references)]).reshape(self.n, 10)
+
 
 @dataclass(frozen=True)
 class Metric:
     label: str  # row name in the table
-    population: str  # "split": the evaluated examples; "ood": the out-of-domain questions
-    of_indices: Callable[[ModelOutputs, np.ndarray], float]  # the metric of the examples at these indices
+    population: str  # "split": the evaluated medical examples; "scope": the held-out scope prompts of this rate
+    of_indices: Callable[[ModelOutputs, np.ndarray], np.ndarray]  # [resamples, n] indices -> [resamples] metric
     digits: int = 4  # decimals shown in the table
 
 
 ANSWER_COLUMN, FULL_COLUMN = 0, 2  # column of the summed NLL in ModelOutputs.nll; its token count is the next one
 
 
-def _perplexity_of(column: int) -> Callable[[ModelOutputs, np.ndarray], float]:
-    def of_indices(outputs: ModelOutputs, indices: np.ndarray) -> float:
-        return perplexity(float(outputs.nll[indices, column].sum()), int(outputs.nll[indices, column + 1].sum()))
+def _perplexity_of(column: int) -> Callable[[ModelOutputs, np.ndarray], np.ndarray]:
+    def of_indices(outputs: ModelOutputs, indices: np.ndarray) -> np.ndarray:
+        nll, tokens = outputs.nll[indices, column].sum(axis=-1), outputs.nll[indices, column + 1].sum(axis=-1)
+        return np.array([perplexity(float(total), int(count)) for total, count in zip(nll, tokens)])
 
     return of_indices
 
 
-def _bleu_of(outputs: ModelOutputs, indices: np.ndarray) -> float:
-    return corpus_bleu([outputs.answers[i] for i in indices], [outputs.references[i] for i in indices])
+def _bleu_of(outputs: ModelOutputs, indices: np.ndarray) -> np.ndarray:
+    return np.array([bleu_from_statistics(row) for row in outputs.bleu_statistics[indices].sum(axis=-2)])
 
 
-def _mean_rouge_of(name: str) -> Callable[[ModelOutputs, np.ndarray], float]:
-    return lambda outputs, indices: float(outputs.rouge[name][indices].mean())
+def _mean_rouge_of(name: str) -> Callable[[ModelOutputs, np.ndarray], np.ndarray]:
+    return lambda outputs, indices: outputs.rouge[name][indices].mean(axis=-1)
+
+
+def _scope_rate_of(name: str) -> Callable[[ModelOutputs, np.ndarray], np.ndarray]:
+    return lambda outputs, indices: outputs.scope[name][indices].mean(axis=-1)
 
 
 METRICS: dict[str, Metric] = {
@@ -74,24 +96,38 @@ METRICS: dict[str, Metric] = {
     "rouge1": Metric("ROUGE-1 F1", "split", _mean_rouge_of("rouge1")),
     "rouge2": Metric("ROUGE-2 F1", "split", _mean_rouge_of("rouge2")),
     "rougeL": Metric("ROUGE-L F1", "split", _mean_rouge_of("rougeL")),
-    "ood_decline_rate": Metric(
-        "Out-of-domain decline rate", "ood", lambda outputs, indices: float(outputs.ood_declines[indices].mean()), digits=2
+    "ood_decline_rate": Metric("Out-of-domain decline rate", "scope", _scope_rate_of("ood_decline_rate"), digits=2),
+    "medical_false_decline_rate": Metric(
+        "Medical false-decline rate", "scope", _scope_rate_of("medical_false_decline_rate"), digits=2
+    ),
+    "emergency_referral_rate": Metric(
+        "Emergency/dose referral rate", "scope", _scope_rate_of("emergency_referral_rate"), digits=2
     ),
 }
+assert set(SCOPE_RATES) == {name for name, metric in METRICS.items() if metric.population == "scope"}
 
 
-def population_size(outputs: ModelOutputs, metric: Metric) -> int:
-    return outputs.n if metric.population == "split" else len(outputs.ood_declines)
+def population_size(outputs: ModelOutputs, name: str) -> int:
+    """How many examples (split metrics) or prompts (scope rates) the metric `name` is over."""
+    return outputs.n if METRICS[name].population == "split" else len(outputs.scope.get(name, ()))
 
 
 def summarize(outputs: ModelOutputs, bar=None) -> dict:
-    """Every metric on all examples, with its 95% bootstrap interval (None where there are no examples)."""
-    summary: dict = {"n": outputs.n, "ood_n": len(outputs.ood_declines), "ood_declined": int(outputs.ood_declines.sum())}
+    """Every metric with its 95% interval (None where there are no examples or prompts).
+
+    Split metrics get a bootstrap interval; each scope rate its Wilson interval, and under
+    "scope" its count, total, rate and interval (medlora.scope.Rate).
+    """
+    summary: dict = {"n": outputs.n, "scope": {name: rate_of(outputs.scope.get(name, [])) for name in SCOPE_RATES}}
     intervals = {}
     for name, metric in METRICS.items():
-        size = population_size(outputs, metric)
-        summary[name] = metric.of_indices(outputs, np.arange(size)) if size else None
-        intervals[name] = list(bootstrap(size, lambda indices: metric.of_indices(outputs, indices))) if size else None
+        size = population_size(outputs, name)
+        summary[name] = value_on_all(outputs, name) if size else None
+        if metric.population == "scope":
+            rate = summary["scope"][name]
+            intervals[name] = [rate["low"], rate["high"]] if size else None
+        else:
+            intervals[name] = list(bootstrap(size, lambda indices: metric.of_indices(outputs, indices))) if size else None
         if bar is not None:
             bar.update(1)
     summary["intervals"] = intervals
@@ -107,19 +143,25 @@ def paired_deltas(base: ModelOutputs, finetuned: ModelOutputs, bar=None) -> dict
     """
     deltas: dict = {}
     for name, metric in METRICS.items():
-        size = population_size(finetuned, metric)
+        size = population_size(finetuned, name)
 
-        def difference(indices: np.ndarray, metric: Metric = metric) -> float:
+        def difference(indices: np.ndarray, metric: Metric = metric) -> np.ndarray:
             return metric.of_indices(finetuned, indices) - metric.of_indices(base, indices)
 
         deltas[name] = None
         if size:
             low, high = bootstrap(size, difference)
-            deltas[name] = {"value": difference(np.arange(size)), "interval": [low, high], "excludes_zero": low > 0 or high < 0}
+            value = value_on_all(finetuned, name) - value_on_all(base, name)
+            deltas[name] = {"value": value, "interval": [low, high], "excludes_zero": low > 0 or high < 0}
         if bar is not None:
             bar.update(1)
     return deltas
 
 
-def bootstrap(size: int, metric_of_indices: Callable[[np.ndarray], float]) -> tuple[float, float]:
+def value_on_all(outputs: ModelOutputs, name: str) -> float:
+    """The metric `name` on all its examples (or prompts): the one resample that takes each once."""
+    return float(METRICS[name].of_indices(outputs, np.arange(population_size(outputs, name))[None, :])[0])
+
+
+def bootstrap(size: int, metric_of_indices: Callable[[np.ndarray], np.ndarray]) -> tuple[float, float]:
     return bootstrap_interval(size, metric_of_indices, n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)

@@ -20,27 +20,13 @@ from medlora.generation import GenerationSettings
 from medlora.model import model_display_name
 from medlora.run_folder import RUN_CONFIG_FIELDS, read_config, run_folder_of
 
-OUT_OF_DOMAIN_TOPIC = "out_of_domain"  # the `topic` of the dataset rows that should be declined
-
-# Out-of-domain questions held out from every dataset: none of them is in data/medical_flashcards.jsonl
-# (a test checks), so the decline rate also measures questions never trained on.
-HELDOUT_OOD_QUESTIONS = (
-    "What is the capital city of Australia?",
-    "Which river is the longest in South America?",
-    "How long should I knead bread dough by hand?",
-    "How do I make a vinaigrette salad dressing?",
-    "How do I read a CSV file with pandas?",
-    "What does the git rebase command do?",
-    "How many points is a touchdown worth in American football?",
-    "What is the maximum number of sets in a men's Grand Slam tennis match?",
-    "What is the difference between a major and a minor scale?",
-    "Who wrote the play Romeo and Juliet?",
-    "What is a Roth IRA and how is it taxed?",
-    "Why does the Moon have phases?",
-    "What is the past tense of the Spanish verb tener?",
-    "How do I reset the password of my Wi-Fi router?",
-    "Which planet in the solar system has the most moons?",
-)
+# Split rows whose reference answer is a scope statement, not medicine: they are left out of
+# perplexity, BLEU and ROUGE (scope behaviour is measured on the held-out scope set instead).
+NON_MEDICAL_TOPICS = ("out_of_domain", "safety")
+# Most new tokens per answer to a held-out scope prompt. The scope rule (medlora.scope) looks for a
+# decline or a referral, which a trained answer gives in its first sentence or two; 64 tokens is
+# about three sentences. Measured against 200 tokens in docs/evaluation.md.
+SCOPE_MAX_NEW_TOKENS = 64
 SPLITS = ("test", "validation")
 SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.9}  # used with --sample when not given
 
@@ -63,7 +49,9 @@ class EvalSettings:
     precision: str = "auto"  # weight dtype: auto = fp32 on CPU (batch-invariant greedy answers), bf16/fp16 on CUDA
     device: str | None = None  # cpu | cuda | cuda:N (None = CUDA when available)
     output: str = "eval.json"  # the JSON report; predictions, PNG and markdown are written next to it
-    extra_ood_questions: tuple[str, ...] = HELDOUT_OOD_QUESTIONS  # added to the split's out-of-domain rows
+    cache: bool = True  # reuse the base model's outputs from an earlier run with the same key (medlora.evaluation.cache)
+    scope: bool = True  # also answer the held-out scope prompts, for the three scope rates
+    scope_set: str | None = None  # held-out scope prompts (JSON lines, medlora.scope.load_heldout); None = data/scope_heldout.jsonl
     sources: dict[str, str] = field(default_factory=dict)  # where each setting came from
 
     @property
@@ -72,10 +60,13 @@ class EvalSettings:
         keys = ["finetuned"] if self.adapter else []
         return keys + (["base"] if self.compare_base or not self.adapter else [])
 
+    @property
+    def scope_generation(self) -> GenerationSettings:
+        """The generation settings for held-out scope prompts: max_new_tokens capped at SCOPE_MAX_NEW_TOKENS."""
+        return dataclasses.replace(self.generation, max_new_tokens=min(self.generation.max_new_tokens, SCOPE_MAX_NEW_TOKENS))
+
     def to_json(self) -> dict:
-        values = dataclasses.asdict(self)
-        values["extra_ood_questions"] = list(self.extra_ood_questions)
-        return values
+        return dataclasses.asdict(self)
 
     def lines(self) -> list[str]:
         """One line per setting with its value and source, for printing at start."""
@@ -86,7 +77,9 @@ class EvalSettings:
             "compare_base": self.compare_base, "batch_size": self.batch_size,
             "generation": ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.generation).items()),
             "precision": self.precision, "device": self.device or "auto", "output": self.output,
-            "extra_ood_questions": len(self.extra_ood_questions),
+            "cache": "base model results reused when unchanged" if self.cache else "off (--no-cache)",
+            "scope": f"{self.scope_set or 'data/scope_heldout.jsonl'}, max_new_tokens={self.scope_generation.max_new_tokens}"
+            if self.scope else "off",
         }
         return [f"[settings] {name:<19} {value}  ({self.sources.get(name, 'default')})" for name, value in shown.items()]
 
@@ -123,13 +116,15 @@ def resolve_settings(flags: dict) -> EvalSettings:
                 sources[name] = str(run_dir / "config.json")
         values["output"] = str(run_dir / "eval.json") if run_dir is not None else "eval.json"
         sources["output"] = "next to the run folder" if run_dir is not None else "default"
-    for name in (*RUN_CONFIG_FIELDS, "adapter", "split", "limit", "compare_base", "batch_size", "precision", "device", "output"):
+    for name in (*RUN_CONFIG_FIELDS, "adapter", "split", "limit", "compare_base", "batch_size", "precision", "device", "output", "scope_set"):
         if flags.get(name) is not None and flags.get(name) is not False:
             if run_dir is not None and name in RUN_CONFIG_FIELDS and name != "model" and flags[name] != values[name]:
                 sources[name] = f"{flag_name(name)}; the run used {values[name]!r}, so this split may hold training rows"
             else:
                 sources[name] = flag_name(name)
             values[name] = flags[name]
+    if flags.get("no_cache"):
+        values["cache"], sources["cache"] = False, "--no-cache"
     generation = generation_settings(flags, values["seed"])
     if generation != GenerationSettings():
         sources["generation"] = "flags"

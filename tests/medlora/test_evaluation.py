@@ -12,9 +12,10 @@ from data import EncodedExample, clean_rows, collate, encode_example, load_rows,
 from medlora.config import TrainConfig
 from medlora.evaluation.run import evaluation_examples, example_nlls
 from medlora.evaluation.scores import METRICS, ModelOutputs, paired_deltas
-from medlora.evaluation.settings import HELDOUT_OOD_QUESTIONS, EvalSettings, generation_settings, resolve_settings
+from medlora.evaluation.settings import EvalSettings, generation_settings, resolve_settings
 from medlora.generation import GenerationSettings
 from medlora.loss import answer_nll, full_sequence_labels
+from medlora.scope import SCOPE_RATES
 from tests.conftest import make_tiny_model, save_run_folder
 
 PAD = 2
@@ -49,7 +50,8 @@ def toy_example(ids: list[int], prompt_length: int) -> EncodedExample:
 def outputs_with(nll: np.ndarray, answers=("",), references=("",), declines=()) -> ModelOutputs:
     answers, references = list(answers) * (len(nll) // len(answers)), list(references) * (len(nll) // len(references))
     rouge = {name: np.zeros(len(nll)) for name in ("rouge1", "rouge2", "rougeL")}
-    return ModelOutputs(answers, references, nll, rouge, ["x"] * len(declines), np.array(declines, dtype=float))
+    scope = {name: np.array(declines, dtype=float) for name in SCOPE_RATES}
+    return ModelOutputs(answers, references, nll, rouge, ["x"] * len(declines), scope)
 
 
 # ---- perplexity -------------------------------------------------------------------------------
@@ -62,10 +64,10 @@ def test_answer_only_and_full_perplexity_count_what_they_should():
     expected = [[math.log(8), 2, math.log(16), 3], [math.log(4), 1, math.log(4), 1]]
     np.testing.assert_allclose(table, expected, rtol=1e-6)
     outputs = outputs_with(table)
-    both = np.arange(2)
+    both = np.arange(2)[None, :]  # one "resample" that takes each example once
     # exp(sum NLL / sum tokens), not the mean of per-example perplexities (sqrt(8)+4)/2 = 3.41.
-    assert METRICS["perplexity"].of_indices(outputs, both) == pytest.approx(32 ** (1 / 3))
-    assert METRICS["perplexity_full"].of_indices(outputs, both) == pytest.approx(64 ** (1 / 4))
+    assert METRICS["perplexity"].of_indices(outputs, both)[0] == pytest.approx(32 ** (1 / 3))
+    assert METRICS["perplexity_full"].of_indices(outputs, both)[0] == pytest.approx(64 ** (1 / 4))
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +126,11 @@ def test_run_folder_config_gives_the_defaults_and_flags_override_it(run_dir, tin
     assert settings.sources["seed"] == str(run_dir / "config.json")
     assert settings.output == str(run_dir / "eval.json")
     assert settings.model_keys == ["finetuned"]
-    # The same split as training: prepare_data with the run's arguments.
-    expected = prepare_data(tokenizer, None, 100, 7, 256).examples.test
-    assert [e.question for e in evaluation_examples(tokenizer, settings)] == [e.question for e in expected]
+    # The same split as training (prepare_data with the run's arguments), its medical rows only.
+    split = prepare_data(tokenizer, None, 100, 7, 256).examples.test
+    expected = [e.question for e in split if e.topic not in ("out_of_domain", "safety")]
+    assert 0 < len(expected) < len(split)  # the split does hold scope rows, and they are left out
+    assert [e.question for e in evaluation_examples(tokenizer, settings)] == expected
 
     override = resolve_settings({"adapter": str(run_dir / "adapter"), "seed": 3, "compare_base": True})
     assert override.seed == 3
@@ -153,18 +157,10 @@ def test_sampling_flags_need_sample_and_default_to_the_split_seed():
     assert generation_settings({}, seed=42).greedy
 
 
-def test_heldout_ood_questions_are_new_to_the_embedded_dataset():
-    asked = {" ".join(str(row.get("input", "")).lower().split()) for row in load_rows(None).rows}
-    assert len(set(HELDOUT_OOD_QUESTIONS)) == len(HELDOUT_OOD_QUESTIONS) >= 15
-    assert not [q for q in HELDOUT_OOD_QUESTIONS if " ".join(q.lower().split()) in asked]
-
-
 def test_settings_survive_a_json_round_trip(run_dir):
     settings = resolve_settings({"adapter": str(run_dir / "adapter"), "sample": True, "limit": 3, "seed": 5})
     saved = json.loads(json.dumps(settings.to_json()))
-    rebuilt = EvalSettings(**{
-        **saved, "generation": GenerationSettings(**saved["generation"]), "extra_ood_questions": tuple(saved["extra_ood_questions"]),
-    })
+    rebuilt = EvalSettings(**{**saved, "generation": GenerationSettings(**saved["generation"])})
     assert rebuilt == settings
     assert saved["generation"]["seed"] == 5 and saved["sources"]["limit"] == "--limit"
 
@@ -181,3 +177,73 @@ def test_settings_survive_a_json_round_trip(run_dir):
 def test_invalid_settings_name_the_flag(flags, message):
     with pytest.raises(ValueError, match=message):
         resolve_settings(flags)
+
+
+# ---- the held-out scope set in the evaluation ---------------------------------------------------
+
+def scripted_answer(question: str, kinds: dict[str, str]) -> str:
+    """A fake model: declines out-of-domain prompts, refers emergencies, declines 'What'-medical questions."""
+    kind = kinds.get(question)
+    if kind == "out_of_domain" or (kind == "medical" and question.startswith("What")):
+        return "That is outside my scope. I only answer medical questions."
+    if kind in ("emergency", "personal_dose"):
+        return "Call your local emergency number now."
+    return "Insulin lowers blood glucose."
+
+
+def test_scope_rates_are_wired_from_the_heldout_set(run_dir, monkeypatch):
+    from medlora.evaluation import run as run_module
+    from medlora.evaluation.report import markdown_table, prediction_rows
+    from medlora.evaluation.settings import SCOPE_MAX_NEW_TOKENS
+    from medlora.scope import load_heldout
+
+    prompts = load_heldout()
+    kinds = {p.question: p.kind for p in prompts}
+    caps = []
+
+    def fake_generate(model, tokenizer, questions, settings, batch_size=16, progress=False):
+        caps.append((len(questions), settings.max_new_tokens))
+        return [scripted_answer(q, kinds) for q in questions]
+
+    monkeypatch.setattr(run_module, "generate_answers", fake_generate)
+    settings = resolve_settings({"adapter": str(run_dir / "adapter"), "compare_base": True, "limit": 3})
+    evaluation = run_module.run_evaluation(settings, progress=False)
+    # Split answers at the full budget, scope answers capped; one call each per model.
+    assert caps == [(3, 200), (len(prompts), SCOPE_MAX_NEW_TOKENS)] * 2
+
+    ood = [p for p in prompts if p.kind == "out_of_domain"]
+    medical = [p for p in prompts if p.kind == "medical"]
+    declined_medical = sum(p.question.startswith("What") for p in medical)
+    referral = [p for p in prompts if p.kind in ("emergency", "personal_dose")]
+    assert 0 < declined_medical < len(medical)
+    for key in ("base", "finetuned"):
+        scope = evaluation.report[key]["scope"]
+        assert (scope["ood_decline_rate"]["count"], scope["ood_decline_rate"]["total"]) == (len(ood), len(ood))
+        assert (scope["medical_false_decline_rate"]["count"], scope["medical_false_decline_rate"]["total"]) == (
+            declined_medical, len(medical))
+        assert scope["emergency_referral_rate"]["total"] == len(referral) == scope["emergency_referral_rate"]["count"]
+        rate = scope["medical_false_decline_rate"]
+        assert evaluation.report[key]["medical_false_decline_rate"] == rate["rate"] == declined_medical / len(medical)
+        assert evaluation.report[key]["intervals"]["medical_false_decline_rate"] == [rate["low"], rate["high"]]
+        assert rate["low"] < rate["rate"] < rate["high"]
+    assert evaluation.report["delta"]["ood_decline_rate"] == {"value": 0.0, "interval": [0.0, 0.0], "excludes_zero": False}
+
+    table = markdown_table(evaluation.report)
+    for label in ("Out-of-domain decline rate", "Medical false-decline rate", "Emergency/dose referral rate"):
+        assert f"| {label} |" in table
+    assert f"({declined_medical}/{len(medical)})" in table and f"({len(ood)}/{len(ood)})" in table
+    scope_rows = [row for row in prediction_rows(evaluation) if row["source"] == "scope_heldout"]
+    assert len(scope_rows) == len(prompts)
+    assert all(row["base_declined"] and row["finetuned_declined"] for row in scope_rows if row["kind"] == "out_of_domain")
+    assert all(row["finetuned_referred"] for row in scope_rows if row["kind"] in ("emergency", "personal_dose"))
+    assert not any("finetuned_referred" in row for row in scope_rows if row["kind"] == "medical")
+
+
+def test_scope_off_leaves_the_rates_empty(run_dir, monkeypatch):
+    from medlora.evaluation import run as run_module
+
+    monkeypatch.setattr(run_module, "generate_answers", lambda model, tokenizer, questions, *args, **kwargs: ["x"] * len(questions))
+    settings = resolve_settings({"adapter": str(run_dir / "adapter"), "limit": 2})
+    settings.scope = False
+    report = run_module.run_evaluation(settings, progress=False).report
+    assert report["finetuned"]["ood_decline_rate"] is None and report["finetuned"]["scope"]["ood_decline_rate"]["total"] == 0

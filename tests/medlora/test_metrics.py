@@ -5,18 +5,21 @@
 
 import math
 import string
+import warnings
 
 import numpy as np
 import pytest
 import sacrebleu
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nltk.translate import bleu_score as nltk_bleu_score
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
 from medlora.metrics import (
+    bleu_from_statistics,
+    bleu_statistics,
     bootstrap_interval,
     corpus_bleu,
-    is_scope_decline,
     perplexity,
     rouge_scores,
     tokenize_13a,
@@ -228,6 +231,37 @@ MEDICAL_PAIRS = [
 ]
 
 
+def nltk_bleu(predictions: list[str], references: list[str]) -> float:
+    """nltk's unsmoothed corpus BLEU-4 on mteval-13a tokens: what corpus_bleu used to call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nltk warns on a zero-match order
+        return float(nltk_bleu_score.corpus_bleu(
+            [[tokenize_13a(r.rstrip())] for r in references], [tokenize_13a(p.rstrip()) for p in predictions]
+        ))
+
+
+@pytest.mark.parametrize(
+    "predictions, references",
+    [
+        ([p for p, _ in MEDICAL_PAIRS], [r for _, r in MEDICAL_PAIRS]),
+        (["the cat sat on the mat", ""], ["the cat sat on a mat", "take two tablets daily with food."]),
+        (["a b c d"], ["a b x d"]),
+        (["short", "a b"], ["a longer reference text here", "a b"]),
+        (["the the the the the the"], ["the cat"]),
+        (["", ""], ["take two tablets", "rest"]),
+    ],
+    ids=["realistic", "one-empty", "zero-order", "short-predictions", "clipping", "all-empty"],
+)
+def test_bleu_from_statistics_equals_nltk_to_the_last_bit(predictions, references) -> None:
+    assert corpus_bleu(predictions, references) == nltk_bleu(predictions, references)
+
+
+def test_bleu_statistics_by_hand() -> None:
+    # "the the cat" vs "the cat": 1-grams the (clipped 2 -> 1) + cat = 2 of 3; 2-grams "the cat" 1 of 2;
+    # no 3-gram match of 1; no 4-gram (0 -> counted as 1 slot); lengths 3 and 2.
+    assert bleu_statistics("the the cat", "the cat").tolist() == [2, 1, 0, 0, 3, 2, 1, 1, 3, 2]
+
+
 def test_bleu_matches_sacrebleu_on_realistic_corpus() -> None:
     predictions = [prediction for prediction, _ in MEDICAL_PAIRS]
     references = [reference for _, reference in MEDICAL_PAIRS]
@@ -302,7 +336,7 @@ def test_perplexity_rejects_non_positive_token_count() -> None:
 def mean_interval(values, **options) -> tuple[float, float]:
     """Bootstrap interval of the mean of per-example values (as ROUGE and decline rates are scored)."""
     values = np.asarray(values, dtype=float)
-    return bootstrap_interval(len(values), lambda indices: float(values[indices].mean()), **options)
+    return bootstrap_interval(len(values), lambda indices: values[indices].mean(axis=1), **options)
 
 
 def test_bootstrap_of_one_example_or_constant_values_collapses() -> None:
@@ -325,14 +359,35 @@ def test_bootstrap_interval_contains_point_estimate_and_is_deterministic() -> No
 def test_bootstrap_interval_of_corpus_bleu_contains_point_estimate() -> None:
     predictions = [prediction for prediction, _ in MEDICAL_PAIRS]
     references = [reference for _, reference in MEDICAL_PAIRS]
+    statistics = np.stack([bleu_statistics(p, r) for p, r in MEDICAL_PAIRS])
 
-    def bleu_of(indices: np.ndarray) -> float:
-        return corpus_bleu([predictions[i] for i in indices], [references[i] for i in indices])
+    def bleu_of(indices: np.ndarray) -> list[float]:
+        return [bleu_from_statistics(row) for row in statistics[indices].sum(axis=1)]
 
     point = corpus_bleu(predictions, references)
     low, high = bootstrap_interval(len(predictions), bleu_of, n_resamples=100, seed=0)
     assert low <= point <= high
     assert bootstrap_interval(len(predictions), bleu_of, n_resamples=100, seed=0) == (low, high)
+
+
+def test_bootstrap_from_statistics_equals_rescoring_each_resample() -> None:
+    """The vectorized bootstrap gives the very interval of the old loop that re-scored the texts
+    of each resample (same seed, same index arrays): BLEU through nltk, ROUGE as a mean."""
+    predictions = ([prediction for prediction, _ in MEDICAL_PAIRS] * 3)[:-1]  # an odd n, too
+    references = ([reference for _, reference in MEDICAL_PAIRS] * 3)[:-1]
+    statistics = np.stack([bleu_statistics(p, r) for p, r in zip(predictions, references)])
+    rouge = np.array(rouge_scores(predictions, references)["rougeL"])
+    rng = np.random.default_rng(0)
+    looped_bleu, looped_rouge = [], []
+    for _ in range(200):
+        indices = rng.integers(0, len(predictions), size=len(predictions))
+        looped_bleu.append(nltk_bleu([predictions[i] for i in indices], [references[i] for i in indices]))
+        looped_rouge.append(float(rouge[indices].mean()))
+    expected_bleu = tuple(float(q) for q in np.quantile(looped_bleu, [0.025, 0.975]))
+    expected_rouge = tuple(float(q) for q in np.quantile(looped_rouge, [0.025, 0.975]))
+    n = len(predictions)
+    assert bootstrap_interval(n, lambda idx: [bleu_from_statistics(r) for r in statistics[idx].sum(1)], 200) == expected_bleu
+    assert bootstrap_interval(n, lambda idx: rouge[idx].mean(axis=1), 200) == expected_rouge
 
 
 def test_bootstrap_interval_of_perplexity_resamples_sums() -> None:
@@ -341,7 +396,7 @@ def test_bootstrap_interval_of_perplexity_resamples_sums() -> None:
     nll = np.array([2 * math.log(2), math.log(2)])
     counts = np.array([2, 1])
     low, high = bootstrap_interval(
-        2, lambda idx: perplexity(nll[idx].sum(), int(counts[idx].sum())), n_resamples=20
+        2, lambda idx: [perplexity(a, int(b)) for a, b in zip(nll[idx].sum(1), counts[idx].sum(1))], n_resamples=20
     )
     assert (low, high) == pytest.approx((2.0, 2.0))
 
@@ -353,32 +408,3 @@ def test_bootstrap_rejects_bad_arguments() -> None:
         bootstrap_interval(1, lambda idx: 0.0, n_resamples=0)
     with pytest.raises(ValueError, match=r"level must be in \(0, 1\), got 1.0"):
         bootstrap_interval(1, lambda idx: 0.0, level=1.0)
-
-
-# --- is_scope_decline ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "answer",
-    [
-        "I'm sorry, that question is outside my area of expertise.",
-        "This falls OUTSIDE THE SCOPE of a medical assistant.",
-        "Tax law is not my specialty; please consult an accountant.",
-        "I can only answer medical\nquestions.",
-        "Sorry, I can only help with medical questions.",
-    ],
-)
-def test_is_scope_decline_positive(answer: str) -> None:
-    assert is_scope_decline(answer)
-
-
-@pytest.mark.parametrize(
-    "answer",
-    [
-        "Take 400 mg of ibuprofen every 8 hours with food.",
-        "See a doctor if the rash spreads outside the original area.",
-        "",
-    ],
-)
-def test_is_scope_decline_negative(answer: str) -> None:
-    assert not is_scope_decline(answer)

@@ -7,11 +7,13 @@ import pytest
 from medlora.config import TrainConfig
 from medlora.run_folder import (
     append_metrics,
+    centred_moving_average,
     finished_run_summary,
     prepare_run_dir,
     read_config,
     read_metrics,
     run_folder_of,
+    save_loss_curve,
     truncate_metrics,
     write_config,
     write_summary,
@@ -60,3 +62,28 @@ def test_a_finished_run_is_recognised_only_for_the_same_config(tmp_path):
     (tmp_path / "adapter").mkdir()
     assert finished_run_summary(config) == {"steps": 4}
     assert finished_run_summary(TrainConfig(output_dir=str(tmp_path), rank=16)) is None
+
+
+def test_centred_moving_average_by_hand():
+    values = [4.0, 0.0, 2.0, 6.0, 3.0]
+    # half width 1: [mean(4,0), mean(4,0,2), mean(0,2,6), mean(2,6,3), mean(6,3)]
+    assert centred_moving_average(values, half_width=1) == [2.0, 2.0, 8 / 3, 11 / 3, 4.5]
+    assert centred_moving_average(values, half_width=0) == values
+    assert centred_moving_average(values, half_width=10) == [3.0] * 5  # every window holds all steps
+    assert centred_moving_average([]) == []
+    with pytest.raises(ValueError, match="half_width must be >= 0, got -1"):
+        centred_moving_average(values, half_width=-1)
+
+
+def test_loss_curve_draws_raw_and_smoothed_train_loss(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    for step, loss in enumerate([3.0, 2.0, 3.0, 2.0, 3.0, 2.0], start=1):
+        append_metrics(tmp_path, {"step": step, "loss": loss})
+    append_metrics(tmp_path, {"step": 6, "val_loss": 2.4})
+    labels = []
+    real_plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *args, **kwargs: labels.append(kwargs.get("label")) or real_plot(self, *args, **kwargs))
+    save_loss_curve(tmp_path)
+    assert labels == ["train loss (per step)", "train loss (9-step centred mean)", "validation loss"]
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
