@@ -5,12 +5,17 @@
     python train.py --preset t4                       # the reference run: TinyLlama-1.1B-Chat, fp16, GPU
     python train.py --resume auto --output-dir runs/cpu
     python train.py --config runs/cpu/config.json --output-dir runs/cpu-again --overwrite
+    torchrun --nproc_per_node 2 train.py --output-dir runs/cpu-2ranks    # 2 ranks; docs/distributed.md
 
 The loop, per optimizer step: set the learning rate; run the step's micro-batches (forward under
 autocast, loss = summed answer-token NLL / the step's target-token count, backward through the
 GradScaler); unscale; clip; step, or skip a step whose loss or gradients are not finite; zero the
 gradients; log. Validation at step 0, every --eval-every steps and at the end keeps the best
 adapter; checkpoints every --save-every. Everything lands in the run folder (medlora/run_folder.py).
+
+Under torchrun every rank cuts the same global step into the same micro-batches and runs its own
+share of them; one all-reduce per step sums the gradients (medlora/distributed.py), so the ranks
+take identical optimizer steps and rank 0 alone prints and writes the run folder.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from data import epoch_steps, micro_batches, padding_fraction, prepare_data, sav
 from lora import VARIANTS, LoRASummary, inject_lora, lora_parameters, save_adapter
 from medlora.checkpoint import TrainState, load_checkpoint, rng_state, save_checkpoint
 from medlora.config import PRESETS, TrainConfig, check_preset, config_from_preset
+from medlora.distributed import SINGLE_PROCESS, World, leave, start_ranks
 from medlora.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, USER_FAILURES, TrainingStopped, report_failure
 from medlora.loss import answer_nll, batch_on_device, validation_loss
 from medlora.model import (
@@ -55,61 +61,70 @@ from medlora.schedule import cosine_with_warmup, schedule_lengths
 from medlora.scope_gate import fit_gate_on_examples
 
 
-def load_base_model(config: TrainConfig):
-    """The base model and tokenizer on the chosen device and precision, after a check of --targets.
+def load_base_model(config: TrainConfig, world: World):
+    """The base model and tokenizer on this rank's device and the chosen precision, after a check of --targets.
 
     The targets are first matched on a weightless (meta-device) copy, so a bad --targets fails
-    before the slow load. The seed is set before loading, so the LoRA init is reproducible.
+    before the slow load. The seed is set before loading, so the LoRA init is reproducible. Rank 0
+    loads first, so only it builds the embedded model's cache on first use.
     """
     inject_lora(model_skeleton(config.model), config.targets, config.rank, config.alpha, config.dropout, config.lora_variant)
-    device = choose_device(config.device)
-    precision = resolve_precision(config.precision, device)
+    precision = resolve_precision(config.precision, world.device)
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model_and_tokenizer(config.model, dtype=TORCH_DTYPES[precision], device=device)
-    return model, tokenizer, device, precision
+    with world.main_first("loading the base model"):
+        model, tokenizer = load_model_and_tokenizer(config.model, dtype=TORCH_DTYPES[precision], device=world.device)
+    return model, tokenizer, world.device, precision
 
 
-def resume_or_start(checkpoint: Path | None, config: TrainConfig, data, model, optimizer, scaler) -> TrainState:
-    """Restore adapter, optimizer, scaler, RNG and counters from `checkpoint`, or start a new run folder."""
+def resume_or_start(checkpoint: Path | None, config: TrainConfig, data, model, optimizer, scaler, world: World) -> TrainState:
+    """Restore adapter, optimizer, scaler, this rank's RNG and counters from `checkpoint`, or start a new run folder."""
     run_dir = Path(config.output_dir)
     if checkpoint is None:
-        write_config(run_dir, config)
-        save_length_histogram(data.token_lengths(), str(run_dir / "token_lengths.png"), config.max_length)
+        if world.is_main:
+            write_config(run_dir, config)
+            save_length_histogram(data.token_lengths(), str(run_dir / "token_lengths.png"), config.max_length)
         return TrainState()
-    state = load_checkpoint(checkpoint, model, optimizer, scaler)
-    truncate_metrics(run_dir, state.step)
+    state = load_checkpoint(checkpoint, model, optimizer, scaler, rank=world.rank)
+    if world.is_main:
+        truncate_metrics(run_dir, state.step)
     print(f"[resume] continuing from {checkpoint.name} (step {state.step})")
     return state
 
 
-def validate(model, data, pad_id: int, config: TrainConfig, autocast, state: TrainState, run_dir: Path, base_name: str) -> None:
+def validate(model, data, pad_id: int, config: TrainConfig, autocast, state: TrainState, base_name: str, world: World) -> None:
     """Log the validation loss at this step and keep the adapter when it is the best so far.
 
-    Without validation rows nothing is logged and adapter/ simply holds the latest adapter.
+    Every rank scores its shard of the split (the sums are all-reduced); rank 0 writes. Without
+    validation rows nothing is logged and adapter/ simply holds the latest adapter.
     """
+    run_dir = Path(config.output_dir)
     if not data.examples.validation:
-        save_adapter(model, run_dir / ADAPTER, base_model=base_name)
+        if world.is_main:
+            save_adapter(model, run_dir / ADAPTER, base_model=base_name)
         return
-    val_loss = validation_loss(model, data.examples.validation, pad_id, config.batch_size, config.max_batch_tokens, autocast)
-    append_metrics(run_dir, {"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+    val_loss = validation_loss(model, data.examples.validation, pad_id, config.batch_size, config.max_batch_tokens, autocast, world)
+    if world.is_main:
+        append_metrics(run_dir, {"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
     tqdm.write(f"[eval] step {state.step:5d} | val loss {val_loss:.4f} | val answer-ppl {math.exp(val_loss):.3f}")
     if val_loss < state.best_val_loss:
         state.best_val_loss = val_loss
-        save_adapter(model, run_dir / ADAPTER, base_model=base_name)
+        if world.is_main:
+            save_adapter(model, run_dir / ADAPTER, base_model=base_name)
 
 
-def train(config: TrainConfig, given: set[str] = frozenset(), resume: str | None = None, overwrite: bool = False) -> dict:
-    """Run one training job end to end; returns the final summary (also printed and saved).
+def train(config: TrainConfig, world: World = SINGLE_PROCESS, given: set[str] = frozenset(), resume: str | None = None,
+          overwrite: bool = False) -> dict:
+    """Run one training job end to end as this rank of `world`; returns the final summary (also printed and saved).
 
-    `given`: the settings set on the command line; resuming refuses one that differs from the run's.
+    `config` has passed config.validate(); `given`: the settings set on the command line (resume refuses changes).
     """
-    config.validate()
-    config, checkpoint = open_run_dir(config, given, resume, overwrite)
+    config, checkpoint = open_run_dir(config, given, resume, overwrite, world)
     run_dir = Path(config.output_dir)
     print("[config] " + json.dumps(config.to_json()))
+    print(f"[ranks] {world.describe()}")
 
     # ---- model, data, adapters ------------------------------------------------------------------
-    model, tokenizer, device, precision = load_base_model(config)
+    model, tokenizer, device, precision = load_base_model(config, world)
     base_name = model_display_name(config.model)
     data = prepare_data(tokenizer, config.data, config.num_examples, config.seed, config.max_length)
     print("\n".join(data.report_lines()))
@@ -119,12 +134,14 @@ def train(config: TrainConfig, given: set[str] = frozenset(), resume: str | None
     lengths = [len(e.input_ids) for e in train_examples]
     lora = inject_lora(model, config.targets, config.rank, config.alpha, config.dropout, config.lora_variant)
     print(f"[lora] {lora}")
+    params = lora_parameters(model)
+    world.copy_from_main(params)  # every rank starts from rank 0's adapter ...
+    world.seed_per_rank(config.seed)  # ... and draws its own dropout masks
     if config.grad_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
     # ---- optimizer, schedule, mixed precision ---------------------------------------------------
-    params = lora_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # loss scaling for fp16 only
     autocast = autocast_for(device.type, precision)
@@ -132,15 +149,15 @@ def train(config: TrainConfig, given: set[str] = frozenset(), resume: str | None
     print(f"[train] {len(train_examples)} examples, {config.step_examples} per step, {steps_per_epoch} steps/epoch, "
           f"{total_steps} steps ({warmup_steps} warmup), precision {precision} on {device}")
 
-    state = resume_or_start(checkpoint, config, data, model, optimizer, scaler)
+    state = resume_or_start(checkpoint, config, data, model, optimizer, scaler, world)
     if state.step == 0:
-        validate(model, data, pad_id, config, autocast, state, run_dir, base_name)
+        validate(model, data, pad_id, config, autocast, state, base_name, world)
 
     # ---- the loop -------------------------------------------------------------------------------
     start = time.perf_counter() - state.elapsed_s
     padded_batches = []
     step_rng = None  # RNG state at the start of the current step, saved if Ctrl-C discards the step
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not world.is_main)
     try:
         while state.step < total_steps:
             step_rng = rng_state()
@@ -153,23 +170,27 @@ def train(config: TrainConfig, given: set[str] = frozenset(), resume: str | None
             lr = cosine_with_warmup(state.step, total_steps, warmup_steps, config.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # 2. forward and backward per micro-batch. Each micro-batch's summed NLL is divided by the
-            # target tokens of the WHOLE step, so the gradient is that of the step's mean token loss
-            # however the step is cut (a mean of per-micro-batch means would weight short answers more).
+            # 2. forward and backward per micro-batch of this rank's shard. Each micro-batch's summed NLL
+            # is divided by the target tokens of the WHOLE global step, so the gradient is that of the
+            # step's mean token loss however the step is cut (a mean of per-micro-batch means would
+            # weight short answers more). Every rank knows the whole step, so it counts them itself.
             target_tokens = sum(train_examples[i].answer_token_count for batch in batches for i in batch)
             nll_sum, step_tokens = 0.0, 0
-            for batch_indices in batches:
+            for batch_indices in world.shard(batches):
                 batch = batch_on_device(train_examples, batch_indices, pad_id, device)
                 with autocast():
                     nll, _ = answer_nll(model, batch)
                 scaler.scale(nll / target_tokens).backward()
                 nll_sum += nll.item()
                 step_tokens += int(batch["attention_mask"].sum())
+            # 3. sum the gradients (once, after the last micro-batch) and the logged numbers over the ranks
+            world.sum_gradients(params)
+            nll_sum, step_tokens = world.sum(nll_sum, step_tokens)
             loss = nll_sum / target_tokens
-            # 3. unscale (a no-op without fp16), 4. clip to the global norm
+            # 4. unscale (a no-op without fp16), 5. clip to the global norm
             scaler.unscale_(optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            # 5. step, or skip it: the weights never take an inf/NaN update
+            # 6. step, or skip it: the weights never take an inf/NaN update (all ranks agree: same gradients)
             if scaler.is_enabled():
                 scale_before = scaler.get_scale()
                 scaler.step(optimizer)  # a no-op when the unscaled gradients hold inf/NaN ...
@@ -179,10 +200,10 @@ def train(config: TrainConfig, given: set[str] = frozenset(), resume: str | None
                 skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
                 if not skipped:
                     optimizer.step()
-            # 6. zero the gradients
+            # 7. zero the gradients
             optimizer.zero_grad(set_to_none=True)
 
-            # 7. log: one line and one metrics.jsonl record per step
+            # 8. log: one line and one metrics.jsonl record per step (rank 0)
             state.count_step(loss, skipped, elapsed_s=time.perf_counter() - start)
             tokens_per_s = step_tokens / (time.perf_counter() - step_started)
             record = {
@@ -190,7 +211,8 @@ def train(config: TrainConfig, given: set[str] = frozenset(), resume: str | None
                 "grad_norm": grad_norm, "tokens": step_tokens, "tokens_per_s": round(tokens_per_s, 1),
                 "elapsed_s": round(state.elapsed_s, 2), "skipped": skipped,
             } | ({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})
-            append_metrics(run_dir, record)
+            if world.is_main:
+                append_metrics(run_dir, record)
             bar.update(1)
             tqdm.write(step_line(record, total_steps, peak_memory_gb(device)))
             if state.nan_streak >= config.max_nan_steps:
@@ -199,31 +221,39 @@ def train(config: TrainConfig, given: set[str] = frozenset(), resume: str | None
                     f"The last good checkpoint and the best adapter in {run_dir} are kept (try a lower --lr)",
                     EXIT_DIVERGED,
                 )
-            # 8. validate, 9. checkpoint
+            # 9. validate, 10. checkpoint (every rank's RNG state goes in it)
             if state.step % config.eval_every == 0 or state.step == total_steps:
-                validate(model, data, pad_id, config, autocast, state, run_dir, base_name)
+                validate(model, data, pad_id, config, autocast, state, base_name, world)
             if state.step % config.save_every == 0 or state.step == total_steps:
-                save_checkpoint(run_dir, model, optimizer, scaler, state, config, base_name)
+                save_checkpoint(run_dir, model, optimizer, scaler, state, config, base_name, world=world)
     except KeyboardInterrupt:
         bar.close()
-        optimizer.zero_grad(set_to_none=True)  # the interrupted step is discarded
-        save_checkpoint(run_dir, model, optimizer, scaler, state, config, base_name, rng=step_rng)
-        raise TrainingStopped(
-            f"interrupted: checkpoint saved at step {state.step}; continue with --resume auto --output-dir {run_dir}",
-            EXIT_INTERRUPTED,
-        ) from None
+        raise interrupted(config, model, optimizer, scaler, state, base_name, step_rng, world) from None
     finally:
         bar.close()  # before any message, so an error is printed on a line of its own
 
-    save_loss_curve(run_dir)
-    # 10. the scope gate: a linear classifier on the trained model's own prompt states, kept with the adapter
-    model.eval()
-    gate = fit_gate_on_examples(model, tokenizer, train_examples)
-    print(f"[gate] scope gate saved to {gate.save(run_dir / ADAPTER)}" if gate else "[gate] the training answers teach one class: no scope gate")
     summary = run_summary(state, lora, peak_memory_gb(device), padding_fraction(padded_batches, lengths) if padded_batches else None)
-    write_summary(run_dir, summary)
+    if world.is_main:
+        # 10. the scope gate: a linear classifier on the trained model's own prompt states, kept with the adapter
+        model.eval()
+        gate = fit_gate_on_examples(model, tokenizer, train_examples)
+        print(f"[gate] scope gate saved to {gate.save(run_dir / ADAPTER)}" if gate else "[gate] the training answers teach one class: no scope gate")
+        save_loss_curve(run_dir)
+        write_summary(run_dir, summary)
     print(done_line(summary, lora, run_dir))
     return summary
+
+
+def interrupted(config: TrainConfig, model, optimizer, scaler, state: TrainState, base_name: str, step_rng, world: World) -> TrainingStopped:
+    """Ctrl-C: discard the interrupted step and checkpoint the state before it (RNG `step_rng`, taken
+    at the step's start). Under torchrun the ranks stop at different points, so there is no common
+    state to save: the last regular checkpoint is the one to resume from."""
+    run_dir = Path(config.output_dir)
+    if world.world_size > 1:
+        return TrainingStopped(f"interrupted: continue from the last checkpoint with --resume auto --output-dir {run_dir}", EXIT_INTERRUPTED)
+    optimizer.zero_grad(set_to_none=True)
+    save_checkpoint(run_dir, model, optimizer, scaler, state, config, base_name, rng=step_rng)
+    return TrainingStopped(f"interrupted: checkpoint saved at step {state.step}; continue with --resume auto --output-dir {run_dir}", EXIT_INTERRUPTED)
 
 
 def step_line(record: dict, total_steps: int, memory_gb: float) -> str:
@@ -267,7 +297,7 @@ def done_line(summary: dict, lora: LoRASummary, run_dir: Path) -> str:
 FLAG_FIELDS = (  # TrainConfig fields set by a flag of the same name
     "model", "data", "num_examples", "epochs", "max_steps", "batch_size", "grad_accum", "max_batch_tokens", "lr",
     "rank", "alpha", "dropout", "lora_variant", "max_length", "precision", "grad_checkpointing", "eval_every", "save_every",
-    "keep_last", "max_nan_steps", "seed", "device",
+    "keep_last", "max_nan_steps", "seed", "device", "dist_timeout",
 )
 
 
@@ -304,7 +334,8 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace,
         "a flag that differs from the resumed run's config is refused")
     add("--overwrite", action="store_true", help="replace an existing run in --output-dir")
     add("--seed", type=int, help=f"seed for sampling, split, order, init, dropout (default: {defaults.seed})")
-    add("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
+    add("--device", help="cpu, cuda or cuda:N (default: CUDA when available; under torchrun each rank takes cuda:LOCAL_RANK)")
+    add("--dist-timeout", type=float, help=f"under torchrun: seconds a rank waits for the others before it stops with an error (default: {defaults.dist_timeout:.0f})")
     args = parser.parse_args(argv)
 
     overrides = {name: getattr(args, name) for name in FLAG_FIELDS if getattr(args, name) is not None}
@@ -339,11 +370,20 @@ def config_from_file(path: str, overrides: dict) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train as one process, or as one rank of a torchrun job (rank 0 prints; every rank prints its errors)."""
+    world = SINGLE_PROCESS
     try:
         config, args, given = parse_args(argv)
-        train(config, given, resume=args.resume, overwrite=args.overwrite)
+        config.validate()
+        world = start_ranks(choose_device(config.device), config.dist_timeout)
+        with world.printing_on_main():
+            train(config, world, given, resume=args.resume, overwrite=args.overwrite)
+        world.end()
     except USER_FAILURES as error:
-        return report_failure(error)
+        code = report_failure(error)
+        if world.world_size > 1:
+            leave(code)  # at once: the process group's teardown can wait on a hung peer
+        return code
     return 0
 
 

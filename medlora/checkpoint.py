@@ -3,10 +3,15 @@
     RUN/checkpoints/step-000010/
         adapter_model.safetensors, adapter_config.json   the LoRA weights (lora.save_adapter)
         optimizer.safetensors                            AdamW's moments, as tensors
-        rng.safetensors                                  torch (and CUDA) RNG states
+        rng.safetensors                                  torch (and CUDA) RNG states (of rank 0 under torchrun)
+        rng-rank1.safetensors, ...                       under torchrun: each other rank's RNG states, all of them
         trainer_state.json                               TrainState, optimizer hyperparameters, scaler, python/numpy RNG
         config.json                                      the run's TrainConfig
         manifest.json                                    size and sha256 of every file above
+
+Under torchrun every rank holds the same adapter and optimizer state (the gradients are
+all-reduced), so rank 0 writes them; each rank's RNG state (its own dropout stream) is gathered to
+rank 0 and written too, which is what makes a resumed multi-rank run bit-exact.
 
 Only safetensors and JSON: nothing is unpickled. A checkpoint is written into a temporary folder,
 checksummed, fsynced and renamed into place, so a kill at any moment leaves either the complete
@@ -28,10 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save, save_file
 
 from lora import load_adapter, save_adapter
 from medlora.config import TrainConfig
+from medlora.distributed import SINGLE_PROCESS, World
 
 MANIFEST = "manifest.json"
 
@@ -117,6 +124,17 @@ def restore_rng(tensors: dict[str, torch.Tensor], json_state: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def rng_file_bytes(rng: tuple[dict[str, torch.Tensor], dict]) -> bytes:
+    """One rank's RNG state as the bytes of a safetensors file: the tensors, and the JSON part as metadata."""
+    tensors, json_state = rng
+    return save(tensors, metadata={"rng": json.dumps(json_state)})
+
+
+def rank_rng_file(rank: int) -> str:
+    """The checkpoint file holding the RNG state of rank `rank` > 0."""
+    return f"rng-rank{rank}.safetensors"
+
+
 def save_checkpoint(
     run_dir: Path,
     model,
@@ -126,12 +144,19 @@ def save_checkpoint(
     config: TrainConfig,
     base_model: str,
     rng: tuple[dict, dict] | None = None,
-) -> Path:
+    world: World = SINGLE_PROCESS,
+) -> Path | None:
     """Write run_dir/checkpoints/step-XXXXXX atomically (temp folder, files, manifest, rename), then
     delete all but the newest `config.keep_last` checkpoints.
 
-    `rng` replaces the current RNG state (used when an interrupted step is discarded).
+    `rng` replaces the current RNG state (used when an interrupted step is discarded). Under
+    torchrun every rank calls this: each sends rank 0 its RNG state, and rank 0 alone writes (the
+    others return None).
     """
+    rng = rng or rng_state()
+    other_ranks_rng = world.gather_bytes(rng_file_bytes(rng))[1:]
+    if not world.is_main:
+        return None
     folder = run_dir / "checkpoints" / f"step-{state.step:06d}"
     staging = run_dir / "checkpoints" / f".tmp-step-{state.step:06d}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -140,8 +165,10 @@ def save_checkpoint(
         save_adapter(model, staging, base_model=base_model)
         opt_tensors, opt_groups = optimizer_tensors(optimizer)
         save_file(opt_tensors, str(staging / "optimizer.safetensors"))
-        rng_tensors, rng_json = rng or rng_state()
+        rng_tensors, rng_json = rng
         save_file(rng_tensors, str(staging / "rng.safetensors"))
+        for rank, payload in enumerate(other_ranks_rng, start=1):
+            (staging / rank_rng_file(rank)).write_bytes(payload)
         trainer_state = {
             "train_state": dataclasses.asdict(state),
             "optimizer": opt_groups,
@@ -210,12 +237,18 @@ def checkpoint_config(folder: Path) -> TrainConfig:
     return TrainConfig.from_json(json.loads(path.read_text()), source=str(path))
 
 
-def load_checkpoint(folder: Path, model, optimizer, scaler) -> TrainState:
-    """Restore adapter, optimizer, scaler and RNG state from a verified checkpoint."""
+def load_checkpoint(folder: Path, model, optimizer, scaler, rank: int = 0) -> TrainState:
+    """Restore adapter, optimizer, scaler and the RNG state of rank `rank` from a verified checkpoint."""
     load_adapter(model, folder)
     saved = json.loads((folder / "trainer_state.json").read_text())
     restore_optimizer(optimizer, load_file(str(folder / "optimizer.safetensors")), saved["optimizer"])
     if saved["scaler"]:
         scaler.load_state_dict(saved["scaler"])
-    restore_rng(load_file(str(folder / "rng.safetensors")), saved["rng"])
+    if rank == 0:
+        restore_rng(load_file(str(folder / "rng.safetensors")), saved["rng"])
+    else:
+        path = str(folder / rank_rng_file(rank))
+        with safe_open(path, framework="pt") as handle:
+            rng_json = json.loads(handle.metadata()["rng"])
+        restore_rng(load_file(path), rng_json)
     return TrainState.from_json(saved["train_state"])

@@ -49,7 +49,9 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept on disk
     seed: int = 42  # sampling, split, data order, LoRA init and dropout
     max_nan_steps: int = 3  # stop after this many consecutive steps with a non-finite loss
-    device: str | None = None  # cpu | cuda | cuda:N (None = CUDA when available)
+    device: str | None = None  # cpu | cuda | cuda:N (None = CUDA when available; under torchrun each rank takes cuda:LOCAL_RANK)
+    world_size: int = 1  # ranks (processes) that train together: set from torchrun, not a flag; resume needs the same
+    dist_timeout: float = 600.0  # seconds a rank waits for the others at a collective before it stops (torchrun only)
 
     @property
     def step_examples(self) -> int:
@@ -85,6 +87,7 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps > 0, f"--max-steps must be positive, got {self.max_steps}"),
             (self.max_batch_tokens is None or self.max_batch_tokens > 0, f"--max-batch-tokens must be positive, got {self.max_batch_tokens}"),
             (self.eval_every > 0 and self.save_every > 0, "--eval-every and --save-every must be positive"),
+            (self.dist_timeout > 0, f"--dist-timeout must be positive, got {self.dist_timeout}"),
             (self.keep_last > 0, f"--keep-last must be positive, got {self.keep_last}"),
             (len(self.targets) > 0, "--targets must name at least one module"),
             (self.lora_variant in VARIANTS, f"--lora-variant must be one of {', '.join(VARIANTS)}, got {self.lora_variant!r}"),
@@ -132,13 +135,21 @@ def resumed_config(saved: TrainConfig, requested: TrainConfig, given: set[str], 
     """The saved config of the run being resumed, with the requested output_dir.
 
     Resuming continues the saved run exactly, so a setting given on the command line (`given`,
-    field names) that differs from the saved one is refused instead of being ignored.
+    field names) that differs from the saved one is refused instead of being ignored, and so is
+    another number of ranks: the data shards and each rank's RNG stream depend on it. Where the
+    run lives and how long ranks wait for each other may change.
     """
-    for name in sorted(given - {"output_dir"}):
+    if requested.world_size != saved.world_size:
+        raise ValueError(
+            f"{source}: the run was trained by {saved.world_size} rank(s) and this job has {requested.world_size}; "
+            f"resume it with the same number (torchrun --nproc_per_node {saved.world_size} ..., or python train.py for 1), "
+            f"or start a new run with --overwrite"
+        )
+    for name in sorted(given - {"output_dir", "dist_timeout"}):
         if getattr(requested, name) != getattr(saved, name):
             flag = "--" + name.replace("_", "-")
             raise ValueError(
                 f"{flag} {getattr(requested, name)!r} differs from the resumed run's {getattr(saved, name)!r} "
                 f"({source}): resume continues that run as it was; drop {flag}, or start a new run with --overwrite"
             )
-    return dataclasses.replace(saved, output_dir=requested.output_dir)
+    return dataclasses.replace(saved, output_dir=requested.output_dir, dist_timeout=requested.dist_timeout)

@@ -15,6 +15,7 @@ import sys
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2  # bad flags, data, model or adapter; unreadable or unwritable files
 EXIT_DIVERGED = 3  # training stopped itself: the loss was NaN or infinite for too many steps
+EXIT_RANK_FAILED = 4  # under torchrun: another rank died, raised or stopped answering, so this one stopped too
 EXIT_INTERRUPTED = 130  # Ctrl-C, after a checkpoint was saved (128 + SIGINT, as a shell reports it)
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from data import IGNORE_INDEX, EncodedExample, collate, micro_batches
+from medlora.distributed import SINGLE_PROCESS, World
 
 
 def batch_on_device(examples: Sequence[EncodedExample], rows: Sequence[int], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -110,17 +111,24 @@ def heldout_row_nll(
         yield rows, sums, counts
 
 
-def validation_loss(model, examples: Sequence[EncodedExample], pad_id: int, batch_size: int, max_batch_tokens: int | None, autocast) -> float:
+def validation_loss(
+    model, examples: Sequence[EncodedExample], pad_id: int, batch_size: int, max_batch_tokens: int | None, autocast,
+    world: World = SINGLE_PROCESS,
+) -> float:
     """Answer-token NLL summed over the whole split, divided by its target-token count (nats).
 
-    Examples are batched shortest first, cut as training cuts its micro-batches. The model is put
-    in eval mode (no dropout) for the pass and back in train mode after it.
+    Examples are batched shortest first, cut as training cuts its micro-batches. Under torchrun
+    each rank scores its shard of those batches and the sums are all-reduced, so every rank gets
+    the loss of the whole split. The model is put in eval mode (no dropout) for the pass and back
+    in train mode after it.
     """
     model.eval()
     lengths = [len(example.input_ids) for example in examples]
     order = sorted(range(len(examples)), key=lambda i: lengths[i])
+    mine = world.shard(micro_batches(order, lengths, batch_size, max_batch_tokens))
     nll_sum, count = 0.0, 0
-    for _, sums, counts in heldout_row_nll(model, examples, micro_batches(order, lengths, batch_size, max_batch_tokens), pad_id, autocast=autocast):
+    for _, sums, counts in heldout_row_nll(model, examples, mine, pad_id, autocast=autocast):
         nll_sum, count = nll_sum + sums.sum().item(), count + int(counts.sum())
     model.train()
+    nll_sum, count = world.sum(nll_sum, count)
     return nll_sum / count

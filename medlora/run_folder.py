@@ -16,12 +16,14 @@ read adapter/; the experiment runner reads summary.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 from medlora.checkpoint import checkpoint_config, list_checkpoints, verify_checkpoint
 from medlora.config import TrainConfig, resumed_config
+from medlora.distributed import SINGLE_PROCESS, World
 
 ADAPTER = "adapter"
 CONFIG = "config.json"
@@ -30,13 +32,20 @@ SUMMARY = "summary.json"
 RUN_CONFIG_FIELDS = ("model", "data", "num_examples", "seed", "max_length")  # what evaluation needs from a run
 
 
-def open_run_dir(config: TrainConfig, given: set[str], resume: str | None, overwrite: bool) -> tuple[TrainConfig, Path | None]:
+def open_run_dir(
+    config: TrainConfig, given: set[str], resume: str | None, overwrite: bool, world: World = SINGLE_PROCESS,
+) -> tuple[TrainConfig, Path | None]:
     """Prepare config.output_dir (prepare_run_dir); return the run's config and the checkpoint to resume.
 
     Resuming continues the checkpoint's own config; a setting in `given` (set on the command
-    line) that differs from it is refused (medlora.config.resumed_config).
+    line) that differs from it, or another number of ranks, is refused (medlora.config.resumed_config).
+    Under torchrun rank 0 alone prepares the folder and picks the checkpoint, and every other rank
+    continues from the one it picked (the run folder must be on a file system every rank sees).
     """
-    checkpoint = prepare_run_dir(Path(config.output_dir), resume, overwrite)
+    config = dataclasses.replace(config, world_size=world.world_size)
+    picked = prepare_run_dir(Path(config.output_dir), resume, overwrite) if world.is_main else None
+    picked_name = world.text_from_main(str(picked) if picked else "")
+    checkpoint = Path(picked_name) if picked_name else None
     if checkpoint is None:
         return config, None
     return resumed_config(checkpoint_config(checkpoint), config, given, str(checkpoint / CONFIG)), checkpoint

@@ -4,13 +4,16 @@ Nothing here is in product code. `patch(owner, name, value)` is `monkeypatch.set
 plain `setattr` in the subprocess that `python -m tests.faults` runs:
 
     python -m tests.faults step:5 -- --model DIR --output-dir RUN ...   # train.py's flags after --
+    torchrun --standalone --nproc_per_node 2 -m tests.faults step:5@1 -- ...   # only on rank 1
 
-which trains with a pause installed at the given point: it prints a "[test-pause]" line there and
-sleeps, so the test can kill -9 the process at that moment.
+which trains with a pause installed at the given point: it prints a "[test-pause] ... pid N" line
+there (on the real standard output, which train.py silences on ranks > 0) and sleeps, so the test
+can kill -9 that process at that moment. `raise:3@1` makes rank 1 raise a RuntimeError in step 3.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -58,19 +61,22 @@ def corrupt_loss(patch, kind: str, steps: set[int]) -> None:
 
 
 def pause(where: str) -> None:
-    print(f"{PAUSE_MARKER} {where}", flush=True)
+    print(f"{PAUSE_MARKER} {where} pid {os.getpid()}", file=sys.__stdout__, flush=True)
     time.sleep(600)
 
 
 def install_pause(patch, point: str, step: int) -> None:
     """Pause inside optimizer step `step` ("step", after its first forward), in the validation pass
-    at step `step` ("eval"), or while checkpoint `step` is written ("save", before its RNG file)."""
+    at step `step` ("eval"), or while checkpoint `step` is written ("save", before its RNG file);
+    or raise a RuntimeError inside optimizer step `step` ("raise", after its first forward)."""
     tracker = track_steps(patch)
-    if point == "step":
+    if point in ("step", "raise"):
         loss = train.answer_nll
 
         def pausing_loss(*args, **kwargs):
             result = loss(*args, **kwargs)
+            if tracker["step"] == step and point == "raise":
+                raise RuntimeError(f"fault injected by tests/faults.py in step {step}")
             if tracker["step"] == step:
                 pause(f"step {step}")
             return result
@@ -100,7 +106,9 @@ def install_pause(patch, point: str, step: int) -> None:
 
 if __name__ == "__main__":
     where, separator, *train_args = sys.argv[1:]
-    assert separator == "--", "usage: python -m tests.faults POINT:STEP -- <train.py flags>"
-    point, _, step = where.partition(":")
-    install_pause(setattr, point, int(step))
+    assert separator == "--", "usage: python -m tests.faults POINT:STEP[@RANK] -- <train.py flags>"
+    point, _, step_and_rank = where.partition(":")
+    step, _, rank = step_and_rank.partition("@")
+    if not rank or rank == os.environ.get("RANK", "0"):
+        install_pause(setattr, point, int(step))
     sys.exit(train.main(train_args))

@@ -15,7 +15,7 @@ PRODUCT = ("medlora", "lora", "data", "experiments")  # with the scripts: what u
 LOCAL = SCRIPTS | {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".") and any(p.rglob("*.py"))}
 ENTRY_POINTS = {ROOT / "data" / "__main__.py"}  # `python -m data`: a command line, free to use the model loader
 REFERENCE_ONLY = {"peft", "trl", "sacrebleu", "llama_cpp"}  # allowed in tests/ and bench/ only
-ENVIRONMENT_SETTINGS = {"MEDLORA_CACHE"}  # documented user settings; anything else would be a hook
+ENVIRONMENT_SETTINGS = {"MEDLORA_CACHE", "WORLD_SIZE", "RANK", "LOCAL_RANK"}  # documented user settings (and torchrun's); anything else would be a hook
 
 
 def python_files(*folders: str) -> list[Path]:

@@ -136,8 +136,8 @@ def test_fp16_amp_on_cpu_saves_and_restores_scaler(tiny_model_dir, tmp_path, mon
     captured = {}
     original = train.load_checkpoint
 
-    def spy(folder, model, optimizer, scaler):
-        result = original(folder, model, optimizer, scaler)
+    def spy(folder, model, optimizer, scaler, **kwargs):
+        result = original(folder, model, optimizer, scaler, **kwargs)
         captured.update(scaler.state_dict())
         return result
 
