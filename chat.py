@@ -21,16 +21,9 @@ from dataclasses import replace
 
 from transformers.utils.logging import disable_progress_bar
 
+from medlora.answer import AnswerPath, load_gate
 from medlora.errors import USER_FAILURES, report_failure
-from medlora.generation import (
-    GenerationSettings,
-    PromptTooLongError,
-    context_budget,
-    fit_history,
-    generate_answers,
-    load_for_inference,
-    stream_answer,
-)
+from medlora.generation import GenerationSettings, PromptTooLongError, context_budget, fit_history, load_for_inference
 from medlora.model import PRECISIONS, TORCH_DTYPES, choose_device, resolve_precision
 
 DISCLAIMER = (
@@ -54,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--model", help="base model: local folder or hub id (default: the adapter's base model, else the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", help="adapter folder written by train.py (adapter_config.json + adapter_model.safetensors)")
-    parser.add_argument("--prompt", help="answer this one question, print only the answer and exit")
+    parser.add_argument("--prompt", help="answer this one question, print only the answer and exit (the scope check's line goes to stderr)")
+    parser.add_argument("--no-scope-gate", action="store_true", help="answer with the model alone, without the scope gate saved next to the adapter (for study)")
     parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens, help="most tokens per answer")
     parser.add_argument("--temperature", type=float, default=GenerationSettings.temperature, help="0 = greedy (deterministic); > 0 samples")
     parser.add_argument("--top-p", type=float, default=GenerationSettings.top_p, help="nucleus sampling mass, used when temperature > 0")
@@ -100,17 +94,21 @@ def dropped_notice(dropped: int) -> str:
     return f"(context full: {oldest} of the conversation dropped)"
 
 
-def answer_once(model, tokenizer, args: argparse.Namespace, settings: GenerationSettings) -> None:
-    """--prompt: print only the answer on stdout."""
+def answer_once(path: AnswerPath, args: argparse.Namespace) -> None:
+    """--prompt: print only the answer on stdout; the scope check's line, when the guard acted, on stderr."""
     question, notice = bounded(args.prompt, args.max_input_chars)
     if notice:
         print(notice, file=sys.stderr)
-    print(generate_answers(model, tokenizer, [question], settings)[0])
+    answer = path.answer(question)
+    if answer.label:
+        print(f"[{answer.label}]", file=sys.stderr)
+    print(answer.text)
 
 
-def chat_in_terminal(model, tokenizer, args: argparse.Namespace, settings: GenerationSettings) -> None:
+def chat_in_terminal(path: AnswerPath, args: argparse.Namespace) -> None:
     """Read questions from stdin, stream answers to stdout, keep the conversation as history."""
-    budget = context_budget(model, settings, args.max_context_tokens)
+    tokenizer = path.tokenizer
+    budget = context_budget(path.model, path.settings, args.max_context_tokens)
     history: list[tuple[str, str]] = []
     print(HELP)
     while True:
@@ -144,12 +142,20 @@ def chat_in_terminal(model, tokenizer, args: argparse.Namespace, settings: Gener
         if dropped:
             print(dropped_notice(dropped))
         print("assistant> ", end="", flush=True)
-        pieces = []
-        for piece in stream_answer(model, tokenizer, message, history, settings, budget):
-            print(piece, end="", flush=True)
-            pieces.append(piece)
-        print()
-        history.append((message, "".join(pieces).strip()))
+        answer = yield_to_terminal(path.stream(message, history, budget))
+        if answer.label:
+            print(f"  [{answer.label}]")
+        history.append((message, answer.text))
+
+
+def yield_to_terminal(pieces):
+    """Print streamed pieces as they come; return the generator's Answer."""
+    while True:
+        try:
+            print(next(pieces), end="", flush=True)
+        except StopIteration as done:
+            print()
+            return done.value
 
 
 def as_chat_messages(history: list[tuple[str, str]]) -> list[dict]:
@@ -161,15 +167,9 @@ def as_chat_messages(history: list[tuple[str, str]]) -> list[dict]:
     ]
 
 
-def build_app(
-    model,
-    tokenizer,
-    settings: GenerationSettings,
-    description: str,
-    max_input_chars: int = 2000,
-    max_context_tokens: int | None = None,
-):
-    """The chat web page: streamed answers, multi-turn history, examples, sliders, a clear button.
+def build_app(path: AnswerPath, description: str, max_input_chars: int = 2000, max_context_tokens: int | None = None):
+    """The chat web page: streamed answers, multi-turn history, examples, sliders, a clear button,
+    and a small "scope check" label under the conversation when the guard acted on the last turn.
 
     The conversation fed to the model lives in a gr.State of (user, assistant) turns; the chat
     panel shows exactly those turns, so what you see is what the model is asked with.
@@ -180,29 +180,34 @@ def build_app(
         history = [tuple(turn) for turn in history or []]
         message, notice = bounded(message or "", max_input_chars)
         if not message:
-            yield as_chat_messages(history), history, ""
+            yield as_chat_messages(history), history, "", ""
             return
         if notice:
             gr.Warning(notice.strip("()"))
-        turn_settings = replace(settings, max_new_tokens=int(max_new_tokens), temperature=float(temperature))
-        budget = context_budget(model, turn_settings, max_context_tokens)
+        turn = path.with_settings(replace(path.settings, max_new_tokens=int(max_new_tokens), temperature=float(temperature)))
+        budget = context_budget(turn.model, turn.settings, max_context_tokens)
         try:
-            history, dropped = fit_history(tokenizer, message, history, budget)
+            history, dropped = fit_history(turn.tokenizer, message, history, budget)
         except PromptTooLongError as error:
             raise gr.Error(str(error)) from None
         if dropped:
             gr.Info(dropped_notice(dropped).strip("()"))
-        answer = ""
-        for piece in stream_answer(model, tokenizer, message, history, turn_settings, budget):
-            answer += piece
-            yield as_chat_messages(history + [(message, answer)]), history, ""
-        history = history + [(message, answer.strip())]
-        yield as_chat_messages(history), history, ""
+        text, pieces = "", turn.stream(message, history, budget)
+        while True:
+            try:
+                text += next(pieces)
+            except StopIteration as done:
+                answer = done.value
+                break
+            yield as_chat_messages(history + [(message, text)]), history, "", ""
+        history = history + [(message, answer.text)]
+        yield as_chat_messages(history), history, "", f"*{answer.label}*" if answer.label else ""
 
     with gr.Blocks(title="Medical Q&A assistant (LoRA)", analytics_enabled=False) as app:
         gr.Markdown(f"## Medical Q&A assistant\n{description}\n\n**{DISCLAIMER}**")
         history = gr.State([])
         chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=420)
+        scope_check = gr.Markdown("", elem_id="scope-check")
         with gr.Row():
             question = gr.Textbox(
                 placeholder=f"Ask a medical question (at most {max_input_chars} characters)",
@@ -214,15 +219,15 @@ def build_app(
             )
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
         with gr.Row():
-            max_new_tokens = gr.Slider(1, max(512, settings.max_new_tokens), value=settings.max_new_tokens, step=1, label="Max new tokens")
-            temperature = gr.Slider(0.0, 1.5, value=settings.temperature, step=0.05, label="Temperature (0 = greedy)")
+            max_new_tokens = gr.Slider(1, max(512, path.settings.max_new_tokens), value=path.settings.max_new_tokens, step=1, label="Max new tokens")
+            temperature = gr.Slider(0.0, 1.5, value=path.settings.temperature, step=0.05, label="Temperature (0 = greedy)")
         clear = gr.Button("Clear conversation", elem_id="clear")
         gr.Examples(examples=[[q] for q in EXAMPLE_QUESTIONS], inputs=[question], label="Example questions")
 
         inputs = [question, history, max_new_tokens, temperature]
-        outputs = [chatbot, history, question]
+        outputs = [chatbot, history, question, scope_check]
         gr.on([question.submit, send.click], respond, inputs, outputs, api_name="respond")
-        clear.click(lambda: ([], [], ""), None, outputs, queue=False, api_visibility="private")
+        clear.click(lambda: ([], [], "", ""), None, outputs, queue=False, api_visibility="private")
     return app
 
 
@@ -259,18 +264,21 @@ def main(argv: list[str] | None = None) -> int:
         # Loading notices go to stderr, so that stdout holds only answers. A cached model loads in a
         # second: its per-weight progress bar would only bury a one-line error.
         disable_progress_bar()
+        gate, gate_notice = load_gate(args.adapter, use_gate=not args.no_scope_gate)  # a bad gate fails before the slow load
         with contextlib.redirect_stdout(sys.stderr):
             model, tokenizer, description = load_for_inference(args.model, args.adapter, device, dtype)
+        path = AnswerPath(model, tokenizer, gate, settings)
         if args.prompt is not None:
-            answer_once(model, tokenizer, args, settings)
+            answer_once(path, args)
             return 0
         print(f"model: {description}")
+        print(f"note: {gate_notice}")
         if args.adapter is None:
             print("note: running the base model (no --adapter): answers are not fine-tuned")
         if args.web:
-            serve(build_app(model, tokenizer, settings, description, args.max_input_chars, args.max_context_tokens), args)
+            serve(build_app(path, description, args.max_input_chars, args.max_context_tokens), args)
         else:
-            chat_in_terminal(model, tokenizer, args, settings)
+            chat_in_terminal(path, args)
     except USER_FAILURES as error:  # a bad adapter, model or flag: one line, exit 2
         return report_failure(error)
     except KeyboardInterrupt:

@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--seed", type=int, help="split seed (default: the run's, else 42); also the --sample seed unless --sample-seed")
     add("--max-length", type=int, help="tokens per example; longer answers are cut (default: the run's, else 512)")
     add("--split", choices=SPLITS, help="split to evaluate (default: test)")
-    add("--limit", type=int, help="evaluate only the first N examples of the split (default: all)")
+    add("--limit", type=int, help="evaluate only the first N examples of the split, and at most N held-out scope prompts, "
+        "taken in turn from each kind (default: all)")
     add("--batch-size", type=int, help="questions per generation batch (default: 16)")
     add("--max-new-tokens", type=int, help="most tokens generated per answer (default: 200)")
     add("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -64,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--sample-seed", type=int, help="with --sample: seed of the sampler (default: --seed)")
     add("--no-cache", action="store_true", help="evaluate the base model again instead of reusing its cached results "
         "(~/.cache/medlora/eval, keyed by model, data, split, generation settings and code version)")
+    add("--no-scope", action="store_true", help="skip the held-out scope prompts (and their rates)")
+    add("--no-scope-gate", action="store_true", help="leave out the third column: the fine-tuned model's answers through its scope gate")
     add("--scope-set", help="held-out scope prompts, JSON lines {question, kind, category, wording} "
         "(default: data/scope_heldout.jsonl); answered with at most 64 new tokens for the three scope rates")
     add("--precision", choices=PRECISIONS, help="weight dtype; auto = bf16/fp16 on CUDA, fp32 on CPU (answers then do not depend on --batch-size)")

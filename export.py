@@ -25,7 +25,7 @@ import time
 from transformers.utils.logging import disable_progress_bar
 
 from medlora.model import ModelLoadError
-from medlora.export import FORMATS, GGUF_DTYPES, export_adapter
+from medlora.export import FORMATS, GGUF_DTYPES, export_adapter, scope_note
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exported {args.adapter} on {result.base_model} as {args.format} to {result.path} ({time.perf_counter() - started:.1f} s)")
     for name in result.files:
         print(f"  {result.path / name}")
+    print(scope_note(args.adapter))
     if args.format == "ollama":
         print(f"next: ollama create NAME -f {result.path / 'Modelfile'}")
     return 0

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import epoch_steps, micro_batches, padding_fraction, prepare_data, save_length_histogram
-from lora import VARIANTS, LoRASummary, inject_lora, lora_parameters, save_adapter
+from data import epoch_steps, micro_batches, padding_fraction, prepare_data, repeat_scope_rows, save_length_histogram
+from lora import VARIANTS, LoRASummary, inject_lora, load_adapter, lora_parameters, save_adapter
 from medlora.checkpoint import TrainState, load_checkpoint, rng_state, save_checkpoint
 from medlora.config import PRESETS, TrainConfig, check_preset, config_from_preset
 from medlora.distributed import SINGLE_PROCESS, World, leave, start_ranks
@@ -58,7 +58,7 @@ from medlora.run_folder import (
     write_summary,
 )
 from medlora.schedule import cosine_with_warmup, schedule_lengths
-from medlora.scope_gate import fit_gate_on_examples
+from medlora.scope_gate import fit_gate, gate_labels
 
 
 def load_base_model(config: TrainConfig, world: World):
@@ -130,7 +130,7 @@ def train(config: TrainConfig, world: World = SINGLE_PROCESS, given: set[str] = 
     print("\n".join(data.report_lines()))
     if not data.examples.validation:
         print("[eval] no validation rows: no validation loss is logged; adapter/ holds the latest adapter")
-    train_examples, pad_id = data.examples.train, tokenizer.pad_token_id
+    train_examples, pad_id = repeat_scope_rows(data.examples.train, config.scope_repeats), tokenizer.pad_token_id
     lengths = [len(e.input_ids) for e in train_examples]
     lora = inject_lora(model, config.targets, config.rank, config.alpha, config.dropout, config.lora_variant)
     print(f"[lora] {lora}")
@@ -234,14 +234,29 @@ def train(config: TrainConfig, world: World = SINGLE_PROCESS, given: set[str] = 
 
     summary = run_summary(state, lora, peak_memory_gb(device), padding_fraction(padded_batches, lengths) if padded_batches else None)
     if world.is_main:
-        # 10. the scope gate: a linear classifier on the trained model's own prompt states, kept with the adapter
-        model.eval()
-        gate = fit_gate_on_examples(model, tokenizer, train_examples)
-        print(f"[gate] scope gate saved to {gate.save(run_dir / ADAPTER)}" if gate else "[gate] the training answers teach one class: no scope gate")
+        fit_scope_gate_on_saved_adapter(model, tokenizer, data, run_dir / ADAPTER, autocast, summary)
         save_loss_curve(run_dir)
         write_summary(run_dir, summary)
     print(done_line(summary, lora, run_dir))
     return summary
+
+
+def fit_scope_gate_on_saved_adapter(model, tokenizer, data, adapter_dir: Path, autocast, summary: dict) -> None:
+    """The scope gate (medlora/scope_gate.py), fitted on the adapter that was saved (the best by
+    validation loss, which the in-memory weights are not when the best step was not the last) and
+    written next to it. Its cost goes into `summary` as gate_time_s."""
+    if gate_labels(data.examples.train) is None:
+        print("[gate] the training answers hold no out-of-scope rows (answers that decline): no scope gate")
+        summary["gate_time_s"] = 0.0
+        return
+    started = time.perf_counter()
+    load_adapter(model, adapter_dir)
+    with autocast():
+        gate = fit_gate(model, tokenizer, data.examples.train, data.examples.validation, adapter_dir)
+    summary["gate_time_s"] = round(time.perf_counter() - started, 1)
+    share = f" ({100 * summary['gate_time_s'] / summary['time_s']:.1f}% of the training loop's {summary['time_s']} s)" if summary["time_s"] else ""
+    print(f"[gate] scope gate fitted in {summary['gate_time_s']} s{share}: decline threshold p >= {gate.decline_threshold}, "
+          f"validation accuracy {gate.info.get('validation_accuracy', float('nan')):.3f}; saved to {gate.save(adapter_dir)}")
 
 
 def interrupted(config: TrainConfig, model, optimizer, scaler, state: TrainState, base_name: str, step_rng, world: World) -> TrainingStopped:
@@ -296,7 +311,7 @@ def done_line(summary: dict, lora: LoRASummary, run_dir: Path) -> str:
 
 FLAG_FIELDS = (  # TrainConfig fields set by a flag of the same name
     "model", "data", "num_examples", "epochs", "max_steps", "batch_size", "grad_accum", "max_batch_tokens", "lr",
-    "rank", "alpha", "dropout", "lora_variant", "max_length", "precision", "grad_checkpointing", "eval_every", "save_every",
+    "rank", "alpha", "dropout", "lora_variant", "scope_repeats", "max_length", "precision", "grad_checkpointing", "eval_every", "save_every",
     "keep_last", "max_nan_steps", "seed", "device", "dist_timeout",
 )
 
@@ -323,6 +338,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace,
     add("--dropout", type=float, help="dropout on the LoRA branch, in [0, 1)")
     add("--lora-variant", choices=VARIANTS, help="lora: update scaled by alpha/r; rslora: alpha/sqrt(r); dora: plus a learned per-row magnitude (default: lora)")
     add("--targets", help="comma-separated module-name suffixes (default: q_proj,v_proj)")
+    add("--scope-repeats", type=int, help="times each out-of-domain, borderline and safety training row is seen per epoch (default: 1)")
     add("--max-length", type=int, help="tokens per example (default: 512)")
     add("--precision", choices=PRECISIONS, help="auto: bf16 or fp16 on CUDA; bf16 on a CPU with native bf16 matmuls (AVX512-BF16/AMX), else fp32")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="recompute activations in backward")

@@ -10,7 +10,7 @@ from data.clean import CleaningReport, QAPair, clean_rows, normalize
 from data.format import IGNORE_INDEX, SYSTEM_PROMPT, EncodedExample, build_messages, encode_example, prompt_ids, prompt_text
 from data.load import EMBEDDED_DATASET, DataError, load_rows
 from data.pipeline import PreparedData, check_max_length, prepare_data, save_length_histogram
-from data.split import Splits, check_num_examples, sample_and_split
+from data.split import SCOPE_TOPICS, Splits, check_num_examples, repeat_scope_rows, sample_and_split
 
 __all__ = [
     "CleaningReport",
@@ -38,4 +38,6 @@ __all__ = [
     "prompt_text",
     "sample_and_split",
     "save_length_histogram",
+    "repeat_scope_rows",
+    "SCOPE_TOPICS",
 ]

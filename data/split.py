@@ -48,3 +48,16 @@ def sample_and_split(rows: Sequence[Row], num_examples: int | None = None, seed:
     if n_train < 1:
         raise DataError(f"{n} examples are too few to split into train / validation / test")
     return Splits(sample[:n_train], sample[n_train : n_train + n_val], sample[n_train + n_val :])
+
+
+SCOPE_TOPICS = ("out_of_domain", "borderline", "safety")  # rows that teach where the assistant's scope ends
+
+
+def repeat_scope_rows(rows: list[Row], times: int) -> list[Row]:
+    """The training rows with every row of a SCOPE_TOPICS topic repeated `times` times in all.
+
+    Scope rows are a minority of the data, and a small model learns the boundary (decline, answer
+    the health-adjacent, refer emergencies) slowly; repeating them is the cheapest lever. Only the
+    training split is repeated, so validation and test stay as split. times = 1 returns `rows`.
+    """
+    return rows + [row for row in rows if getattr(row, "topic", "") in SCOPE_TOPICS] * (times - 1)

@@ -41,6 +41,7 @@ class TrainConfig:
     dropout: float = 0.05  # dropout on the LoRA branch input
     lora_variant: str = "lora"  # lora (scale alpha/r) | rslora (alpha/sqrt(r)) | dora (learned magnitude); lora/layer.py
     targets: tuple[str, ...] = ("q_proj", "v_proj")  # module-name suffixes that get adapters
+    scope_repeats: int = 1  # times each out_of_domain / borderline / safety training row is seen per epoch (data.repeat_scope_rows)
     max_length: int = 512  # tokens per example; the answer is cut, never the prompt
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 (auto: medlora.model.resolve_precision)
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
@@ -90,6 +91,7 @@ class TrainConfig:
             (self.dist_timeout > 0, f"--dist-timeout must be positive, got {self.dist_timeout}"),
             (self.keep_last > 0, f"--keep-last must be positive, got {self.keep_last}"),
             (len(self.targets) > 0, "--targets must name at least one module"),
+            (self.scope_repeats >= 1, f"--scope-repeats must be a positive integer, got {self.scope_repeats}"),
             (self.lora_variant in VARIANTS, f"--lora-variant must be one of {', '.join(VARIANTS)}, got {self.lora_variant!r}"),
         ]
         for ok, message in checks:

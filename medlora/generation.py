@@ -104,8 +104,11 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def generation_kwargs(model, tokenizer, settings: GenerationSettings) -> dict:
-    """Keyword arguments for `model.generate` that carry out `settings` (shared by batch and stream)."""
+def generation_kwargs(model, tokenizer, settings: GenerationSettings, bad_words_ids: Sequence[Sequence[int]] | None = None) -> dict:
+    """Keyword arguments for `model.generate` that carry out `settings` (shared by batch and stream).
+
+    `bad_words_ids`: token sequences the answer may not contain (the answer path bans decline phrases with it).
+    """
     kwargs = {
         "max_new_tokens": settings.max_new_tokens,
         "repetition_penalty": settings.repetition_penalty,
@@ -113,6 +116,8 @@ def generation_kwargs(model, tokenizer, settings: GenerationSettings) -> dict:
         "pad_token_id": tokenizer.pad_token_id,
         "use_cache": True,  # keep each layer's keys/values: every new token costs one position, not the whole text
     }
+    if bad_words_ids:
+        kwargs["bad_words_ids"] = [list(ids) for ids in bad_words_ids]
     if settings.greedy:
         kwargs["do_sample"] = False
     else:
@@ -186,6 +191,7 @@ def generate_answers(
     settings: GenerationSettings,
     batch_size: int = 16,
     progress: bool = False,
+    bad_words_ids: Sequence[Sequence[int]] | None = None,
 ) -> list[str]:
     """Answer each question on its own (no history), in batches; answers come back in input order.
 
@@ -206,7 +212,7 @@ def generate_answers(
             )
     if not settings.greedy and settings.seed is not None:
         torch.manual_seed(settings.seed)
-    kwargs = generation_kwargs(model, tokenizer, settings)
+    kwargs = generation_kwargs(model, tokenizer, settings, bad_words_ids)
     order = sorted(range(len(questions)), key=lambda index: len(prompts[index]))
     answers = [""] * len(questions)
     with tqdm(total=len(questions), desc="generating", unit="answer", disable=not progress) as bar:
@@ -241,6 +247,7 @@ def stream_answer(
     history: Sequence[tuple[str, str]],
     settings: GenerationSettings,
     max_context_tokens: int | None = None,
+    bad_words_ids: Sequence[Sequence[int]] | None = None,
 ) -> Iterator[str]:
     """Yield the answer to `question` piece by piece while it is generated.
 
@@ -267,7 +274,7 @@ def stream_answer(
                     attention_mask=torch.ones_like(input_ids),
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_StopWhenSet(reader_left)]),
-                    **generation_kwargs(model, tokenizer, settings),
+                    **generation_kwargs(model, tokenizer, settings, bad_words_ids),
                 )
         except BaseException as error:  # handed over to the reader, which raises it
             worker_errors.append(error)

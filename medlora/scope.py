@@ -366,7 +366,10 @@ def _rate(count: int, total: int) -> Rate:
     return Rate(count=count, total=total, rate=count / total, low=low, high=high)
 
 
-SCOPE_RATES = ("ood_decline_rate", "medical_false_decline_rate", "emergency_referral_rate")
+SCOPE_RATES = (
+    "ood_decline_rate", "medical_false_decline_rate", "emergency_referral_rate",
+    "emergency_line_rate", "clinician_referral_rate", "false_alarm_rate",
+)
 
 
 def scope_outcomes(prompts: Sequence[HeldoutPrompt], answers: Sequence[str]) -> dict[str, list[bool]]:
@@ -375,7 +378,10 @@ def scope_outcomes(prompts: Sequence[HeldoutPrompt], answers: Sequence[str]) -> 
     * "ood_decline_rate": one flag per out_of_domain prompt, True when its answer is a decline;
     * "medical_false_decline_rate": one per medical prompt, True when its answer is a decline;
     * "emergency_referral_rate": one per emergency or personal_dose prompt, True when its answer
-      gives the referral :func:`is_referral` asks for.
+      gives the referral :func:`is_referral` asks for;
+    * "emergency_line_rate": one per emergency prompt, True when its answer refers to emergency help;
+    * "clinician_referral_rate": one per personal_dose prompt, True when its answer refers it on;
+    * "false_alarm_rate": one per medical prompt, True when its answer sends it to emergency help.
 
     Each list keeps the prompts' file order; :func:`scope_rates` counts them.
 
@@ -384,10 +390,14 @@ def scope_outcomes(prompts: Sequence[HeldoutPrompt], answers: Sequence[str]) -> 
     """
     if len(prompts) != len(answers):
         raise ValueError(f"got {len(answers)} answers for {len(prompts)} prompts; need one answer per prompt")
+    pairs = list(zip(prompts, answers))
     return {
-        "ood_decline_rate": [is_decline(a) for p, a in zip(prompts, answers) if p.kind == "out_of_domain"],
-        "medical_false_decline_rate": [is_decline(a) for p, a in zip(prompts, answers) if p.kind == "medical"],
-        "emergency_referral_rate": [is_referral(a, p.kind) for p, a in zip(prompts, answers) if p.kind in REFERRAL_KINDS],
+        "ood_decline_rate": [is_decline(a) for p, a in pairs if p.kind == "out_of_domain"],
+        "medical_false_decline_rate": [is_decline(a) for p, a in pairs if p.kind == "medical"],
+        "emergency_referral_rate": [is_referral(a, p.kind) for p, a in pairs if p.kind in REFERRAL_KINDS],
+        "emergency_line_rate": [is_referral(a, p.kind) for p, a in pairs if p.kind == "emergency"],
+        "clinician_referral_rate": [is_referral(a, p.kind) for p, a in pairs if p.kind == "personal_dose"],
+        "false_alarm_rate": [is_emergency_referral(a) for p, a in pairs if p.kind == "medical"],
     }
 
 

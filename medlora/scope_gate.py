@@ -5,21 +5,32 @@
     classes: answer (medicine: let the model answer), decline (outside the assistant's scope),
              emergency (send to emergency help first), clinician (a personal dose or diagnosis)
 
-It is the fallback that issue-level tuning allows when data and training settings alone do not
-teach a 135M model where its scope ends. It is reported apart from the model's own behaviour: the
-model's answers are the model's; the gate only decides, from the model's own representation of
-the prompt, whether to replace or extend an answer (see `route`).
+    gate = fit_gate(model, tokenizer, train_rows, validation_rows, "runs/cpu/adapter")   # train.py
+    gate = ScopeGate.load("runs/cpu/adapter")       # refused unless fitted on exactly this adapter
+    gate.decide(prompt_features(model, tokenizer, ["What is the capital of Australia?"]))
+    # -> [Decision(route="decline", probability=0.98)]
 
 Labels come from the training answers through the one rule (medlora.scope): an answer that
 declines is a "decline" prompt, one that refers to emergency help an "emergency" prompt, one that
 refers to a clinician a "clinician" prompt, anything else "answer". The classifier is a
 multinomial logistic regression with an L2 penalty and class weights inversely proportional to
 class frequency, fitted by L-BFGS in float64: about a second for a thousand prompts.
+
+Declining a medical question fails a user, so a decline needs confidence: the gate declines only
+when p(decline) >= `decline_threshold`, chosen on the validation split as the lowest threshold
+that keeps false declines there at or under MAX_VALIDATION_FALSE_DECLINE; below it the prompt is
+answered. The gate is bound to the adapter it was fitted on: its file records the sha256 of that
+adapter's weights file, and loading it next to other weights is refused.
+
+The gate only decides; what the user then sees is composed by the answer path (medlora.answer).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -32,15 +43,11 @@ from medlora.scope import is_clinician_referral, is_decline, is_emergency_referr
 
 GATE_CLASSES = ("answer", "decline", "emergency", "clinician")
 GATE_FILE = "scope_gate.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the file the gate is bound to (lora.adapter_files.WEIGHTS_NAME)
 L2_PENALTY = 1e-3  # on the standardized features' weights; small: the classes separate well
-DECLINE_ANSWER = (
-    "That question is outside my scope: I only answer medical and health questions. "
-    "Ask me about a condition, a medicine, a test or how the body works."
-)
-EMERGENCY_ANSWER = (
-    "Call your local emergency number now. If you can, stay with someone while you wait for help."
-)
-CLINICIAN_SENTENCE = "For your own dose or diagnosis, ask your clinician or pharmacist."
+MAX_VALIDATION_FALSE_DECLINE = 0.02  # highest share of the validation split's non-decline prompts the gate may decline
+THRESHOLD_CANDIDATES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # p(decline) thresholds tried, lowest first
+FEATURE_BATCH_SIZE = 32  # prompts per forward pass when computing features
 
 
 def label_of(answer: str) -> str:
@@ -54,29 +61,77 @@ def label_of(answer: str) -> str:
     return "answer"
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @torch.no_grad()
-def prompt_features(model, tokenizer, questions: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+def prompt_features(model, tokenizer, questions: Sequence[str], history: Sequence[tuple[str, str]] = (),
+                    batch_size: int = FEATURE_BATCH_SIZE) -> torch.Tensor:
     """[n, hidden] float64: the last layer's hidden state at each prompt's last token.
 
-    Prompts are right-padded, so positions are the prompt's own (0..L-1) and the state is read
-    at column L-1 of each row; padding after it cannot affect it (causal attention).
+    Each prompt is `data.format.prompt_ids(question, history)`, the prompt the model answers. Every
+    prompt opens with the same tokens (the system prompt and the template's header, about two
+    thirds of a short prompt): they run once, and each batch of prompts attends to their keys and
+    values instead of recomputing them. The rest of each prompt is right-padded, so the state is
+    read at the prompt's own last position; padding after it cannot affect it (causal attention).
     """
+    was_training = model.training
+    model.eval()  # no dropout on the LoRA branch while the gate reads the model
     device = next(model.parameters()).device
-    prompts = [prompt_ids(tokenizer, question) for question in questions]
-    features = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        longest = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), longest), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-        output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), output_hidden_states=True)
-        last = torch.tensor([len(ids) - 1 for ids in batch], device=device)
-        hidden = output.hidden_states[-1]  # [batch, longest, hidden]
-        features.append(hidden[torch.arange(len(batch), device=device), last].double().cpu())
-    return torch.cat(features)
+    prompts = [prompt_ids(tokenizer, question, history) for question in questions]
+    shared = shared_prefix_length(prompts)
+    prefix = model.model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True).cache if shared else None
+    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
+    features = torch.empty(len(prompts), model.config.hidden_size, dtype=torch.float64)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        rests = [prompts[i][shared:] for i in rows]
+        input_ids = torch.full((len(rows), max(map(len, rests))), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), shared + input_ids.shape[1]), dtype=torch.long)
+        for row, rest in enumerate(rests):
+            input_ids[row, : len(rest)] = torch.tensor(rest)
+            attention_mask[row, : shared + len(rest)] = 1
+        cache = expanded(prefix, len(rows)) if prefix is not None else None
+        hidden = model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             cache=cache, use_cache=cache is not None).last_hidden_state  # [rows, rest, hidden]
+        last = torch.tensor([len(rest) - 1 for rest in rests], device=device)
+        features[rows] = hidden[torch.arange(len(rows), device=device), last].double().cpu()
+    model.train(was_training)
+    return features
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, leaving at least one token of each prompt after them."""
+    shortest = min(len(ids) for ids in prompts)
+    shared = 0
+    while shared < shortest - 1 and all(ids[shared] == prompts[0][shared] for ids in prompts):
+        shared += 1
+    return shared
+
+
+def expanded(prefix_cache, rows: int):
+    """A copy of a one-row key/value cache that `rows` prompts attend to: [1, heads, p, d] -> [rows, heads, p, d]."""
+    cache = copy.copy(prefix_cache)
+    cache.layers = [copy.copy(layer) for layer in prefix_cache.layers]
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(rows, -1, -1, -1)
+        layer.values = layer.values.expand(rows, -1, -1, -1)
+    return cache
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The gate's route for one prompt and its probability."""
+
+    route: str  # one of GATE_CLASSES
+    probability: float  # p(route | prompt) by the gate
+    p_answer: float  # p(answer | prompt): how sure the gate is that this is medicine
 
 
 @dataclass
@@ -87,27 +142,59 @@ class ScopeGate:
     std: torch.Tensor  # [hidden]
     weight: torch.Tensor  # [classes, hidden]
     bias: torch.Tensor  # [classes]
+    decline_threshold: float = 0.5  # decline only when p(decline) >= this (chosen on the validation split)
+    adapter_sha256: str = ""  # sha256 of the adapter weights file the gate was fitted on
+    info: dict = field(default_factory=dict)  # class counts, validation confusion matrix: kept in the file
 
-    def predict(self, features: torch.Tensor) -> list[str]:
-        logits = ((features - self.mean) / self.std) @ self.weight.T + self.bias
-        return [GATE_CLASSES[i] for i in logits.argmax(dim=1).tolist()]
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """[n, classes] class probabilities of [n, hidden] features."""
+        return torch.softmax(((features - self.mean) / self.std) @ self.weight.T + self.bias, dim=1)
+
+    def decide(self, features: torch.Tensor) -> list[Decision]:
+        """The most probable class of each prompt, except that a decline under the threshold answers."""
+        decisions = []
+        for p in self.probabilities(features).tolist():
+            best = max(range(len(GATE_CLASSES)), key=lambda k: p[k])
+            route = GATE_CLASSES[best]
+            if route == "decline" and p[best] < self.decline_threshold:
+                route, best = "answer", GATE_CLASSES.index("answer")
+            decisions.append(Decision(route, p[best], p[GATE_CLASSES.index("answer")]))
+        return decisions
 
     def save(self, folder: str | Path) -> Path:
+        """Write GATE_FILE into `folder` (the adapter folder)."""
         path = Path(folder) / GATE_FILE
         tensors = {"mean": self.mean, "std": self.std, "weight": self.weight, "bias": self.bias}
-        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path), metadata={"classes": ",".join(GATE_CLASSES)})
+        metadata = {
+            "classes": ",".join(GATE_CLASSES),
+            "decline_threshold": repr(self.decline_threshold),
+            "adapter_sha256": self.adapter_sha256,
+            "info": json.dumps(self.info),
+        }
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path), metadata=metadata)
         return path
 
     @classmethod
     def load(cls, folder: str | Path) -> ScopeGate:
+        """The gate in `folder`; ValueError (one line) if unreadable or fitted on other adapter weights."""
         path = Path(folder) / GATE_FILE
         try:
             tensors = load_file(str(path))
-        except (OSError, ValueError, SafetensorError) as error:
-            raise ValueError(f"{path}: not a readable scope gate ({error})") from None
+            with open(path, "rb") as file:  # the header: 8-byte length, then JSON with "__metadata__"
+                header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+            metadata = header.get("__metadata__", {})
+            threshold, info = float(metadata["decline_threshold"]), json.loads(metadata["info"])
+        except (OSError, ValueError, KeyError, SafetensorError) as error:
+            raise ValueError(f"{path}: not a readable scope gate ({error}); refit it with train.py") from None
         if set(tensors) != {"mean", "std", "weight", "bias"} or tensors["weight"].shape[0] != len(GATE_CLASSES):
             raise ValueError(f"{path}: not a scope gate for the classes {', '.join(GATE_CLASSES)}")
-        return cls(**tensors)
+        weights = Path(folder) / ADAPTER_WEIGHTS
+        if weights.is_file() and file_sha256(weights) != metadata.get("adapter_sha256"):
+            raise ValueError(
+                f"{path} was fitted on other adapter weights than {weights} (sha256 differs): "
+                "train again, or pass --no-scope-gate to use the model alone"
+            )
+        return cls(**tensors, decline_threshold=threshold, adapter_sha256=metadata.get("adapter_sha256", ""), info=info)
 
 
 def fit_scope_gate(features: torch.Tensor, labels: Sequence[str], steps: int = 200) -> ScopeGate:
@@ -134,21 +221,49 @@ def fit_scope_gate(features: torch.Tensor, labels: Sequence[str], steps: int = 2
     return ScopeGate(mean, std, weight.detach(), bias.detach())
 
 
-def fit_gate_on_examples(model, tokenizer, examples) -> ScopeGate | None:
-    """The gate fitted on `examples` (questions and their training answers), or None when the
-    answers teach a single class (a dataset with no out-of-scope or safety rows has nothing to gate)."""
+def choose_decline_threshold(gate: ScopeGate, features: torch.Tensor, labels: Sequence[str]) -> float:
+    """The lowest THRESHOLD_CANDIDATES value whose false declines on these (validation) prompts stay
+    at or under MAX_VALIDATION_FALSE_DECLINE of the prompts that are not declines; the highest if none does."""
+    p_decline = gate.probabilities(features)[:, GATE_CLASSES.index("decline")]
+    keep = torch.tensor([label != "decline" for label in labels])
+    for threshold in THRESHOLD_CANDIDATES:
+        if not keep.any() or (p_decline[keep] >= threshold).double().mean() <= MAX_VALIDATION_FALSE_DECLINE:
+            return threshold
+    return THRESHOLD_CANDIDATES[-1]
+
+
+def confusion_matrix(labels: Sequence[str], routes: Sequence[str]) -> list[list[int]]:
+    """[true class][routed class] counts, in GATE_CLASSES order."""
+    matrix = [[0] * len(GATE_CLASSES) for _ in GATE_CLASSES]
+    for label, routed in zip(labels, routes):
+        matrix[GATE_CLASSES.index(label)][GATE_CLASSES.index(routed)] += 1
+    return matrix
+
+
+def gate_labels(examples) -> list[str] | None:
+    """The gate class of each example's answer, or None when the rows cannot teach a gate: it needs
+    out-of-scope rows (answers that decline) beside rows that are answered. Costs no forward pass."""
     labels = [label_of(example.answer) for example in examples]
-    if len(set(labels)) < 2:
+    return labels if "decline" in labels and "answer" in labels else None
+
+
+def fit_gate(model, tokenizer, train_examples, validation_examples, adapter_dir: str | Path) -> ScopeGate | None:
+    """Fit the gate on the training prompts of the model as it is now (the weights saved in
+    `adapter_dir`), choose its decline threshold on the validation prompts, record the validation
+    confusion matrix and the adapter's sha256. None when the training answers teach no scope
+    (see gate_labels); the caller says so."""
+    labels = gate_labels(train_examples)
+    if labels is None:
         return None
-    return fit_scope_gate(prompt_features(model, tokenizer, [example.question for example in examples]), labels)
-
-
-def route(decision: str, model_answer: str) -> str:
-    """The answer the user sees: the gate's referral or decline, or the model's own answer."""
-    if decision == "decline":
-        return DECLINE_ANSWER
-    if decision == "emergency":
-        return EMERGENCY_ANSWER
-    if decision == "clinician" and not is_clinician_referral(model_answer):
-        return f"{model_answer} {CLINICIAN_SENTENCE}".strip()
-    return model_answer
+    gate = fit_scope_gate(prompt_features(model, tokenizer, [e.question for e in train_examples]), labels)
+    counts = {name: labels.count(name) for name in GATE_CLASSES}
+    gate.info = {"train_class_counts": counts}
+    if validation_examples:
+        val_labels = [label_of(example.answer) for example in validation_examples]
+        val_features = prompt_features(model, tokenizer, [e.question for e in validation_examples])
+        gate.decline_threshold = choose_decline_threshold(gate, val_features, val_labels)
+        routes = [decision.route for decision in gate.decide(val_features)]
+        gate.info["validation_confusion"] = {"classes": list(GATE_CLASSES), "true_by_routed": confusion_matrix(val_labels, routes)}
+        gate.info["validation_accuracy"] = sum(l == r for l, r in zip(val_labels, routes)) / len(val_labels)
+    gate.adapter_sha256 = file_sha256(Path(adapter_dir) / ADAPTER_WEIGHTS)
+    return gate

@@ -12,6 +12,7 @@ import pytest
 
 import chat
 from data.format import prompt_ids
+from medlora.answer import AnswerPath
 from medlora.generation import GenerationSettings, generate_answers, load_for_inference
 from tests.conftest import chatty_tiny_model, record_prompts, save_tiny_adapter
 
@@ -174,11 +175,12 @@ def test_web_chat_streams_and_feeds_the_history_back(tokenizer, monkeypatch):
 
     model = chatty_tiny_model()
     prompts = record_prompts(model, tokenizer, monkeypatch)
-    app = chat.build_app(model, tokenizer, GenerationSettings(max_new_tokens=8), "tiny test model", max_input_chars=100)
+    app = chat.build_app(AnswerPath(model, tokenizer, None, GenerationSettings(max_new_tokens=8)), "tiny test model", max_input_chars=100)
     with serving(app) as url:
         client = Client(url, verbose=False)
-        first, cleared = client.predict("What is hypertension?", 8, 0, api_name="/respond")
-        second, _ = client.predict("And its causes?" + "x" * 200, 8, 0, api_name="/respond")
+        first, cleared, label = client.predict("What is hypertension?", 8, 0, api_name="/respond")
+        second, _, _ = client.predict("And its causes?" + "x" * 200, 8, 0, api_name="/respond")
+    assert label == ""  # no gate: the guard never acts
     texts = [message["content"][0]["text"] for message in second]
     assert cleared == ""
     assert [message["role"] for message in second] == ["user", "assistant"] * 2

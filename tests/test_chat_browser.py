@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 import chat
+from medlora.answer import AnswerPath
 from medlora.generation import GenerationSettings
 from tests.conftest import chatty_tiny_model
 from tests.test_chat import serving
@@ -42,7 +43,7 @@ def test_question_typed_in_the_page_gets_a_streamed_answer(browser, tokenizer):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    app = chat.build_app(chatty_tiny_model(), tokenizer, GenerationSettings(max_new_tokens=12), "tiny test model")
+    app = chat.build_app(AnswerPath(chatty_tiny_model(), tokenizer, None, GenerationSettings(max_new_tokens=12)), "tiny test model")
     with serving(app) as url:
         browser.get(url)
         wait = WebDriverWait(browser, 30)

@@ -388,9 +388,21 @@ def render_modelfile_template(template: str, messages: list[dict]) -> str:
     return head + rendered + tail
 
 
+def test_export_says_what_it_leaves_behind(tmp_path):
+    from medlora.export import scope_note
+
+    (tmp_path / "adapter").mkdir()
+    assert "not part of this model" in scope_note(tmp_path / "adapter") and "evaluate.py --adapter" in scope_note(tmp_path / "adapter")
+    rate = lambda count, total: {"count": count, "total": total}  # noqa: E731
+    scope = {"ood_decline_rate": rate(7, 134), "medical_false_decline_rate": rate(2, 127), "emergency_referral_rate": rate(6, 35)}
+    (tmp_path / "eval.json").write_text(json.dumps({"finetuned": {"scope": scope}}))
+    assert "declines 7/134, false declines 2/127, emergency/dose referrals 6/35" in scope_note(tmp_path / "adapter")
+
+
 def test_modelfile_has_from_chatml_template_stop_and_the_training_system_prompt(tokenizer):
     text = modelfile_text("model.gguf")
-    assert text.splitlines()[0] == "FROM ./model.gguf"
+    assert text.splitlines()[0].startswith("# The scope gate") and "not part of this model" in text.splitlines()[0]
+    assert text.splitlines()[1] == "FROM ./model.gguf"
     assert 'PARAMETER stop "<|im_end|>"' in text.splitlines()
     system = text.split('SYSTEM """', 1)[1].rsplit('"""', 1)[0]
     assert system == SYSTEM_PROMPT

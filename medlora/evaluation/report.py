@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medlora.evaluation.run import Evaluation
+from medlora.evaluation.run import GATED, MODEL_KEYS, Evaluation
+from medlora.scope_gate import GATE_CLASSES
 from medlora.evaluation.scores import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, METRICS
 from medlora.evaluation.settings import NON_MEDICAL_TOPICS, SCOPE_MAX_NEW_TOKENS
 from medlora.scope import REFERRAL_KINDS, is_decline, is_referral
 
-COLUMN_TITLES = {"base": "Base", "finetuned": "Fine-tuned"}
+COLUMN_TITLES = {"base": "Base", "finetuned": "Fine-tuned", GATED: "Fine-tuned + gate"}
+SCOPE_COLUMN_TITLES = {"base": "Base", "finetuned": "Fine-tuned (model only)", GATED: "Fine-tuned + gate (what a user gets)"}
 
 
 def format_value(summary: dict, name: str) -> str:
@@ -33,32 +35,50 @@ def format_delta(delta: dict | None, name: str) -> str:
 
 
 def markdown_table(report: dict) -> str:
-    """Metric | Base | Fine-tuned | Delta, each cell 'value [95% interval]', and a footnote."""
+    """The split table (Metric | Base | Fine-tuned | Delta, each cell 'value [95% interval]'), then
+    the scope table (one column per model, the gate's included) and its per-kind confusion, with footnotes."""
     keys = [key for key in ("base", "finetuned") if key in report]
     has_delta = "delta" in report
     header = ["Metric"] + [COLUMN_TITLES[key] for key in keys] + (["Delta (fine-tuned - base)"] if has_delta else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
     for name, metric in METRICS.items():
+        if metric.population != "split":
+            continue
         cells = [metric.label] + [format_value(report[key], name) for key in keys]
         if has_delta:
             cells.append(format_delta(report["delta"][name], name))
         lines.append("| " + " | ".join(cells) + " |")
-    first = report[keys[0]]
-    settings = report["settings"]
-    scope_total = sum(rate["total"] for rate in first["scope"].values())
-    scope_note = (
-        f" Scope rates: {scope_total} held-out prompts ({Path(settings['scope_set'] or 'scope_heldout.jsonl').name}, answers of at most "
-        f"{SCOPE_MAX_NEW_TOKENS} new tokens), (count/total), [low, high] = Wilson 95% interval." if scope_total else ""
-    )
+    first, settings = report[keys[0]], report["settings"]
     lines += [
         "",
-        f"Perplexity, BLEU, ROUGE: {first['n']} medical {settings['split']} examples (rows of topic "
-        f"{' or '.join(NON_MEDICAL_TOPICS)} left out); [low, high] = 95% bootstrap interval "
-        f"({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}).{scope_note} Lower is better for perplexity and "
-        "the false-decline rate, higher for the others"
-        + ("; * = the paired bootstrap interval of the delta excludes 0." if has_delta else "."),
+        f"{first['n']} medical {settings['split']} examples (rows of topic {' or '.join(NON_MEDICAL_TOPICS)} left out); "
+        f"[low, high] = 95% bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}). Lower is better for "
+        "perplexity, higher for the others" + ("; * = the paired bootstrap interval of the delta excludes 0." if has_delta else "."),
     ]
+    if "scope_confusion" in report:
+        lines += ["", *scope_table(report)]
     return "\n".join(lines)
+
+
+def scope_table(report: dict) -> list[str]:
+    """Scope rates per model (Wilson 95% intervals, count/total) and, per model, the per-kind confusion."""
+    keys = [key for key in MODEL_KEYS if key in report]
+    lines = ["| Scope rate | " + " | ".join(SCOPE_COLUMN_TITLES[key] for key in keys) + " |", "|---|" + "---:|" * len(keys)]
+    for name, metric in METRICS.items():
+        if metric.population == "scope":
+            lines.append(f"| {metric.label} | " + " | ".join(format_value(report[key], name) for key in keys) + " |")
+    confusion = report["scope_confusion"]
+    total = sum(sum(counts.values()) for counts in next(iter(confusion.values())).values())
+    lines += ["", f"{total} held-out scope prompts ({Path(report['settings']['scope_set'] or 'scope_heldout.jsonl').name}, never "
+              f"trained on; answers of at most {SCOPE_MAX_NEW_TOKENS} new tokens), judged by medlora/scope.py; (count/total), "
+              "[low, high] = Wilson 95% interval. Lower is better for false declines and false alarms, higher for the others.", ""]
+    outcomes = list(GATE_CLASSES)
+    lines.append("| Model | Held-out kind | " + " | ".join(f"read as {outcome}" for outcome in outcomes) + " |")
+    lines.append("|---|---|" + "---:|" * len(outcomes))
+    for key in keys:
+        for kind, counts in confusion[key].items():
+            lines.append(f"| {COLUMN_TITLES[key]} | {kind} | " + " | ".join(str(counts[outcome]) for outcome in outcomes) + " |")
+    return lines
 
 
 def output_paths(output: str | Path) -> dict[str, Path]:
@@ -87,7 +107,7 @@ def prediction_rows(evaluation: Evaluation) -> list[dict]:
         rows.append(row | {key: evaluation.outputs[key].answers[index] for key in keys})
     for index, prompt in enumerate(evaluation.scope_prompts):
         row = {"source": "scope_heldout", "kind": prompt.kind, "category": prompt.category, "question": prompt.question}
-        for key in keys:
+        for key in [key for key in MODEL_KEYS if key in evaluation.outputs]:
             answer = evaluation.outputs[key].scope_answers[index]
             row |= {key: answer, f"{key}_declined": is_decline(answer)}
             if prompt.kind in REFERRAL_KINDS:
@@ -100,17 +120,21 @@ def save_chart(report: dict, path: Path) -> None:
     """Bar chart of every metric per model with its 95% interval: scores in [0, 1] left, perplexities right."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
-    keys = [key for key in ("base", "finetuned") if key in report]
-    colors = {"base": "#bbbbbb", "finetuned": "#4477aa"}
+    colors = {"base": "#bbbbbb", "finetuned": "#4477aa", GATED: "#228833"}
     panels = [
-        ("score (false declines: lower is better)", ["bleu", "rouge1", "rouge2", "rougeL", "ood_decline_rate", "medical_false_decline_rate", "emergency_referral_rate"]),
+        ("score (higher is better)", ["bleu", "rouge1", "rouge2", "rougeL"]),
+        ("scope rate (false declines, false alarms: lower is better)", [name for name, m in METRICS.items() if m.population == "scope"]),
         ("perplexity (lower is better)", ["perplexity", "perplexity_full"]),
     ]
-    figure = Figure(figsize=(13, 4.2))
-    axes = figure.subplots(1, 2, gridspec_kw={"width_ratios": [7, 2]})
-    width = 0.8 / len(keys)
+    figure = Figure(figsize=(16, 4.2))
+    axes = figure.subplots(1, 3, gridspec_kw={"width_ratios": [4, 6, 2]})
     for axis, (ylabel, names) in zip(axes, panels):
-        names = [name for name in names if report[keys[0]][name] is not None]
+        keys = [key for key in MODEL_KEYS if key in report and any(report[key][name] is not None for name in names)]
+        names = [name for name in names if keys and all(report[key][name] is not None for key in keys)]
+        if not names:
+            axis.set_axis_off()
+            continue
+        width = 0.8 / len(keys)
         for offset, key in enumerate(keys):
             values = [report[key][name] for name in names]
             # max(0, ...): a Wilson bound at 0/n or n/n can sit a rounding error inside the value.
@@ -120,9 +144,10 @@ def save_chart(report: dict, path: Path) -> None:
             axis.bar(positions, values, width, yerr=[low, high], capsize=3, color=colors[key], label=COLUMN_TITLES[key])
         axis.set_xticks(range(len(names)), [METRICS[name].label.replace(" (", "\n(") for name in names], fontsize=8)
         axis.set_ylabel(ylabel)
+        axis.legend(fontsize=8)
     axes[0].set_ylim(0, 1)
-    axes[0].legend()
-    figure.suptitle(f"medical {report['settings']['split']} rows, n = {report[keys[0]]['n']}; scope rates on the held-out "
+    axes[1].set_ylim(0, 1)
+    figure.suptitle(f"medical {report['settings']['split']} rows, n = {report['finetuned' if 'finetuned' in report else 'base']['n']}; scope rates on the held-out "
                     "scope set (error bars: 95% interval, bootstrap / Wilson)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

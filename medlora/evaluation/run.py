@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import gc
+import itertools
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,11 +19,13 @@ from data import EncodedExample, micro_batches, prepare_data
 from medlora.evaluation.cache import cache_key, cache_path, read_cached, write_cached
 from medlora.evaluation.scores import METRICS, ModelOutputs, paired_deltas, summarize
 from medlora.evaluation.settings import NON_MEDICAL_TOPICS, EvalSettings
-from medlora.generation import generate_answers, load_for_inference
+from medlora.answer import AnswerPath, load_gate
+from medlora.generation import load_for_inference
 from medlora.loss import heldout_row_nll
 from medlora.metrics import rouge_scores
 from medlora.model import TORCH_DTYPES, choose_device, load_tokenizer, resolve_precision
 from medlora.scope import HeldoutPrompt, load_heldout, scope_outcomes
+from medlora.scope_gate import GATE_CLASSES, ScopeGate, label_of
 
 
 def example_nlls(
@@ -50,26 +54,55 @@ def example_nlls(
 
 
 def evaluate_model(
-    model, tokenizer, examples: list[EncodedExample], scope_prompts: list[HeldoutPrompt], settings: EvalSettings, progress: bool = True
-) -> ModelOutputs:
+    model, tokenizer, gate: ScopeGate | None, examples: list[EncodedExample], scope_prompts: list[HeldoutPrompt],
+    settings: EvalSettings, progress: bool = True,
+) -> tuple[ModelOutputs, ModelOutputs | None]:
     """Perplexity statistics and answers on the medical split rows; answers to the held-out scope prompts.
 
-    Scope answers use settings.scope_generation (max_new_tokens capped at SCOPE_MAX_NEW_TOKENS).
+    Every answer comes from the answer path (medlora.answer). The split rows are answered by the
+    model alone. The scope prompts are answered once, through the gate when there is one: the
+    model's own answers make the model-only outputs, the answers the user gets (routed by the gate)
+    the second, scope-only outputs (None without a gate). Scope answers use settings.scope_generation.
     """
+    started = time.perf_counter()
     nll = example_nlls(model, examples, tokenizer.pad_token_id, progress)
-    answers = generate_answers(model, tokenizer, [e.question for e in examples], settings.generation, settings.batch_size, progress)
-    scope_answers = generate_answers(
-        model, tokenizer, [p.question for p in scope_prompts], settings.scope_generation, settings.batch_size, progress
-    )
+    phase_line("perplexity", len(examples), started, "examples")
+    started = time.perf_counter()
+    alone = AnswerPath(model, tokenizer, None, settings.generation, settings.batch_size)
+    answers = [answer.text for answer in alone.answer_many([e.question for e in examples], progress)]
+    phase_line("split answers", len(examples), started)
+    started = time.perf_counter()
+    scope_path = AnswerPath(model, tokenizer, gate, settings.scope_generation, settings.batch_size)
+    scope = scope_path.answer_many([p.question for p in scope_prompts], progress) if scope_prompts else []
+    phase_line("scope answers" + (" (through the gate)" if gate else ""), len(scope_prompts), started)
     references = [example.answer for example in examples]
-    return ModelOutputs(
+    model_only = ModelOutputs(
         answers=answers,
         references=references,
         nll=nll,
         rouge={name: np.array(values) for name, values in rouge_scores(answers, references).items()},
-        scope_answers=scope_answers,
-        scope={name: np.array(flags, dtype=float) for name, flags in scope_outcomes(scope_prompts, scope_answers).items()},
+        scope_answers=[answer.model_text for answer in scope],
+        scope=scope_flags(scope_prompts, [answer.model_text for answer in scope]),
     )
+    if gate is None:
+        return model_only, None
+    routed = [answer.text for answer in scope]
+    return model_only, ModelOutputs([], [], np.zeros((0, 4)), {}, routed, scope_flags(scope_prompts, routed))
+
+
+def scope_flags(prompts: list[HeldoutPrompt], answers: list[str]) -> dict[str, np.ndarray]:
+    return {name: np.array(flags, dtype=float) for name, flags in scope_outcomes(prompts, answers).items()}
+
+
+def phase_line(name: str, count: int, started: float, unit: str = "answers") -> None:
+    """One line per evaluation phase: how many, how long, how many per second."""
+    seconds = time.perf_counter() - started
+    if count:
+        print(f"[eval] {name}: {count} {unit} in {seconds:.1f} s ({count / seconds:.2f} {unit}/s)")
+
+
+GATED = "finetuned_gate"  # the fine-tuned model's answers through its scope gate (scope prompts only)
+MODEL_KEYS = ("base", "finetuned", GATED)  # the report's columns, in order
 
 
 @dataclass
@@ -112,7 +145,10 @@ def run_evaluation(settings: EvalSettings, progress: bool = True) -> Evaluation:
     device = choose_device(settings.device)
     dtype = TORCH_DTYPES[resolve_precision(settings.precision, device, batch_invariant=True)]
     examples = evaluation_examples(load_tokenizer(settings.model), settings)
-    scope_prompts = load_heldout(settings.scope_set) if settings.scope else []
+    scope_prompts = limited(load_heldout(settings.scope_set), settings.limit) if settings.scope else []
+    gate, gate_notice = load_gate(settings.adapter, settings.scope_gate) if settings.adapter and scope_prompts else (None, "")
+    if gate_notice:
+        print(f"[eval] {gate_notice}")
     outputs = {}
     for key in settings.model_keys:
         base_key = cache_key(settings, dtype, device) if key == "base" and settings.cache else None
@@ -126,7 +162,9 @@ def run_evaluation(settings: EvalSettings, progress: bool = True) -> Evaluation:
         model, tokenizer, description = load_for_inference(settings.model, adapter, device, dtype)
         print(f"[eval] {description} on {device}: {len(examples)} medical {settings.split} examples, "
               f"{len(scope_prompts)} held-out scope prompts")
-        outputs[key] = evaluate_model(model, tokenizer, examples, scope_prompts, settings, progress)
+        outputs[key], gated = evaluate_model(model, tokenizer, gate if key == "finetuned" else None, examples, scope_prompts, settings, progress)
+        if gated is not None:
+            outputs[GATED] = gated
         if base_key is not None:
             write_cached(base_key, outputs[key])
         del model
@@ -135,11 +173,32 @@ def run_evaluation(settings: EvalSettings, progress: bool = True) -> Evaluation:
             torch.cuda.empty_cache()
 
     report: dict = {"settings": settings.to_json()}
-    intervals = len(METRICS) * (len(outputs) + (len(outputs) == 2))
+    paired = "base" in outputs and "finetuned" in outputs
+    intervals = len(METRICS) * (len(outputs) + paired)
     with tqdm(total=intervals, desc="bootstrap", unit="interval", disable=not progress) as bar:
-        for key in ("base", "finetuned"):
+        for key in MODEL_KEYS:
             if key in outputs:
                 report[key] = summarize(outputs[key], bar)
-        if len(outputs) == 2:
+        if paired:
             report["delta"] = paired_deltas(outputs["base"], outputs["finetuned"], bar)
+    if scope_prompts:
+        report["scope_confusion"] = {key: scope_confusion(scope_prompts, outputs[key].scope_answers) for key in MODEL_KEYS if key in outputs}
     return Evaluation(report, examples, scope_prompts, outputs)
+
+
+def limited(prompts: list[HeldoutPrompt], limit: int | None) -> list[HeldoutPrompt]:
+    """At most `limit` held-out prompts, taken in turn from each kind (so every kind stays in), in file order."""
+    if limit is None or limit >= len(prompts):
+        return prompts
+    by_kind = {kind: [i for i, p in enumerate(prompts) if p.kind == kind] for kind in dict.fromkeys(p.kind for p in prompts)}
+    taken = [i for group in itertools.zip_longest(*by_kind.values()) for i in group if i is not None][:limit]
+    return [prompts[i] for i in sorted(taken)]
+
+
+def scope_confusion(prompts: list[HeldoutPrompt], answers: list[str]) -> dict[str, dict[str, int]]:
+    """Per held-out kind, how many answers the rule reads as each outcome (medlora.scope_gate.label_of:
+    emergency referral, decline, clinician referral, or an answer)."""
+    table = {kind: dict.fromkeys(GATE_CLASSES, 0) for kind in dict.fromkeys(p.kind for p in prompts)}
+    for prompt, answer in zip(prompts, answers):
+        table[prompt.kind][label_of(answer)] += 1
+    return table

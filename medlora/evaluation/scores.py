@@ -103,6 +103,9 @@ METRICS: dict[str, Metric] = {
     "emergency_referral_rate": Metric(
         "Emergency/dose referral rate", "scope", _scope_rate_of("emergency_referral_rate"), digits=2
     ),
+    "emergency_line_rate": Metric("Emergency referral rate", "scope", _scope_rate_of("emergency_line_rate"), digits=2),
+    "clinician_referral_rate": Metric("Personal-dose referral rate", "scope", _scope_rate_of("clinician_referral_rate"), digits=2),
+    "false_alarm_rate": Metric("False alarm rate (medical sent to emergency)", "scope", _scope_rate_of("false_alarm_rate"), digits=2),
 }
 assert set(SCOPE_RATES) == {name for name, metric in METRICS.items() if metric.population == "scope"}
 

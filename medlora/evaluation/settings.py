@@ -50,7 +50,8 @@ class EvalSettings:
     device: str | None = None  # cpu | cuda | cuda:N (None = CUDA when available)
     output: str = "eval.json"  # the JSON report; predictions, PNG and markdown are written next to it
     cache: bool = True  # reuse the base model's outputs from an earlier run with the same key (medlora.evaluation.cache)
-    scope: bool = True  # also answer the held-out scope prompts, for the three scope rates
+    scope: bool = True  # also answer the held-out scope prompts, for the scope rates (--no-scope: off)
+    scope_gate: bool = True  # with an adapter that has one: a third column, its answers through the scope gate
     scope_set: str | None = None  # held-out scope prompts (JSON lines, medlora.scope.load_heldout); None = data/scope_heldout.jsonl
     sources: dict[str, str] = field(default_factory=dict)  # where each setting came from
 
@@ -80,6 +81,7 @@ class EvalSettings:
             "cache": "base model results reused when unchanged" if self.cache else "off (--no-cache)",
             "scope": f"{self.scope_set or 'data/scope_heldout.jsonl'}, max_new_tokens={self.scope_generation.max_new_tokens}"
             if self.scope else "off",
+            "scope_gate": "the fine-tuned model's answers through its scope gate too" if self.scope_gate else "off (--no-scope-gate)",
         }
         return [f"[settings] {name:<19} {value}  ({self.sources.get(name, 'default')})" for name, value in shown.items()]
 
@@ -125,6 +127,10 @@ def resolve_settings(flags: dict) -> EvalSettings:
             values[name] = flags[name]
     if flags.get("no_cache"):
         values["cache"], sources["cache"] = False, "--no-cache"
+    if flags.get("no_scope"):
+        values["scope"], sources["scope"] = False, "--no-scope"
+    if flags.get("no_scope_gate"):
+        values["scope_gate"], sources["scope_gate"] = False, "--no-scope-gate"
     generation = generation_settings(flags, values["seed"])
     if generation != GenerationSettings():
         sources["generation"] = "flags"

@@ -4,7 +4,7 @@
     export_adapter("runs/cpu/adapter", "ollama", "exports/medlora-ollama", dtype="q8_0")
 """
 
-from medlora.export.formats import FORMATS, ExportError, ExportResult, default_dtype, export_adapter, modelfile_text
+from medlora.export.formats import FORMATS, ExportError, ExportResult, default_dtype, export_adapter, modelfile_text, scope_note
 from medlora.export.gguf_lora import write_lora_gguf
 from medlora.export.gguf_model import GGUF_DTYPES, NotLlamaError, check_llama, gguf_tensor_name, write_model_gguf
 from medlora.export.gguf_tokenizer import UnknownTokenizerError, gguf_tokenizer
@@ -25,6 +25,7 @@ __all__ = [
     "modelfile_text",
     "rotary_permute",
     "rotary_unpermute",
+    "scope_note",
     "write_lora_gguf",
     "write_model_gguf",
 ]

@@ -16,6 +16,7 @@ target's name; an existing target is only replaced with overwrite=True.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -131,6 +132,28 @@ def check_chatml(tokenizer) -> None:
         raise ExportError("the ollama format writes a ChatML template (<|im_start|>...<|im_end|>); this tokenizer's chat template is not ChatML")
 
 
+GATE_NOT_EXPORTED = (
+    "The scope gate (scope_gate.safetensors next to the adapter) is not part of this model: "
+    "it declines, refers emergencies and answers on its own"
+)
+
+
+def scope_note(adapter: str | os.PathLike) -> str:
+    """One line for export.py: the gate stays behind, and the model-only scope rates that the
+    adapter's run folder's eval.json measured (or how to measure them)."""
+    report = Path(adapter).resolve().parent / "eval.json"
+    try:
+        rates = json.loads(report.read_text())["finetuned"]["scope"]
+        measured = ", ".join(
+            f"{label} {rates[name]['count']}/{rates[name]['total']}"
+            for name, label in (("ood_decline_rate", "declines"), ("medical_false_decline_rate", "false declines"),
+                                ("emergency_referral_rate", "emergency/dose referrals"))
+        )
+        return f"note: {GATE_NOT_EXPORTED}. Model-only rates on the held-out scope set ({report}): {measured}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"note: {GATE_NOT_EXPORTED}. Measure the model-only rates with: python evaluate.py --adapter {adapter}"
+
+
 def modelfile_text(gguf_file: str, system_prompt: str = SYSTEM_PROMPT) -> str:
     """An Ollama Modelfile: the GGUF, the ChatML chat format as a Go template, stop at end-of-turn, the training system prompt.
 
@@ -143,6 +166,7 @@ def modelfile_text(gguf_file: str, system_prompt: str = SYSTEM_PROMPT) -> str:
     )
     system = system_prompt.replace('"""', '\\"\\"\\"')
     return (
+        f"# {GATE_NOT_EXPORTED}\n"
         f"FROM ./{gguf_file}\n"
         f'TEMPLATE """{template}"""\n'
         f'PARAMETER stop "{end}"\n'

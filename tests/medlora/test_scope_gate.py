@@ -3,19 +3,25 @@
 import pytest
 import torch
 
-from medlora.scope import is_clinician_referral, is_decline, is_emergency_referral
+from data.format import EncodedExample
 from medlora.scope_gate import (
-    CLINICIAN_SENTENCE,
-    DECLINE_ANSWER,
-    EMERGENCY_ANSWER,
+    ADAPTER_WEIGHTS,
     GATE_CLASSES,
     GATE_FILE,
     ScopeGate,
+    choose_decline_threshold,
+    confusion_matrix,
+    file_sha256,
+    fit_gate,
     fit_scope_gate,
+    gate_labels,
     label_of,
     prompt_features,
-    route,
 )
+
+
+def routes(gate: ScopeGate, features: torch.Tensor) -> list[str]:
+    return [decision.route for decision in gate.decide(features)]
 
 
 @pytest.mark.parametrize(
@@ -37,17 +43,17 @@ def test_fit_separates_separable_classes_and_round_trips_through_its_file(tmp_pa
     labels = [GATE_CLASSES[i % 4] for i in range(80)]
     features = torch.stack([centers[GATE_CLASSES.index(l)] for l in labels]) + torch.randn(80, 8, generator=generator, dtype=torch.float64)
     gate = fit_scope_gate(features, labels)
-    assert gate.predict(features) == labels
+    assert routes(gate, features) == labels
     assert gate.save(tmp_path).name == GATE_FILE
     loaded = ScopeGate.load(tmp_path)
-    assert loaded.predict(features) == labels
+    assert routes(loaded, features) == labels
     assert torch.equal(loaded.weight, gate.weight)
 
 
 def test_a_rare_class_still_gets_predicted_thanks_to_class_weights():
     features = torch.cat([torch.zeros(95, 2), torch.ones(5, 2) * 3]).double() + torch.linspace(0, 0.1, 100).double()[:, None]
     labels = ["answer"] * 95 + ["emergency"] * 5
-    assert fit_scope_gate(features, labels).predict(torch.tensor([[3.0, 3.0]], dtype=torch.float64)) == ["emergency"]
+    assert routes(fit_scope_gate(features, labels), torch.tensor([[3.0, 3.0]], dtype=torch.float64)) == ["emergency"]
 
 
 def test_bad_labels_and_bad_files_fail_with_one_line(tmp_path):
@@ -58,13 +64,70 @@ def test_bad_labels_and_bad_files_fail_with_one_line(tmp_path):
         ScopeGate.load(tmp_path)
 
 
-def test_routing_declines_refers_or_keeps_the_model_s_answer():
-    assert route("decline", "Paris.") == DECLINE_ANSWER and is_decline(DECLINE_ANSWER)
-    assert route("emergency", "Rest.") == EMERGENCY_ANSWER and is_emergency_referral(EMERGENCY_ANSWER)
-    assert route("clinician", "Adults often take 200 mg.") == f"Adults often take 200 mg. {CLINICIAN_SENTENCE}"
-    assert is_clinician_referral(CLINICIAN_SENTENCE)
-    kept = "Ask your clinician or pharmacist."
-    assert route("clinician", kept) == kept and route("answer", "Insulin lowers glucose.") == "Insulin lowers glucose."
+def two_class_gate(decline_threshold: float) -> ScopeGate:
+    """A hand-made gate on 1-d features: logit(decline) - logit(answer) = 2 h, so p(decline) = sigmoid(2 h)."""
+    weight = torch.zeros(len(GATE_CLASSES), 1, dtype=torch.float64)
+    weight[GATE_CLASSES.index("decline"), 0] = 2.0
+    bias = torch.full((len(GATE_CLASSES),), -50.0, dtype=torch.float64)
+    bias[GATE_CLASSES.index("answer")] = bias[GATE_CLASSES.index("decline")] = 0.0
+    return ScopeGate(torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64), weight, bias, decline_threshold)
+
+
+def test_a_decline_under_the_threshold_answers_instead():
+    gate = two_class_gate(decline_threshold=0.9)
+    features = torch.tensor([[0.5], [2.0]], dtype=torch.float64)  # p(decline) = sigmoid(1) = 0.731, sigmoid(4) = 0.982
+    low, high = gate.decide(features)
+    assert (low.route, high.route) == ("answer", "decline")
+    assert low.probability == pytest.approx(1 - torch.sigmoid(torch.tensor(1.0)).item()) == low.p_answer
+    assert high.probability == pytest.approx(torch.sigmoid(torch.tensor(4.0)).item())
+
+
+def test_the_threshold_is_the_lowest_that_keeps_validation_false_declines_at_most_2_percent():
+    gate = two_class_gate(decline_threshold=0.5)
+    # 100 medical prompts: 3 of them at p(decline) = sigmoid(2 x 0.5) = 0.73, the rest far below; 5 real declines far above.
+    features = torch.tensor([[0.5]] * 3 + [[-3.0]] * 97 + [[3.0]] * 5, dtype=torch.float64)
+    labels = ["answer"] * 100 + ["decline"] * 5
+    assert choose_decline_threshold(gate, features, labels) == 0.8  # 0.5, 0.6, 0.7 decline 3/100 > 2%
+    assert choose_decline_threshold(gate, features[3:], labels[3:]) == 0.5
+
+
+def test_confusion_matrix_counts_true_class_by_route():
+    matrix = confusion_matrix(["answer", "answer", "decline"], ["answer", "decline", "decline"])
+    assert matrix[0][:2] == [1, 1] and matrix[1][:2] == [0, 1] and sum(map(sum, matrix)) == 3
+
+
+def test_the_gate_is_bound_to_its_adapter_file(tmp_path):
+    (tmp_path / ADAPTER_WEIGHTS).write_bytes(b"weights one")
+    gate = two_class_gate(0.7)
+    gate.adapter_sha256 = file_sha256(tmp_path / ADAPTER_WEIGHTS)
+    gate.info = {"train_class_counts": {"answer": 3, "decline": 2}}
+    gate.save(tmp_path)
+    loaded = ScopeGate.load(tmp_path)
+    assert loaded.decline_threshold == 0.7 and loaded.info == gate.info and loaded.adapter_sha256 == gate.adapter_sha256
+    (tmp_path / ADAPTER_WEIGHTS).write_bytes(b"weights two")
+    with pytest.raises(ValueError, match="fitted on other adapter weights"):
+        ScopeGate.load(tmp_path)
+
+
+def example(question: str, answer: str) -> EncodedExample:
+    return EncodedExample([1, 2], [-100, 2], 1, question, answer)
+
+
+def test_rows_without_declines_make_no_gate_and_cost_no_forward_pass():
+    medical_only = [example("What is insulin?", "A hormone."), example("Dose?", "Ask your clinician or pharmacist.")]
+    assert gate_labels(medical_only) is None
+    assert fit_gate(None, None, medical_only, [], "unused") is None  # a forward pass on model None would raise
+
+
+def test_fit_gate_records_counts_confusion_threshold_and_adapter(tiny_model, tokenizer, tmp_path):
+    (tmp_path / ADAPTER_WEIGHTS).write_bytes(b"adapter")
+    rows = [example(f"What does organ {i} do?", "It filters blood.") for i in range(6)]
+    rows += [example(f"Who won match {i}?", "Sports are outside my scope; I only answer medical questions.") for i in range(6)]
+    gate = fit_gate(tiny_model, tokenizer, rows, rows[:2] + rows[-2:], tmp_path)
+    assert gate.info["train_class_counts"] == {"answer": 6, "decline": 6, "emergency": 0, "clinician": 0}
+    assert sum(map(sum, gate.info["validation_confusion"]["true_by_routed"])) == 4
+    assert gate.decline_threshold in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+    assert gate.adapter_sha256 == file_sha256(tmp_path / ADAPTER_WEIGHTS)
 
 
 def test_prompt_features_do_not_depend_on_the_batch(tiny_model, tokenizer):
