@@ -4,6 +4,7 @@ separation from the training rows."""
 import json
 import re
 from collections import Counter
+from difflib import SequenceMatcher
 from pathlib import Path
 
 import pytest
@@ -279,12 +280,56 @@ def _training_rows():
         return [json.loads(line) for line in lines if line.strip()]
 
 
-def _tokens(text: str) -> frozenset[str]:
-    return frozenset(re.findall(r"[^\W_]+", text.lower()))
+# A held-out prompt must not be a reworded training question, or the scope rates measure recall of
+# the training set. Two measures, each with its threshold: the overlap of content words and the
+# character-level similarity of the whole lowercased text.
+JACCARD_LIMIT = 0.34  # content-word Jaccard at or above this: the same question in other words
+RATIO_LIMIT = 0.7  # difflib ratio on lowercased text at or above this: the same sentence, edited
+
+# Common English function words, written out here so that no corpus is downloaded at test time.
+STOP_WORDS = frozenset(
+    """a about above after again against all also am an and any are as at be because been before
+    being below between both but by can could did do does doing don down during each few for from
+    further get got had has have having he her here hers herself him himself his how i if in into is
+    isn it its itself just me more most my myself no nor not now of off on once only or other our ours
+    ourselves out over own same she should so some such than that the their theirs them themselves
+    then there these they this those through to too under until up very was wasn we were what when
+    where which while who whom why will with won would you your yours yourself yourselves""".split()
+)
 
 
-def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
-    return len(a & b) / len(a | b)
+def content_words(text: str) -> frozenset[str]:
+    """Lowercase alphanumeric tokens of 3 or more characters, minus STOP_WORDS."""
+    return frozenset(w for w in re.findall(r"[^\W_]+", text.lower()) if len(w) >= 3 and w not in STOP_WORDS)
+
+
+def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    """|a & b| / |a | b|; 0.0 for two empty sets."""
+    return len(a & b) / len(a | b) if a | b else 0.0
+
+
+def reworded_pairs(questions: list[str], training_questions: list[str]) -> list[tuple[str, str]]:
+    """Every (question, training question) pair at or above either limit.
+
+    The ratio is difflib's SequenceMatcher(None, question, training question).ratio() on the
+    lowercased texts. Its cheap upper bounds (real_quick_ratio, quick_ratio) rule out most pairs
+    first, and each training question is indexed once (as difflib's second sequence), so the
+    296 x 1,004 pairs of the real files take seconds.
+    """
+    words_of = {question: content_words(question) for question in questions}
+    pairs = []
+    for training_question in training_questions:
+        training_words = content_words(training_question)
+        matcher = SequenceMatcher(None, b=training_question.lower())
+        for question in questions:
+            matcher.set_seq1(question.lower())
+            if jaccard(words_of[question], training_words) >= JACCARD_LIMIT or (
+                matcher.real_quick_ratio() >= RATIO_LIMIT
+                and matcher.quick_ratio() >= RATIO_LIMIT
+                and matcher.ratio() >= RATIO_LIMIT
+            ):
+                pairs.append((question, training_question))
+    return pairs
 
 
 def test_question_key_ignores_case_punctuation_and_spaces():
@@ -292,10 +337,16 @@ def test_question_key_ignores_case_punctuation_and_spaces():
     assert question_key("Is 91 prime?") != question_key("Is 97 prime?")
 
 
-def test_jaccard_flags_a_reworded_question():
-    assert _jaccard(_tokens("What is the rate-limiting enzyme of glycolysis?"),
-                    _tokens("So what is the rate limiting enzyme of glycolysis")) >= 0.8
-    assert _jaccard(_tokens("What is the capital city of Australia?"), _tokens("What is the capital of France?")) < 0.8
+def test_the_separation_measures_flag_a_reworded_question():
+    eggs, training_eggs = "Are eggs bad for your cholesterol?", "Are eggs bad for my cholesterol?"
+    assert content_words(eggs) == {"eggs", "bad", "cholesterol"}
+    assert jaccard(content_words(eggs), content_words(training_eggs)) == 1.0
+    # Sharing only a template ("What is the ... on Earth?") is caught by the ratio, not the words.
+    desert, ocean = "What is the driest desert on Earth?", "What is the largest ocean on Earth?"
+    assert jaccard(content_words(desert), content_words(ocean)) == pytest.approx(1 / 5)
+    assert SequenceMatcher(None, desert.lower(), ocean.lower()).ratio() >= RATIO_LIMIT
+    unrelated = "Name the desert in Chile known for going years without rain."
+    assert reworded_pairs([eggs, desert, unrelated], [training_eggs, ocean]) == [(eggs, training_eggs), (desert, ocean)]
 
 
 def test_no_heldout_question_is_a_training_question(heldout):
@@ -303,15 +354,8 @@ def test_no_heldout_question_is_a_training_question(heldout):
     assert not [p.question for p in heldout if question_key(p.question) in training_keys]
 
 
-def test_no_heldout_question_nearly_duplicates_a_training_question(heldout):
-    training = [(row["input"], _tokens(row["input"])) for row in _training_rows()]
-    near = [
-        (prompt.question, question)
-        for prompt in heldout
-        for question, tokens in training
-        if _jaccard(_tokens(prompt.question), tokens) >= 0.8
-    ]
-    assert not near
+def test_no_heldout_question_rewords_a_training_question(heldout):
+    assert not reworded_pairs([p.question for p in heldout], [row["input"] for row in _training_rows()])
 
 
 def test_training_answers_follow_the_rule():
