@@ -51,7 +51,7 @@ class EvalSettings:
     output: str = "eval.json"  # the JSON report; predictions, PNG and markdown are written next to it
     cache: bool = True  # reuse the base model's outputs from an earlier run with the same key (medlora.evaluation.cache)
     scope: bool = True  # also answer the held-out scope prompts, for the three scope rates
-    scope_set: str | None = None  # held-out scope prompts (JSON lines, medlora.scope.load_heldout); None = data/scope_heldout.jsonl
+    scope_set: str | None = None  # held-out scope prompts (JSON lines, data.scope_set.load_heldout); None = data/scope_heldout.jsonl
     sources: dict[str, str] = field(default_factory=dict)  # where each setting came from
 
     @property
