@@ -174,7 +174,9 @@ def opening(answer: str) -> str:
     That is its first sentence, after any sentences that only say sorry or refuse without a
     reason (`_PREFACE`): "Sorry! That is outside my scope." opens with both sentences;
     "Canberra is the capital. That said, geography is outside my scope." opens with the first only,
-    which answers the question, so the decline after it does not count.
+    which answers the question, so the decline after it does not count. Put the other way: a
+    decline counts when it is in the first sentence, or when every sentence before it is an apology,
+    a bare refusal or itself a decline.
     """
     sentences = _sentences(answer)
     end = next((index for index, sentence in enumerate(sentences) if not _PREFACE.search(sentence)), len(sentences) - 1)
