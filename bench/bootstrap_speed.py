@@ -17,9 +17,9 @@ import time
 import numpy as np
 
 from data import load_rows
-from medlora.evaluation.scores import ModelOutputs, paired_deltas, summarize
+from data.scope_set import load_heldout
+from medlora.evaluation.scores import ModelOutputs, paired_deltas, scope_outcomes, summarize
 from medlora.metrics import rouge_scores
-from medlora.scope import load_heldout, scope_outcomes
 
 
 def fake_outputs(references: list[str], shift: int, rng: np.random.Generator) -> ModelOutputs:

@@ -17,9 +17,10 @@ from collections import Counter
 
 import torch
 
+from data.scope_set import load_heldout
 from medlora.evaluation.settings import SCOPE_MAX_NEW_TOKENS
 from medlora.generation import GenerationSettings, generate_answers, load_for_inference
-from medlora.scope import REFERRAL_KINDS, is_decline, is_referral, load_heldout
+from medlora.scope import REFERRAL_KINDS, is_decline, is_referral
 
 
 def verdict(answer: str, kind: str) -> tuple[bool, bool | None]:

@@ -18,9 +18,10 @@ from collections import Counter
 import torch
 
 from data import prepare_data
+from data.scope_set import load_heldout
+from medlora.evaluation.scores import scope_rates
 from medlora.evaluation.settings import SCOPE_MAX_NEW_TOKENS
 from medlora.generation import GenerationSettings, generate_answers, load_for_inference
-from medlora.scope import load_heldout, scope_rates
 from medlora.scope_gate import fit_gate_on_examples, prompt_features, route
 
 

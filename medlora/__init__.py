@@ -7,8 +7,8 @@
     checkpoint.py   one checkpoint folder, written atomically and checksummed
     run_folder.py   the run folder: config.json, metrics.jsonl, summary.json, adapter/, checkpoints/
     generation.py   load base + merged adapter; batched and streamed answers
-    metrics.py      BLEU, ROUGE, perplexity, bootstrap intervals
-    scope.py        the one rule for declines and referrals; the held-out scope set; scope rates
+    metrics.py      BLEU, ROUGE, perplexity, bootstrap and Wilson intervals
+    scope.py        the one rule for declines and referrals
     evaluation/     settings, one evaluation run, scores with intervals, report files
     export/         the merged model out: Hugging Face folder, GGUF (llama.cpp), LoRA GGUF, Ollama folder
     scope_gate.py   a learned scope gate on the model's own prompt state, fitted after training

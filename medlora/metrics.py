@@ -8,6 +8,8 @@ theirs: sufficient statistics first (n-gram counts, summed NLL and token count),
     rouge_scores(predictions, references)   per-example ROUGE-1/2/L F1 (Porter-stemmed)
     perplexity(nll_sum, token_count)        exp(nll_sum / token_count)
     bootstrap_interval(n, metric_of_indices) percentile bootstrap of any corpus-level metric
+    wilson_interval(count, total)           Wilson score interval of a proportion
+    rate_of(flags)                          count / total of True flags with its Wilson interval (a Rate)
 
 The summed NLL and token counts come from the model, through medlora.loss.row_nll.
 
@@ -22,6 +24,7 @@ import string
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import TypedDict
 
 import numpy as np
 from rouge_score import rouge_scorer
@@ -297,3 +300,61 @@ def bootstrap_interval(
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(resampled_metrics, [tail, 1.0 - tail])
     return float(low), float(high)
+
+
+# --- Proportions: Wilson score intervals ---------------------------------------------------
+
+Z_95 = 1.959963984540054  # 97.5th percentile of the standard normal: a two-sided 95% interval
+
+
+def wilson_interval(count: int, total: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a proportion `count / total`.
+
+    With p = count / total and n = total:
+
+        centre     = (p + z^2 / (2n)) / (1 + z^2 / n)
+        half_width = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / (4 n^2))
+        interval   = [centre - half_width, centre + half_width]
+
+    (Wilson 1927; method 3 in Newcombe 1998.) Unlike p +- z sqrt(p(1-p)/n), it stays inside
+    [0, 1] and does not shrink to zero width at 0/n or n/n, which matters for rates near 0% or 100%.
+
+    Args:
+        count: successes, 0 <= count <= total.
+        total: trials, >= 1.
+        z: standard-normal quantile; the default gives a two-sided 95% interval.
+
+    Returns:
+        (low, high).
+
+    Raises:
+        ValueError: when total < 1 or count is outside [0, total].
+    """
+    if total < 1:
+        raise ValueError(f"a Wilson interval needs total >= 1, got {total}")
+    if not 0 <= count <= total:
+        raise ValueError(f"count must be between 0 and total={total}, got {count}")
+    p = count / total
+    shrink = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / shrink
+    half_width = z / shrink * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)
+
+
+class Rate(TypedDict):
+    """A rate with its sufficient statistics; rate, low and high are None when total is 0."""
+
+    count: int  # prompts that met the condition
+    total: int  # prompts the rate is over
+    rate: float | None  # count / total
+    low: float | None  # Wilson 95% interval, lower end
+    high: float | None  # Wilson 95% interval, upper end
+
+
+def rate_of(flags: Sequence[bool]) -> Rate:
+    """count / total of True flags, with its Wilson 95% interval (None for no flags)."""
+    count, total = int(sum(flags)), len(flags)
+    if total == 0:
+        return Rate(count=0, total=0, rate=None, low=None, high=None)
+    low, high = wilson_interval(count, total)
+    return Rate(count=count, total=total, rate=count / total, low=low, high=high)

@@ -6,7 +6,7 @@ import pytest
 
 import evaluate
 from medlora.evaluation.scores import METRICS
-from medlora.scope import load_heldout
+from data.scope_set import load_heldout
 from tests.conftest import SCOPE_PROMPTS, save_run_folder
 
 

@@ -2,7 +2,7 @@
 
     settings.py  flags + the adapter's run folder + defaults -> EvalSettings, each with its source
     run.py       the split, each model's perplexity statistics and answers -> the report
-    scores.py    every metric from per-example statistics, bootstrap intervals, paired deltas
+    scores.py    every metric from per-example statistics (the scope rates too), bootstrap intervals, paired deltas
     report.py    markdown table, JSON report, predictions JSONL, bar chart
 
 evaluate.py is the thin script around it:

@@ -33,10 +33,10 @@ import torch
 import transformers
 
 from data import EMBEDDED_DATASET
+from data.scope_set import HELDOUT_PATH
 from medlora.evaluation.scores import ModelOutputs
 from medlora.evaluation.settings import SCOPE_MAX_NEW_TOKENS, EvalSettings
 from medlora.model import cache_root, resolve_model_source
-from medlora.scope import HELDOUT_PATH
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CODE_PACKAGES = ("medlora", "data", "lora")  # their source decides what the base model's outputs are

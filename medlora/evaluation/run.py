@@ -16,15 +16,15 @@ import torch
 from tqdm.auto import tqdm
 
 from data import EncodedExample, micro_batches, prepare_data
+from data.scope_set import HeldoutPrompt, load_heldout
 from medlora.evaluation.cache import cache_key, cache_path, read_cached, write_cached
-from medlora.evaluation.scores import METRICS, ModelOutputs, paired_deltas, summarize
+from medlora.evaluation.scores import METRICS, ModelOutputs, paired_deltas, scope_outcomes, summarize
 from medlora.evaluation.settings import NON_MEDICAL_TOPICS, EvalSettings
 from medlora.answer import AnswerPath, load_gate
 from medlora.generation import load_for_inference
 from medlora.loss import heldout_row_nll
 from medlora.metrics import rouge_scores
 from medlora.model import TORCH_DTYPES, choose_device, load_tokenizer, resolve_precision
-from medlora.scope import HeldoutPrompt, load_heldout, scope_outcomes
 from medlora.scope_gate import GATE_CLASSES, ScopeGate, label_of
 
 

@@ -52,7 +52,7 @@ class EvalSettings:
     cache: bool = True  # reuse the base model's outputs from an earlier run with the same key (medlora.evaluation.cache)
     scope: bool = True  # also answer the held-out scope prompts, for the scope rates (--no-scope: off)
     scope_gate: bool = True  # with an adapter that has one: a third column, its answers through the scope gate
-    scope_set: str | None = None  # held-out scope prompts (JSON lines, medlora.scope.load_heldout); None = data/scope_heldout.jsonl
+    scope_set: str | None = None  # held-out scope prompts (JSON lines, data.scope_set.load_heldout); None = data/scope_heldout.jsonl
     sources: dict[str, str] = field(default_factory=dict)  # where each setting came from
 
     @property

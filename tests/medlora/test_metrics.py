@@ -1,4 +1,5 @@
-"""Tests of medlora/metrics.py: hand-computed BLEU/ROUGE/perplexity values and parity with sacreBLEU.
+"""Tests of medlora/metrics.py: hand-computed BLEU/ROUGE/perplexity values, parity with sacreBLEU, and
+Wilson intervals against Newcombe (1998).
 
     .venv/bin/python -m pytest -q tests/medlora/test_metrics.py
 """
@@ -21,8 +22,10 @@ from medlora.metrics import (
     bootstrap_interval,
     corpus_bleu,
     perplexity,
+    rate_of,
     rouge_scores,
     tokenize_13a,
+    wilson_interval,
 )
 
 # --- tokenize_13a -------------------------------------------------------------------------
@@ -408,3 +411,39 @@ def test_bootstrap_rejects_bad_arguments() -> None:
         bootstrap_interval(1, lambda idx: 0.0, n_resamples=0)
     with pytest.raises(ValueError, match=r"level must be in \(0, 1\), got 1.0"):
         bootstrap_interval(1, lambda idx: 0.0, level=1.0)
+
+
+# --- Wilson intervals and rates -------------------------------------------------------------
+
+
+def test_wilson_by_hand():
+    z2 = 1.959963984540054**2
+    # 0/10: centre = half_width = (z^2/20) / (1 + z^2/10), so the interval is [0, z^2 / (10 + z^2)].
+    assert wilson_interval(0, 10) == pytest.approx((0.0, z2 / (10 + z2)))
+    assert wilson_interval(0, 10)[1] == pytest.approx(0.27753, abs=1e-5)
+    # 5/10: centre 0.5; half_width = z / (1 + z^2/10) * sqrt(0.025 + z^2/400) = 1.41600 * 0.18602.
+    assert wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)
+    # n/n mirrors 0/n.
+    assert wilson_interval(10, 10) == pytest.approx((10 / (10 + z2), 1.0))
+
+
+@pytest.mark.parametrize(
+    ("count", "total", "low", "high"),
+    # Newcombe (1998), Statistics in Medicine 17:857-872, Table I, method 3 (Wilson score, no continuity correction).
+    [(81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718),
+     (29, 29, 0.8830, 1.0)],
+)
+def test_wilson_matches_newcombe(count, total, low, high):
+    assert wilson_interval(count, total) == pytest.approx((low, high), abs=6e-5)
+
+
+@pytest.mark.parametrize(("count", "total", "message"), [(0, 0, "total >= 1, got 0"), (11, 10, "got 11"), (-1, 5, "got -1")])
+def test_wilson_rejects_bad_counts(count, total, message):
+    with pytest.raises(ValueError, match=message):
+        wilson_interval(count, total)
+
+
+def test_rate_of_counts_true_flags_with_the_wilson_interval():
+    low, high = wilson_interval(1, 4)
+    assert rate_of([True, False, False, False]) == {"count": 1, "total": 4, "rate": 0.25, "low": low, "high": high}
+    assert rate_of([]) == {"count": 0, "total": 0, "rate": None, "low": None, "high": None}
