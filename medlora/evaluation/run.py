@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from data import EncodedExample, micro_batches, prepare_data
 from medlora.evaluation.cache import cache_key, cache_path, read_cached, write_cached
 from medlora.evaluation.scores import METRICS, ModelOutputs, paired_deltas, summarize
-from medlora.evaluation.settings import NON_MEDICAL_TOPICS, EvalSettings
+from medlora.evaluation.settings import NON_MEDICAL_TOPICS, SCOPE_SENTENCES, EvalSettings
 from medlora.generation import generate_answers, load_for_inference
 from medlora.loss import heldout_row_nll
 from medlora.metrics import rouge_scores
@@ -54,12 +54,14 @@ def evaluate_model(
 ) -> ModelOutputs:
     """Perplexity statistics and answers on the medical split rows; answers to the held-out scope prompts.
 
-    Scope answers use settings.scope_generation (max_new_tokens capped at SCOPE_MAX_NEW_TOKENS).
+    Scope answers use settings.scope_generation (max_new_tokens capped at SCOPE_MAX_NEW_TOKENS) and
+    end at their SCOPE_SENTENCES-th sentence.
     """
     nll = example_nlls(model, examples, tokenizer.pad_token_id, progress)
     answers = generate_answers(model, tokenizer, [e.question for e in examples], settings.generation, settings.batch_size, progress)
     scope_answers = generate_answers(
-        model, tokenizer, [p.question for p in scope_prompts], settings.scope_generation, settings.batch_size, progress
+        model, tokenizer, [p.question for p in scope_prompts], settings.scope_generation, settings.batch_size, progress,
+        stop_after_sentences=SCOPE_SENTENCES,
     )
     references = [example.answer for example in examples]
     return ModelOutputs(
