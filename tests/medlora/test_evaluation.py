@@ -194,22 +194,22 @@ def scripted_answer(question: str, kinds: dict[str, str]) -> str:
 def test_scope_rates_are_wired_from_the_heldout_set(run_dir, monkeypatch):
     from medlora.evaluation import run as run_module
     from medlora.evaluation.report import markdown_table, prediction_rows
-    from medlora.evaluation.settings import SCOPE_MAX_NEW_TOKENS
+    from medlora.evaluation.settings import SCOPE_MAX_NEW_TOKENS, SCOPE_SENTENCES
     from medlora.scope import load_heldout
 
     prompts = load_heldout()
     kinds = {p.question: p.kind for p in prompts}
     caps = []
 
-    def fake_generate(model, tokenizer, questions, settings, batch_size=16, progress=False):
-        caps.append((len(questions), settings.max_new_tokens))
+    def fake_generate(model, tokenizer, questions, settings, batch_size=16, progress=False, stop_after_sentences=None):
+        caps.append((len(questions), settings.max_new_tokens, stop_after_sentences))
         return [scripted_answer(q, kinds) for q in questions]
 
     monkeypatch.setattr(run_module, "generate_answers", fake_generate)
     settings = resolve_settings({"adapter": str(run_dir / "adapter"), "compare_base": True, "limit": 3})
     evaluation = run_module.run_evaluation(settings, progress=False)
-    # Split answers at the full budget, scope answers capped; one call each per model.
-    assert caps == [(3, 200), (len(prompts), SCOPE_MAX_NEW_TOKENS)] * 2
+    # Split answers at the full budget, scope answers capped and cut at a sentence; one call each per model.
+    assert caps == [(3, 200, None), (len(prompts), SCOPE_MAX_NEW_TOKENS, SCOPE_SENTENCES)] * 2
 
     ood = [p for p in prompts if p.kind == "out_of_domain"]
     medical = [p for p in prompts if p.kind == "medical"]
