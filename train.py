@@ -299,7 +299,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace,
     add("--lora-variant", choices=VARIANTS, help="lora: update scaled by alpha/r; rslora: alpha/sqrt(r); dora: plus a learned per-row magnitude (default: lora)")
     add("--targets", help="comma-separated module-name suffixes (default: q_proj,v_proj)")
     add("--max-length", type=int, help="tokens per example (default: 512)")
-    add("--precision", choices=PRECISIONS, help="auto: bf16 or fp16 on CUDA; bf16 on a CPU with native bf16 matmuls (AVX512-BF16/AMX), else fp32")
+    add("--precision", choices=PRECISIONS, help="auto: bf16 or fp16 on CUDA; bf16 on a CPU with native bf16 matmuls (AVX512-BF16/AMX) that measure >= 1.3x faster than fp32, else fp32")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="recompute activations in backward")
     add("--eval-every", type=int, help="optimizer steps between validation passes")
     add("--save-every", type=int, help="optimizer steps between checkpoints")
