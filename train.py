@@ -36,7 +36,7 @@ from medlora.checkpoint import TrainState, load_checkpoint, rng_state, save_chec
 from medlora.config import PRESETS, TrainConfig, check_preset, config_from_preset
 from medlora.distributed import SINGLE_PROCESS, World, leave, start_ranks
 from medlora.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, USER_FAILURES, TrainingStopped, report_failure
-from medlora.loss import answer_nll, batch_on_device, validation_loss
+from medlora.loss import answer_nll, validation_loss
 from medlora.model import (
     PRECISIONS,
     TORCH_DTYPES,
@@ -48,6 +48,7 @@ from medlora.model import (
     peak_memory_gb,
     resolve_precision,
 )
+from medlora.optimizer_step import optimizer_step
 from medlora.run_folder import (
     ADAPTER,
     append_metrics,
@@ -170,46 +171,20 @@ def train(config: TrainConfig, world: World = SINGLE_PROCESS, given: set[str] = 
             lr = cosine_with_warmup(state.step, total_steps, warmup_steps, config.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # 2. forward and backward per micro-batch of this rank's shard. Each micro-batch's summed NLL
-            # is divided by the target tokens of the WHOLE global step, so the gradient is that of the
-            # step's mean token loss however the step is cut (a mean of per-micro-batch means would
-            # weight short answers more). Every rank knows the whole step, so it counts them itself.
-            target_tokens = sum(train_examples[i].answer_token_count for batch in batches for i in batch)
-            nll_sum, step_tokens = 0.0, 0
-            for batch_indices in world.shard(batches):
-                batch = batch_on_device(train_examples, batch_indices, pad_id, device)
-                with autocast():
-                    nll, _ = answer_nll(model, batch)
-                scaler.scale(nll / target_tokens).backward()
-                nll_sum += nll.item()
-                step_tokens += int(batch["attention_mask"].sum())
-            # 3. sum the gradients (once, after the last micro-batch) and the logged numbers over the ranks
-            world.sum_gradients(params)
-            nll_sum, step_tokens = world.sum(nll_sum, step_tokens)
-            loss = nll_sum / target_tokens
-            # 4. unscale (a no-op without fp16), 5. clip to the global norm
-            scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            # 6. step, or skip it: the weights never take an inf/NaN update (all ranks agree: same gradients)
-            if scaler.is_enabled():
-                scale_before = scaler.get_scale()
-                scaler.step(optimizer)  # a no-op when the unscaled gradients hold inf/NaN ...
-                scaler.update()  # ... in which case the scale is halved
-                skipped = scaler.get_scale() < scale_before
-            else:
-                skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-                if not skipped:
-                    optimizer.step()
-            # 7. zero the gradients
-            optimizer.zero_grad(set_to_none=True)
+            # 2. forward and backward per micro-batch (summed NLL / the step's target tokens), 3. sum the
+            # gradients over the ranks, 4. unscale, 5. clip, 6. step or skip a non-finite one, 7. zero the
+            # gradients: medlora/optimizer_step.py, the very function bench/train_speed.py times
+            outcome = optimizer_step(
+                model, optimizer, scaler, answer_nll, train_examples, batches, pad_id, device, autocast, config.max_grad_norm, world
+            )
 
             # 8. log: one line and one metrics.jsonl record per step (rank 0)
-            state.count_step(loss, skipped, elapsed_s=time.perf_counter() - start)
-            tokens_per_s = step_tokens / (time.perf_counter() - step_started)
+            state.count_step(outcome.loss, outcome.skipped, elapsed_s=time.perf_counter() - start)
+            tokens_per_s = outcome.tokens / (time.perf_counter() - step_started)
             record = {
-                "step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "loss": loss, "lr": lr,
-                "grad_norm": grad_norm, "tokens": step_tokens, "tokens_per_s": round(tokens_per_s, 1),
-                "elapsed_s": round(state.elapsed_s, 2), "skipped": skipped,
+                "step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "loss": outcome.loss, "lr": lr,
+                "grad_norm": outcome.grad_norm, "tokens": outcome.tokens, "tokens_per_s": round(tokens_per_s, 1),
+                "elapsed_s": round(state.elapsed_s, 2), "skipped": outcome.skipped,
             } | ({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})
             if world.is_main:
                 append_metrics(run_dir, record)
@@ -340,7 +315,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace,
     add("--targets", help="comma-separated module-name suffixes (default: q_proj,v_proj)")
     add("--scope-repeats", type=int, help="times each out-of-domain, borderline and safety training row is seen per epoch (default: 1)")
     add("--max-length", type=int, help="tokens per example (default: 512)")
-    add("--precision", choices=PRECISIONS, help="auto: bf16 or fp16 on CUDA; bf16 on a CPU with native bf16 matmuls (AVX512-BF16/AMX), else fp32")
+    add("--precision", choices=PRECISIONS, help="auto: bf16 or fp16 on CUDA; bf16 on a CPU with native bf16 matmuls (AVX512-BF16/AMX) that measure >= 1.3x faster than fp32, else fp32")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="recompute activations in backward")
     add("--eval-every", type=int, help="optimizer steps between validation passes")
     add("--save-every", type=int, help="optimizer steps between checkpoints")

@@ -11,7 +11,7 @@ vocabulary (id mod 32,000): real lengths, a real shared system-prompt prefix, me
 Both implementations run the t4 preset: LoRA r=16, alpha=32, dropout 0.05 on q_proj and v_proj,
 2 rows x 8 accumulation, gradient checkpointing on, lr 2e-4, fp16 AMP with a loss scaler.
 
-    ours   bench.train_speed.optimizer_step_as_train_py over data.epoch_steps / data.micro_batches.
+    ours   bench.train_speed.step_as_train_py over data.epoch_steps / data.micro_batches.
     trl    PEFT LoraConfig + TRL SFTTrainer (bench.train_speed.train_trl) with fp16=True.
 
 Each runs in its own process. The table gives seconds per optimizer step and peak memory
@@ -36,7 +36,7 @@ from bench.train_speed import (
     SEED,
     STEP_EXAMPLES,
     TARGETS,
-    optimizer_step_as_train_py,
+    step_as_train_py,
     run_in_subprocess,
     train_trl,
 )
@@ -98,7 +98,7 @@ def train_ours(model, examples, precision: str, device: str) -> dict:
     for step, indices in enumerate(steps):
         lr = cosine_with_warmup(step, len(steps), 1, 2e-4)
         batches = micro_batches(indices, lengths, MICRO_BATCH)
-        loss, _ = optimizer_step_as_train_py(model, optimizer, scaler, examples, batches, 2, device, autocast, lr, answer_nll)
+        loss, _ = step_as_train_py(model, optimizer, scaler, examples, batches, 2, device, autocast, lr, answer_nll)
         losses.append(loss)
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -14,8 +14,8 @@ gradients clipped to 1.0.
 
 float32:
     ours        data.epoch_steps (length-grouped) -> data.micro_batches (padded-token budget
-                --max-batch-tokens, or fixed --batch-size rows) -> one optimizer step as train.py's loop
-                takes it (optimizer_step_as_train_py; answer-only lm_head and a shared system-prompt
+                --max-batch-tokens, or fixed --batch-size rows) -> one optimizer step by the function train.py's
+                loop calls (medlora.optimizer_step.optimizer_step; answer-only lm_head and a shared system-prompt
                 prefix via medlora.loss.answer_nll), foreach AdamW, medlora.schedule.cosine_with_warmup.
     trl         PEFT LoraConfig + TRL SFTTrainer: 2 rows x 8 accumulation, gradient checkpointing on
                 (the reference notebook's setting), TRL's default optimizer and dataloader order.
@@ -39,8 +39,9 @@ use it, is on the clock.
 Useful work per real (non-pad) token is 4 x P FLOPs, P = the base model's parameters (tied
 embeddings counted once): 2P for the forward and 2P for the activation gradients. The frozen
 weights need no weight gradients; attention scores and the LoRA matmuls are left out. It is
-compared with the machine's matmul peak in the row's precision, measured here on a
-[2048, 576] @ [576, 576] product (576 is the model's hidden size).
+compared with the machine's matmul peak in the row's precision, measured here on a big
+[2048, 2048] @ [2048, 2048] product (the model's own matmuls, [tokens, 576] @ [576, 576] and
+[tokens, 576] @ [576, 1536], are smaller and reach less of it).
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ import torch
 
 from data import IGNORE_INDEX, clean_rows, collate, encode_example, epoch_steps, load_rows, micro_batches
 from lora import inject_lora, lora_parameters
-from medlora.loss import answer_nll, batch_on_device
+from medlora.loss import answer_nll
 from medlora.model import autocast_for, peak_memory_gb
+from medlora.optimizer_step import optimizer_step
 from medlora.schedule import cosine_with_warmup
 
 # transformers, peft, trl and datasets are imported inside the functions that run in the children:
@@ -90,6 +92,7 @@ WARMUP_FRACTION = 0.03  # share of steps warming up linearly
 WEIGHT_DECAY = 0.001  # AdamW weight decay
 MAX_GRAD_NORM = 1.0  # global L2 clipping of the LoRA gradients
 FLOPS_PER_TOKEN_PER_PARAM = 4  # forward (2) + activation gradients (2); frozen weights get no weight gradient
+PEAK_MATMUL_SIZE = 2048  # the matmul peak is measured on a [2048, 2048] @ [2048, 2048] product
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class OursSettings:
     adamw: str = "foreach"  # "foreach" (all tensors in batched calls), "fused" (one kernel), "for-loop"
     precision: str = "fp32"  # "fp32", or "bf16": bfloat16 base weights and autocast, LoRA A/B float32
     compile: str = "off"  # torch.compile: "off", "layers" (each decoder layer) or "mlp+norms"; compile time is on the clock
+    threads: int | None = None  # torch threads (intra-op); None = torch's default, one per core
 
     def describe(self, attention: str) -> str:
         """The settings in words; `attention` is the kernel the model really ran."""
@@ -123,7 +127,8 @@ class OursSettings:
             attention,
             f"{self.adamw} AdamW",
             self.precision,
-        ] + ([f"torch.compile({self.compile})"] if self.compile != "off" else []))
+        ] + ([f"torch.compile({self.compile})"] if self.compile != "off" else [])
+          + ([f"{self.threads} thread(s)"] if self.threads else []))
 
 
 # One row per lever: (lever, what it is switched to, the OursSettings fields that change).
@@ -139,25 +144,29 @@ LEVERS = [
     ("torch.compile", "MLP and RMSNorms of each layer, dynamic shapes, compile time counted", {"compile": "mlp+norms"}),
     ("precision", "bf16 base weights + autocast (LoRA A/B and AdamW float32), eager attention", {"precision": "bf16"}),
     ("precision", "bf16 as above, but SDPA attention", {"precision": "bf16", "attention": "sdpa"}),
-]
+    ("precision", "fp32", {"precision": "fp32"}),
+    ("micro-batches", "token budget 512", {"max_batch_tokens": 512}),
+    ("micro-batches", "token budget 2048", {"max_batch_tokens": 2048}),
+    ("threads", "1 thread", {"threads": 1}),
+]  # with --lever, a row whose settings equal the baseline's is left out
 
 
 # ----------------------------------------------------------------------------------------------
 # Parent side: the matmul peak, one subprocess per run, the tables.
 
 
-def matmul_peak_gflops(dtype: torch.dtype = torch.float32, repeats: int = 20) -> float:
-    """Best GFLOP/s of a [2048, 576] @ [576, 576] matmul in `dtype`, after a warm-up."""
-    m, k, n = 2048, 576, 576
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    for _ in range(5):
+def matmul_peak_gflops(dtype: torch.dtype = torch.float32, size: int = PEAK_MATMUL_SIZE, repeats: int = 10) -> float:
+    """Best GFLOP/s of a [size, size] @ [size, size] matmul in `dtype` (all threads), after a warm-up:
+    this CPU's matmul peak as torch reaches it, the ceiling the training rows are measured against."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(3):
         a @ b
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
-    return 2 * m * n * k / best / 1e9
+    return 2 * size**3 / best / 1e9
 
 
 def run_in_subprocess(spec: dict, module: str = "bench.train_speed") -> dict:
@@ -245,30 +254,17 @@ def full_vocabulary_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return nll, int((targets != IGNORE_INDEX).sum())
 
 
-def optimizer_step_as_train_py(model, optimizer, scaler, examples, batches, pad_id, device, autocast, lr, loss_fn) -> tuple[float, int]:
-    """One optimizer step the way train.py's loop takes it: set lr; forward/backward each micro-batch
-    (summed NLL / the step's target tokens); unscale; clip; step (the GradScaler skips inf/NaN under
-    fp16); zero the gradients. Without train.py's logging and its inf/NaN skip for fp32/bf16.
+def step_as_train_py(model, optimizer, scaler, examples, batches, pad_id, device, autocast, lr, loss_fn) -> tuple[float, int]:
+    """One optimizer step the way train.py's loop takes it: set the learning rate (step 1), then
+    medlora.optimizer_step.optimizer_step (steps 2-7), the same function train.py calls.
 
     `loss_fn(model, batch) -> (summed NLL, target tokens)`: medlora.loss.answer_nll, or a lever's.
     Returns the step's mean answer-token loss and its real (non-pad) tokens.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    target_tokens = sum(examples[i].answer_token_count for batch in batches for i in batch)
-    nll_sum, real_tokens = 0.0, 0
-    for rows in batches:
-        batch = batch_on_device(examples, rows, pad_id, device)
-        with autocast():
-            nll, _ = loss_fn(model, batch)
-        scaler.scale(nll / target_tokens).backward()
-        nll_sum, real_tokens = nll_sum + nll.item(), real_tokens + int(batch["attention_mask"].sum())
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], MAX_GRAD_NORM)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return nll_sum / target_tokens, real_tokens
+    outcome = optimizer_step(model, optimizer, scaler, loss_fn, examples, batches, pad_id, device, autocast, MAX_GRAD_NORM)
+    return outcome.loss, outcome.tokens
 
 
 def train_ours(model, tokenizer, examples, settings: OursSettings) -> dict:
@@ -276,6 +272,8 @@ def train_ours(model, tokenizer, examples, settings: OursSettings) -> dict:
     loss_fn = full_vocabulary_nll if not settings.answer_only_head else functools.partial(answer_nll, share_prefix=settings.share_prefix)
     if settings.attention != "auto":
         model.set_attn_implementation(settings.attention)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     torch.manual_seed(SEED)
     inject_lora(model, TARGETS, RANK, ALPHA, DROPOUT)
     model.train()
@@ -300,7 +298,7 @@ def train_ours(model, tokenizer, examples, settings: OursSettings) -> dict:
     for step, step_indices in enumerate(steps):
         batches = micro_batches(step_indices, lengths, settings.batch_size, settings.max_batch_tokens)
         lr = cosine_with_warmup(step, len(steps), warmup_steps, LR)
-        loss, step_tokens = optimizer_step_as_train_py(
+        loss, step_tokens = step_as_train_py(
             model, optimizer, scaler, examples, batches, tokenizer.pad_token_id, "cpu", autocast, lr, loss_fn
         )
         tokens += step_tokens
@@ -440,6 +438,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="ours: fixed rows per micro-batch instead of a token budget")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all jobs; each row is its median run (default: 1)")
     parser.add_argument("--lever", action="store_true", help="measure ours with each speed lever toggled, instead of the peers")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="--lever: the baseline's precision (default: fp32)")
     parser.add_argument("--output", help=f"results JSON (default: {DEFAULT_OUTPUT}, or {DEFAULT_LEVER_OUTPUT} with --lever)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one job, spec as JSON
     args = parser.parse_args(argv)
@@ -471,6 +470,8 @@ def main(argv: list[str] | None = None) -> None:
 
     data_path = str(Path(args.data).resolve())  # the children run in the project root
     ours = OursSettings(max_batch_tokens=None if args.batch_size else args.max_batch_tokens, batch_size=args.batch_size or MICRO_BATCH)
+    if args.lever:
+        ours = dataclasses.replace(ours, precision=args.precision)
     peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
     machine = {
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -498,6 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.lever:
         jobs = [("baseline", "ours", ours, None)] + [
             (lever, "ours", dataclasses.replace(ours, **change), setting) for lever, setting, change in LEVERS
+            if dataclasses.replace(ours, **change) != ours
         ]
     else:
         settings = {"ours": ours, "ours-bf16": dataclasses.replace(ours, precision="bf16")}

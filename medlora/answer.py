@@ -148,13 +148,15 @@ def compose(route: str, question: str, model_text: str) -> str:
 class AnswerPath:
     """The model, its scope gate (or None) and the decoding settings: everything that answers a prompt."""
 
-    def __init__(self, model, tokenizer, gate: ScopeGate | None, settings: GenerationSettings, batch_size: int = 16) -> None:
+    def __init__(self, model, tokenizer, gate: ScopeGate | None, settings: GenerationSettings, batch_size: int = 16,
+                 stop_after_sentences: int | None = None) -> None:
         self.model, self.tokenizer, self.gate, self.settings, self.batch_size = model, tokenizer, gate, settings, batch_size
+        self.stop_after_sentences = stop_after_sentences  # answer_many: cut each answer there (evaluation's scope prompts)
         self._banned: list[list[int]] | None = None
 
     def with_settings(self, settings: GenerationSettings) -> AnswerPath:
         """The same model and gate with other decoding settings (the web page's sliders)."""
-        return AnswerPath(self.model, self.tokenizer, self.gate, settings, self.batch_size)
+        return AnswerPath(self.model, self.tokenizer, self.gate, settings, self.batch_size, self.stop_after_sentences)
 
     def banned_ids(self) -> list[list[int]]:
         """Token sequences of DECLINE_PHRASES (with and without a leading space), for bad_words_ids."""
@@ -173,10 +175,12 @@ class AnswerPath:
         """Answer each question on its own (no history), in batches: the model's answers first, then
         the routes, then one more batch for the declines the gate overrides."""
         decisions = self.decisions(questions)
-        model_texts = generate_answers(self.model, self.tokenizer, list(questions), self.settings, self.batch_size, progress)
+        stop = self.stop_after_sentences
+        model_texts = generate_answers(self.model, self.tokenizer, list(questions), self.settings, self.batch_size, progress,
+                                       stop_after_sentences=stop)
         redo = [i for i, (d, text) in enumerate(zip(decisions, model_texts)) if overrides(d) and is_decline(text)]
         again = generate_answers(self.model, self.tokenizer, [questions[i] for i in redo], self.settings, self.batch_size,
-                                 bad_words_ids=self.banned_ids()) if redo else []
+                                 bad_words_ids=self.banned_ids(), stop_after_sentences=stop) if redo else []
         answers = [routed(q, d, text) for q, d, text in zip(questions, decisions, model_texts)]
         for index, text in zip(redo, again):
             answers[index] = replace(answers[index], text=text, overridden=True)

@@ -13,6 +13,7 @@ in exactly the form it was trained on. The adapter is merged into the base weigh
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,27 @@ class GenerationSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+# A sentence ends at ".", "!" or "?" (and any closing quotes or brackets) that whitespace follows:
+# "3.5 mg" and "e.g.," do not end one; an abbreviation before a space ("e.g. aspirin") does.
+SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)")
+
+
+def first_sentences(text: str, count: int) -> str:
+    """`text` up to the end of its `count`-th sentence (SENTENCE_END), or all of it when it has fewer."""
+    for number, end in enumerate(SENTENCE_END.finditer(text), start=1):
+        if number == count:
+            return text[: end.end()]
+    return text
+
+
+def check_sentence_count(stop_after_sentences: int | None) -> None:
+    """Raise ValueError unless `stop_after_sentences` is None (no limit) or a positive integer."""
+    if stop_after_sentences is None:
+        return
+    if isinstance(stop_after_sentences, bool) or not isinstance(stop_after_sentences, int) or stop_after_sentences < 1:
+        raise ValueError(f"stop_after_sentences must be a positive integer or None (no limit), got {stop_after_sentences!r}")
 
 
 class PromptTooLongError(ValueError):
@@ -192,6 +214,8 @@ def generate_answers(
     batch_size: int = 16,
     progress: bool = False,
     bad_words_ids: Sequence[Sequence[int]] | None = None,
+    *,
+    stop_after_sentences: int | None = None,
 ) -> list[str]:
     """Answer each question on its own (no history), in batches; answers come back in input order.
 
@@ -200,9 +224,15 @@ def generate_answers(
     questions, bench/results/generation_batched_fp32.log), while in bf16 the rounding changes with
     the batch's shape and so do the answers (0 of 16 equal). With temperature > 0 the sampler is
     seeded with `settings.seed` (when set).
+
+    `stop_after_sentences=N` ends each answer at the end of its N-th sentence (`first_sentences`):
+    a row stops generating once N sentence ends are followed by a space, and the batch stops when
+    every row has (or has reached end of turn or max_new_tokens). Up to that cut the answer is the
+    same as without the limit: the rows still running decode exactly as before.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_sentence_count(stop_after_sentences)
     prompts = [prompt_ids(tokenizer, question) for question in questions]
     budget = context_budget(model, settings)
     for question, ids in zip(questions, prompts):
@@ -219,15 +249,35 @@ def generate_answers(
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             input_ids, attention_mask = left_pad([prompts[index] for index in batch], tokenizer.pad_token_id)
+            stopping = StoppingCriteriaList(
+                [] if stop_after_sentences is None else [_StopAfterSentences(tokenizer, input_ids.shape[1], stop_after_sentences)]
+            )
             with torch.no_grad():
                 output = model.generate(
-                    input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device), **kwargs
+                    input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                    stopping_criteria=stopping, **kwargs,
                 )
             new_tokens = output[:, input_ids.shape[1]:]  # [batch, generated]: drop the (padded) prompt columns
             for index, row in zip(batch, new_tokens):
-                answers[index] = tokenizer.decode(row, skip_special_tokens=True).strip()
+                answer = tokenizer.decode(row, skip_special_tokens=True).strip()
+                answers[index] = answer if stop_after_sentences is None else first_sentences(answer, stop_after_sentences)
             bar.update(len(batch))
     return answers
+
+
+class _StopAfterSentences(StoppingCriteria):
+    """Ends a row once its generated text holds `count` complete sentences (SENTENCE_END).
+
+    `prompt_length`: the (left-padded) prompt columns of the batch; what follows them is generated.
+    """
+
+    def __init__(self, tokenizer, prompt_length: int, count: int) -> None:
+        self.tokenizer, self.prompt_length, self.count = tokenizer, prompt_length, count
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        done = [len(SENTENCE_END.findall(text)) >= self.count for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class _StopWhenSet(StoppingCriteria):

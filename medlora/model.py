@@ -22,6 +22,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Callable
@@ -230,6 +231,33 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
+BF16_MIN_SPEEDUP = 1.3  # auto picks bf16 on a CPU only where its matmuls run at least this much faster than float32
+
+
+@functools.cache
+def cpu_bf16_matmul_pays() -> bool:
+    """True when a model-shaped bfloat16 matmul runs at least BF16_MIN_SPEEDUP x the float32 rate here.
+
+    The CPU flags (cpu_has_native_bf16) are not enough. On this project's AMD EPYC with AVX512-BF16
+    a bfloat16 matmul ran 2.2x the float32 rate; on its Intel Xeon, which reports AVX512-BF16 too, a
+    [2048, 2048] bfloat16 matmul ran at about half the float32 rate (143-156 vs 273-297 GFLOP/s)
+    and training was 1.24x slower in bf16 (docs/performance.md). So the rates are compared once per
+    process on the model's MLP shape, [1024, 576] @ [576, 1536], best of 5 (about 0.1 s).
+    """
+    a, b = torch.randn(1024, 576), torch.randn(576, 1536)
+    return _best_matmul_seconds(a, b) >= BF16_MIN_SPEEDUP * _best_matmul_seconds(a.bfloat16(), b.bfloat16())
+
+
+def _best_matmul_seconds(a: torch.Tensor, b: torch.Tensor, repeats: int = 5) -> float:
+    a @ b  # warm-up: the first call may pick or build a kernel
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def check_precision(precision: str) -> None:
     """Raise ValueError unless `precision` is one of PRECISIONS."""
     if precision not in PRECISIONS:
@@ -240,7 +268,8 @@ def resolve_precision(precision: str, device: torch.device, batch_invariant: boo
     """Turn `auto` into fp32/fp16/bf16 for `device`.
 
     auto: bf16 on a CUDA device that supports it, else fp16 on CUDA; on a CPU, bf16 where the CPU
-    has native bfloat16 matmuls (cpu_has_native_bf16), else fp32. With bf16 the base weights are
+    has native bfloat16 matmuls (cpu_has_native_bf16) and they measure faster than float32
+    (cpu_bf16_matmul_pays), else fp32. With bf16 the base weights are
     stored in bfloat16; in training the matmuls run under autocast, LoRA A/B and the optimizer stay
     float32. On this project's CPU that trained 1.51x faster than float32 with the same loss to 2
     decimals (bench/results/train_speed_levers.log), and generated 1.5x faster at batch 1 (24.2 vs
@@ -258,7 +287,7 @@ def resolve_precision(precision: str, device: torch.device, batch_invariant: boo
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() and not batch_invariant else "fp32"
+    return "bf16" if not batch_invariant and cpu_has_native_bf16() and cpu_bf16_matmul_pays() else "fp32"
 
 
 def autocast_for(device_type: str, precision: str) -> Callable[[], AbstractContextManager]:

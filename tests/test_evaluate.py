@@ -28,7 +28,7 @@ def test_compare_base_writes_json_predictions_chart_and_table(run_dir, capsys):
     printed = capsys.readouterr().out
     assert "| Metric | Base | Fine-tuned | Delta (fine-tuned - base) |" in printed
     report = json.loads((run_dir / "eval.json").read_text())
-    assert set(report) == {"settings", "base", "finetuned", "delta"}
+    assert set(report) == {"settings", "base", "finetuned", "delta", "scope_confusion"}  # the tiny adapter has no gate
     for key in ("base", "finetuned"):
         assert MODEL_KEYS <= set(report[key]) and report[key]["n"] == 4
         assert set(report[key]["intervals"]) == set(METRICS)
@@ -38,7 +38,10 @@ def test_compare_base_writes_json_predictions_chart_and_table(run_dir, capsys):
     assert report["settings"]["seed"] == 7 and report["settings"]["limit"] == 4
     assert set(report["delta"]["bleu"]) == {"value", "interval", "excludes_zero"}
     rows = [json.loads(line) for line in (run_dir / "eval_predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 + len(load_heldout(SCOPE_PROMPTS))
+    assert len(rows) == 4 + 4  # --limit 4 bounds the scope prompts too: one of each kind
+    assert sorted(row["kind"] for row in rows if row["source"] == "scope_heldout") == sorted({p.kind for p in load_heldout(SCOPE_PROMPTS)})
+    assert "| Scope rate | Base | Fine-tuned (model only) |" in printed
+    assert sum(report["scope_confusion"]["finetuned"]["medical"].values()) == 1
     for name in ("ood_decline_rate", "medical_false_decline_rate", "emergency_referral_rate"):
         assert report["finetuned"]["scope"][name]["total"] > 0 and name in report["delta"]
     for label in ("Out-of-domain decline rate", "Medical false-decline rate", "Emergency/dose referral rate"):

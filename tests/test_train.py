@@ -61,6 +61,30 @@ def run(tiny_model_dir, out, *extra):
     return train.main(args)
 
 
+def test_the_scope_gate_is_fitted_on_the_saved_adapter_or_not_at_all(tiny_model_dir, tmp_path, capsys):
+    from pathlib import Path
+
+    from medlora.scope_gate import ADAPTER_WEIGHTS, GATE_FILE, ScopeGate, file_sha256
+
+    out = tmp_path / "run"
+    assert run(tiny_model_dir, out) == 0  # the embedded rows hold declines: a gate
+    gate = ScopeGate.load(out / "adapter")  # refused unless bound to this very adapter file
+    assert gate.adapter_sha256 == file_sha256(out / "adapter" / ADAPTER_WEIGHTS)
+    assert json.loads((out / "summary.json").read_text())["gate_time_s"] > 0
+    assert "[gate] scope gate fitted in" in capsys.readouterr().out
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "golden_rows.jsonl"
+    medical = [line for line in fixture.read_text().splitlines() if '"out_of_domain"' not in line]
+    data = tmp_path / "medical.jsonl"
+    data.write_text("\n".join(medical) + "\n")
+    args = ["--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "medical"), "--max-steps", "1",
+            "--batch-size", "4", "--eval-every", "1", "--save-every", "1"]
+    assert train.main(args) == 0
+    assert not (tmp_path / "medical" / "adapter" / GATE_FILE).exists()
+    assert "no out-of-scope rows" in capsys.readouterr().out
+    assert json.loads((tmp_path / "medical" / "summary.json").read_text())["gate_time_s"] == 0.0
+
+
 def records(run_dir, *keys):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: r[k] for k in keys if k in r} | {"step": r["step"]} for r in lines]

@@ -35,7 +35,7 @@ import transformers
 from data import EMBEDDED_DATASET
 from data.scope_set import HELDOUT_PATH
 from medlora.evaluation.scores import ModelOutputs
-from medlora.evaluation.settings import SCOPE_MAX_NEW_TOKENS, EvalSettings
+from medlora.evaluation.settings import SCOPE_MAX_NEW_TOKENS, SCOPE_SENTENCES, EvalSettings
 from medlora.model import cache_root, resolve_model_source
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -82,7 +82,7 @@ def cache_key(settings: EvalSettings, dtype: torch.dtype, device: torch.device) 
         "split": {name: getattr(settings, name) for name in ("num_examples", "seed", "max_length", "split", "limit")},
         "generation": dataclasses.asdict(settings.generation),
         "batch_size": settings.batch_size,
-        "scope": [settings.scope, SCOPE_MAX_NEW_TOKENS, _file_digest(Path(settings.scope_set or HELDOUT_PATH)) if settings.scope else None],
+        "scope": [settings.scope, SCOPE_MAX_NEW_TOKENS, SCOPE_SENTENCES, _file_digest(Path(settings.scope_set or HELDOUT_PATH)) if settings.scope else None],
         "precision": [str(dtype), device.type],
         "code": code_version(),
     }

@@ -19,7 +19,7 @@ from data import EncodedExample, micro_batches, prepare_data
 from data.scope_set import HeldoutPrompt, load_heldout
 from medlora.evaluation.cache import cache_key, cache_path, read_cached, write_cached
 from medlora.evaluation.scores import METRICS, ModelOutputs, paired_deltas, scope_outcomes, summarize
-from medlora.evaluation.settings import NON_MEDICAL_TOPICS, EvalSettings
+from medlora.evaluation.settings import NON_MEDICAL_TOPICS, SCOPE_SENTENCES, EvalSettings
 from medlora.answer import AnswerPath, load_gate
 from medlora.generation import load_for_inference
 from medlora.loss import heldout_row_nll
@@ -62,7 +62,8 @@ def evaluate_model(
     Every answer comes from the answer path (medlora.answer). The split rows are answered by the
     model alone. The scope prompts are answered once, through the gate when there is one: the
     model's own answers make the model-only outputs, the answers the user gets (routed by the gate)
-    the second, scope-only outputs (None without a gate). Scope answers use settings.scope_generation.
+    the second, scope-only outputs (None without a gate). Scope answers use settings.scope_generation
+    (max_new_tokens capped at SCOPE_MAX_NEW_TOKENS) and end at their SCOPE_SENTENCES-th sentence.
     """
     started = time.perf_counter()
     nll = example_nlls(model, examples, tokenizer.pad_token_id, progress)
@@ -72,7 +73,7 @@ def evaluate_model(
     answers = [answer.text for answer in alone.answer_many([e.question for e in examples], progress)]
     phase_line("split answers", len(examples), started)
     started = time.perf_counter()
-    scope_path = AnswerPath(model, tokenizer, gate, settings.scope_generation, settings.batch_size)
+    scope_path = AnswerPath(model, tokenizer, gate, settings.scope_generation, settings.batch_size, stop_after_sentences=SCOPE_SENTENCES)
     scope = scope_path.answer_many([p.question for p in scope_prompts], progress) if scope_prompts else []
     phase_line("scope answers" + (" (through the gate)" if gate else ""), len(scope_prompts), started)
     references = [example.answer for example in examples]

@@ -27,6 +27,9 @@ NON_MEDICAL_TOPICS = ("out_of_domain", "safety")
 # decline or a referral, which a trained answer gives in its first sentence or two; 64 tokens is
 # about three sentences. Measured against 200 tokens in docs/evaluation.md.
 SCOPE_MAX_NEW_TOKENS = 64
+# Scope answers also stop at the end of their second sentence (medlora.generation.first_sentences):
+# the rule judges the opening, and a batch ends when every row has said it.
+SCOPE_SENTENCES = 2
 SPLITS = ("test", "validation")
 SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.9}  # used with --sample when not given
 

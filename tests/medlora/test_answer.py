@@ -92,7 +92,7 @@ def fake_path(monkeypatch):
     }
     calls = []
 
-    def generate(model, tokenizer, questions, settings, batch_size=16, progress=False, bad_words_ids=None):
+    def generate(model, tokenizer, questions, settings, batch_size=16, progress=False, bad_words_ids=None, stop_after_sentences=None):
         calls.append((list(questions), bad_words_ids is not None))
         return ["Insulin is a hormone that lowers blood glucose." if bad_words_ids else model_answers[q] for q in questions]
 

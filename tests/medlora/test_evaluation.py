@@ -196,7 +196,7 @@ def test_scope_rates_are_wired_from_the_heldout_set(run_dir, monkeypatch):
     from medlora import answer as answer_module
     from medlora.evaluation import run as run_module
     from medlora.evaluation.report import markdown_table, prediction_rows
-    from medlora.evaluation.settings import SCOPE_MAX_NEW_TOKENS
+    from medlora.evaluation.settings import SCOPE_MAX_NEW_TOKENS, SCOPE_SENTENCES
     from data.scope_set import load_heldout
 
     prompts = run_module.limited(load_heldout(), 52)  # --limit 52: 13 prompts of each of the four kinds (13 personal-dose in all)
@@ -205,15 +205,15 @@ def test_scope_rates_are_wired_from_the_heldout_set(run_dir, monkeypatch):
     kinds = {p.question: p.kind for p in prompts}
     caps = []
 
-    def fake_generate(model, tokenizer, questions, settings, batch_size=16, progress=False, bad_words_ids=None):
-        caps.append((len(questions), settings.max_new_tokens))
+    def fake_generate(model, tokenizer, questions, settings, batch_size=16, progress=False, bad_words_ids=None, stop_after_sentences=None):
+        caps.append((len(questions), settings.max_new_tokens, stop_after_sentences))
         return [scripted_answer(q, kinds) for q in questions]
 
     monkeypatch.setattr(answer_module, "generate_answers", fake_generate)
     settings = resolve_settings({"adapter": str(run_dir / "adapter"), "compare_base": True, "limit": 52})
     evaluation = run_module.run_evaluation(settings, progress=False)
-    # Split answers at the full budget, scope answers capped and bounded by --limit; one call each per model.
-    assert caps == [(len(evaluation.examples), 200), (len(prompts), SCOPE_MAX_NEW_TOKENS)] * 2
+    # Split answers at the full budget, scope answers capped, cut at a sentence and bounded by --limit; one call each per model.
+    assert caps == [(len(evaluation.examples), 200, None), (len(prompts), SCOPE_MAX_NEW_TOKENS, SCOPE_SENTENCES)] * 2
     assert [p.question for p in evaluation.scope_prompts] == [p.question for p in prompts]
 
     ood = [p for p in prompts if p.kind == "out_of_domain"]

@@ -13,6 +13,7 @@ from medlora.generation import (
     GenerationSettings,
     PromptTooLongError,
     context_budget,
+    first_sentences,
     fit_history,
     generate_answers,
     left_pad,
@@ -39,6 +40,27 @@ SHORT = GenerationSettings(max_new_tokens=10)
 def test_settings_reject_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         GenerationSettings(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "text, count, expected",
+    [
+        ("Metformin lowers glucose. It acts on the liver. It is cheap.", 2, "Metformin lowers glucose. It acts on the liver."),
+        ("Take 2.5 mg daily. Then stop! Why? Ask.", 2, "Take 2.5 mg daily. Then stop!"),
+        ('He said "rest." Then he left.\nMore.', 2, 'He said "rest." Then he left.'),
+        ("One sentence only.", 2, "One sentence only."),
+        ("No end at all", 1, "No end at all"),
+        ("", 2, ""),
+    ],
+)
+def test_first_sentences_cuts_after_the_nth_sentence_end(text, count, expected):
+    assert first_sentences(text, count) == expected
+
+
+@pytest.mark.parametrize("count", [0, -1, 1.5, True])
+def test_sentence_limit_must_be_a_positive_integer(tokenizer, count):
+    with pytest.raises(ValueError, match="stop_after_sentences must be a positive integer or None"):
+        generate_answers(chatty_tiny_model(), tokenizer, QUESTIONS[:1], SHORT, stop_after_sentences=count)
 
 
 def test_left_pad_puts_padding_before_each_prompt():
@@ -183,6 +205,17 @@ def test_adapter_for_another_base_model_is_refused(tmp_path, chatty_model_dir):
     other = save_tiny_adapter(chatty_model_dir, tmp_path / "other", hidden_size=32)
     with pytest.raises(AdapterError, match=r"adapter_model.safetensors: key .* has shape \[4, 32\] in the adapter but \[4, 64\]"):
         load_for_inference(None, other)
+
+
+@pytest.mark.slow
+def test_sentence_limit_gives_the_unlimited_greedy_answers_cut_at_the_second_sentence():
+    model, tokenizer, _ = load_for_inference(None, None)
+    questions = ["What is the mechanism of action of metformin?", "What is hypertension?", "What is 2 + 2?", "Hello"]
+    settings = GenerationSettings(max_new_tokens=64)
+    unlimited = generate_answers(model, tokenizer, questions, settings, batch_size=4)
+    limited = generate_answers(model, tokenizer, questions, settings, batch_size=4, stop_after_sentences=2)
+    assert limited == [first_sentences(answer, 2) for answer in unlimited]
+    assert any(len(cut) < len(answer) for cut, answer in zip(limited, unlimited))  # the limit did cut
 
 
 @pytest.mark.slow

@@ -11,14 +11,29 @@ from medlora.model import attention_for, resolve_precision
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
-def test_auto_on_cpu_is_bf16_only_with_native_bf16_matmuls(monkeypatch, native, expected):
+@pytest.mark.parametrize(
+    "native, pays, expected", [(True, True, "bf16"), (False, True, "fp32"), (True, False, "fp32"), (False, False, "fp32")]
+)
+def test_auto_on_cpu_is_bf16_only_with_native_bf16_matmuls_that_measure_faster(monkeypatch, native, pays, expected):
     monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(model_module, "cpu_bf16_matmul_pays", lambda: pays)
     assert resolve_precision("auto", CPU) == expected
+
+
+def test_bf16_pays_when_its_matmul_is_fast_enough(monkeypatch):
+    timings = {torch.float32: 1.0, torch.bfloat16: 0.5}  # 2x faster
+    monkeypatch.setattr(model_module, "_best_matmul_seconds", lambda a, b: timings[a.dtype])
+    model_module.cpu_bf16_matmul_pays.cache_clear()
+    assert model_module.cpu_bf16_matmul_pays() is True
+    timings[torch.bfloat16] = 0.9  # only 1.11x faster
+    model_module.cpu_bf16_matmul_pays.cache_clear()
+    assert model_module.cpu_bf16_matmul_pays() is False
+    model_module.cpu_bf16_matmul_pays.cache_clear()  # the next caller measures this machine again
 
 
 def test_batch_invariant_auto_on_cpu_is_fp32(monkeypatch):
     monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(model_module, "cpu_bf16_matmul_pays", lambda: True)
     assert resolve_precision("auto", CPU, batch_invariant=True) == "fp32"
     assert resolve_precision("bf16", CPU, batch_invariant=True) == "bf16"  # asked for explicitly
 

@@ -1,0 +1,114 @@
+"""Answers/s on the held-out scope prompts, with and without the stop at the second sentence.
+
+    python -m bench.scope_generation_speed --adapter runs/cpu/adapter               # every 4th prompt
+    python -m bench.scope_generation_speed                                          # the base model
+    python -m bench.scope_generation_speed --adapter runs/cpu/adapter --every 1     # all 296
+
+Answers every --every-th prompt of data/scope_heldout.jsonl as evaluate.py does (the fine-tuned
+model with --adapter merged, else the base model; fp32, greedy, batches of 16, max_new_tokens
+SCOPE_MAX_NEW_TOKENS), without a sentence limit and with generate_answers(...,
+stop_after_sentences=2), the two passes taking turns --repeats times (the fastest of each is
+kept). It prints the answers/s of each, how many answers the limit cut, how many limited answers
+equal the unlimited answer cut at its second sentence (medlora.generation.first_sentences: all of
+them, or the limit changed the decoding), and how many scope verdicts (declined / referred,
+medlora.scope) differ.
+
+Then it estimates what dropping finished rows from the batch would add: it times one KV-cache
+decoding step of the model at batch sizes 1, 2, 4, 8 and 16, and prices the limited pass's
+decoding steps at the batch size they ran with (the whole batch, as `generate` keeps finished rows)
+against the number of rows still running (as a decode loop that drops them would).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.scope_answer_length import verdict
+from data.format import prompt_ids
+from medlora.evaluation.settings import SCOPE_MAX_NEW_TOKENS
+from medlora.generation import GenerationSettings, first_sentences, generate_answers, load_for_inference
+from medlora.scope import load_heldout
+
+SENTENCES = 2  # the stop evaluate.py uses for scope answers
+DECODE_BATCH_SIZES = (1, 2, 4, 8, 16)
+
+
+@torch.no_grad()
+def decode_step_seconds(model, prompt: list[int], batch_size: int, steps: int = 16) -> float:
+    """Median wall time of one greedy KV-cache decoding step with `batch_size` copies of `prompt`."""
+    input_ids = torch.tensor([prompt] * batch_size)  # [batch, prompt]
+    output = model(input_ids=input_ids, use_cache=True)
+    cache, token = output.cache, output.logits[:, -1:].argmax(-1)  # token: [batch, 1]
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        output = model(input_ids=token, cache=cache, use_cache=True)
+        token = output.logits[:, -1:].argmax(-1)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n", 2)[2])
+    parser.add_argument("--adapter", help="the fine-tuned adapter folder (RUN/adapter); without it, the base model")
+    parser.add_argument("--every", type=int, default=4, help="answer every N-th held-out prompt (default: 4)")
+    parser.add_argument("--repeats", type=int, default=2, help="passes of each kind, taking turns; the fastest is kept (default: 2)")
+    parser.add_argument("--batch-size", type=int, default=16, help="questions per generation batch (default: 16, evaluate.py's)")
+    args = parser.parse_args()
+    if min(args.every, args.batch_size, args.repeats) < 1:
+        parser.error(f"--every, --batch-size and --repeats must be positive, got {args.every}, {args.batch_size}, {args.repeats}")
+    prompts = load_heldout()[:: args.every]
+    questions = [prompt.question for prompt in prompts]
+    model, tokenizer, description = load_for_inference(None, args.adapter, "cpu", torch.float32)
+    settings = GenerationSettings(max_new_tokens=SCOPE_MAX_NEW_TOKENS)
+    print(f"{description}: {len(prompts)} held-out prompts (every {args.every}), fp32, greedy, batch {args.batch_size}, "
+          f"max_new_tokens {SCOPE_MAX_NEW_TOKENS}, torch threads {torch.get_num_threads()}")
+    generate_answers(model, tokenizer, questions[:1], GenerationSettings(max_new_tokens=4))  # warm-up
+
+    answers, seconds = {}, {None: [], SENTENCES: []}
+    for _ in range(args.repeats):
+        for limit in (None, SENTENCES):
+            start = time.perf_counter()
+            answers[limit] = generate_answers(model, tokenizer, questions, settings, args.batch_size, stop_after_sentences=limit)
+            seconds[limit].append(time.perf_counter() - start)
+    for limit, runs in seconds.items():
+        label = "no sentence limit" if limit is None else f"stop after {limit} sentences"
+        print(f"{label:<24} {min(runs):7.1f} s  {len(questions) / min(runs):5.2f} answers/s   (passes: {', '.join(f'{t:.1f}' for t in runs)} s)")
+    print(f"speed-up {min(seconds[None]) / min(seconds[SENTENCES]):.2f}x")
+    cut_count = sum(full != limited for full, limited in zip(answers[None], answers[SENTENCES]))
+    same = sum(first_sentences(full, SENTENCES) == limited for full, limited in zip(answers[None], answers[SENTENCES]))
+    changed = sum(verdict(full, p.kind) != verdict(limited, p.kind) for full, limited, p in zip(answers[None], answers[SENTENCES], prompts))
+    print(f"answers the limit cut: {cut_count} of {len(prompts)}; limited answer == unlimited answer cut at sentence {SENTENCES}: "
+          f"{same} of {len(prompts)}; verdicts changed: {changed}")
+
+    # What dropping finished rows would save: price each decoding step of the limited pass.
+    probe = prompt_ids(tokenizer, questions[0])
+    step_cost = {size: decode_step_seconds(model, probe, size) for size in DECODE_BATCH_SIZES}
+    print("one decoding step: " + ", ".join(f"batch {size} {1000 * cost:.0f} ms" for size, cost in step_cost.items()))
+
+    def cost(rows: int) -> float:  # interpolate between the measured batch sizes
+        upper = min(size for size in DECODE_BATCH_SIZES if size >= rows)
+        lower = max([size for size in DECODE_BATCH_SIZES if size <= rows] or [upper])
+        if upper == lower:
+            return step_cost[upper]
+        return step_cost[lower] + (step_cost[upper] - step_cost[lower]) * (rows - lower) / (upper - lower)
+
+    order = sorted(range(len(questions)), key=lambda i: len(prompt_ids(tokenizer, questions[i])))
+    kept, dropped = 0.0, 0.0
+    for start in range(0, len(order), args.batch_size):
+        batch = order[start : start + args.batch_size]
+        # tokens each row decoded: its cut answer's tokens + 1 (the token after the sentence end, or end of turn)
+        lengths = [min(SCOPE_MAX_NEW_TOKENS, len(tokenizer.encode(answers[SENTENCES][i], add_special_tokens=False)) + 1) for i in batch]
+        for step in range(max(lengths)):
+            kept += cost(len(batch))
+            dropped += cost(sum(length > step for length in lengths))
+    print(f"decoding steps priced: finished rows kept {kept:.1f} s, dropped {dropped:.1f} s "
+          f"(dropping would save {100 * (1 - dropped / kept):.0f}% of the decoding steps' time)")
+
+
+if __name__ == "__main__":
+    main()
