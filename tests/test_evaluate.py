@@ -56,7 +56,7 @@ def test_without_an_adapter_only_the_base_model_is_evaluated(tiny_model_dir, tmp
     argv = ["--model", str(tiny_model_dir), "--num-examples", "60", "--limit", "2", "--max-new-tokens", "4", "--output", str(output),
             "--scope-set", str(SCOPE_PROMPTS)]
     assert evaluate.main(argv) == 0
-    assert set(json.loads(output.read_text())) == {"settings", "base"}
+    assert set(json.loads(output.read_text())) == {"settings", "base", "scope_confusion"}
 
 
 def corrupt_adapter(run_dir, tmp_path):
