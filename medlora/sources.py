@@ -195,6 +195,17 @@ def sources_for_adapter(adapter: str | Path | None) -> Sources:
     return build_sources(config.data, config.num_examples, config.seed)
 
 
+def cards_text(cards: list[Card]) -> str:
+    """The cards as plain text, for the terminal, stderr and the web panel: a header line, then per card
+    '[score] question' and the answer indented below it. No cards: "" (nothing is shown)."""
+    if not cards:
+        return ""
+    lines = ["Related flashcards (training cards, shown as written; BM25 score in brackets):"]
+    for card in cards:
+        lines += [f"[{card.score:.1f}] {card.question}", f"    {card.answer}"]
+    return "\n".join(lines)
+
+
 def grounding_context(cards: list[Card]) -> str:
     """The cards as text for the prompt (`--ground`): one 'Flashcard: Q ... A ...' paragraph each."""
     return "\n\n".join(f"Flashcard question: {card.question}\nFlashcard answer: {card.answer}" for card in cards)

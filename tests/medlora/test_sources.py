@@ -12,6 +12,7 @@ from medlora.sources import (
     Card,
     FlashcardIndex,
     build_sources,
+    cards_text,
     fit_threshold,
     grounding_context,
     sources_for_adapter,
@@ -156,6 +157,18 @@ def test_sources_follow_the_run_config(tmp_path):
     sources = sources_for_adapter(tmp_path / "adapter")
     assert len(sources.index.cards) == 17  # 85% of the 20 sampled rows
     assert data in sources.notice
+
+
+def test_cards_text_shows_each_card_verbatim_with_its_score():
+    cards = [Card("What does heparin bind?", "Antithrombin.", 4.25), Card("<script>x</script>?", "a & b", 3.0)]
+    assert cards_text(cards).splitlines() == [
+        "Related flashcards (training cards, shown as written; BM25 score in brackets):",
+        "[4.2] What does heparin bind?",
+        "    Antithrombin.",
+        "[3.0] <script>x</script>?",
+        "    a & b",
+    ]
+    assert cards_text([]) == ""
 
 
 def test_grounding_context_goes_before_the_question_in_the_one_formatter():
