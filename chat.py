@@ -7,7 +7,10 @@
     python chat.py --model TinyLlama/TinyLlama-1.1B-Chat-v1.0 --adapter runs/tinyllama/adapter
 
 In the terminal: /reset forgets the conversation, /help lists the commands, /exit (or Ctrl-D) leaves.
-`--prompt` prints only the answer on stdout (notices go to stderr), for scripts.
+`--prompt` prints only the answer on stdout (notices go to stderr), for scripts; --json prints one JSON object instead.
+Beside an answer routed as medicine, up to --sources K (default 2; 0 = off) related training flashcards,
+verbatim with their BM25 score (medlora/sources.py): under the answer in the terminal, on stderr (or in
+the JSON) with --prompt, in a "Related flashcards" panel on the web page. Declines show none.
 The base model defaults to the one named in the adapter's adapter_config.json.
 For education only: the answers are not medical advice.
 """
@@ -16,15 +19,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from dataclasses import replace
 
 from transformers.utils.logging import disable_progress_bar
 
-from medlora.answer import AnswerPath, load_gate
+from medlora.answer import Answer, AnswerPath, load_gate
 from medlora.errors import USER_FAILURES, report_failure
 from medlora.generation import GenerationSettings, PromptTooLongError, context_budget, fit_history, load_for_inference
 from medlora.model import PRECISIONS, TORCH_DTYPES, choose_device, resolve_precision
+from medlora.sources import Card, Sources, cards_text, sources_for_adapter
 
 DISCLAIMER = (
     "For education only: this assistant is a small language model and can be wrong. "
@@ -32,6 +37,7 @@ DISCLAIMER = (
 )
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 HELP = "commands: /reset forget the conversation · /help this text · /exit leave (or Ctrl-D)"
+SOURCE_ROUTES = ("answer", "clinician")  # routes whose text is medicine; declines and emergency referrals get no cards
 EXAMPLE_QUESTIONS = [
     "What is the mechanism of action of metformin?",
     "What are the classic symptoms of diabetic ketoacidosis?",
@@ -48,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help="base model: local folder or hub id (default: the adapter's base model, else the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", help="adapter folder written by train.py (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("--prompt", help="answer this one question, print only the answer and exit (the scope check's line goes to stderr)")
+    parser.add_argument("--json", action="store_true", help="with --prompt: print one JSON object (answer, route, label, sources) on stdout")
+    parser.add_argument("--sources", type=int, default=2, help="related training flashcards shown beside a medical answer; 0 = none")
     parser.add_argument("--no-scope-gate", action="store_true", help="answer with the model alone, without the scope gate saved next to the adapter (for study)")
     parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens, help="most tokens per answer")
     parser.add_argument("--temperature", type=float, default=GenerationSettings.temperature, help="0 = greedy (deterministic); > 0 samples")
@@ -73,6 +81,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--prompt is empty: pass the question to answer")
     if (args.share or args.host != "127.0.0.1" or args.port != 7860) and not args.web:
         raise ValueError("--share, --host and --port only apply with --web")
+    if args.json and args.prompt is None:
+        raise ValueError("--json only applies with --prompt")
+    if args.sources < 0:
+        raise ValueError(f"--sources must be 0 (off) or a positive number of cards, got {args.sources}")
     if args.max_input_chars < 1:
         raise ValueError(f"--max-input-chars must be a positive integer, got {args.max_input_chars}")
     if args.max_context_tokens is not None and args.max_context_tokens < 1:
@@ -94,18 +106,33 @@ def dropped_notice(dropped: int) -> str:
     return f"(context full: {oldest} of the conversation dropped)"
 
 
-def answer_once(path: AnswerPath, args: argparse.Namespace) -> None:
-    """--prompt: print only the answer on stdout; the scope check's line, when the guard acted, on stderr."""
+def related_cards(sources: Sources | None, question: str, answer: Answer, k: int) -> list[Card]:
+    """Up to `k` flashcards for `question` when its answer was routed as medicine; none otherwise."""
+    return sources.search(question, k) if sources is not None and answer.route in SOURCE_ROUTES else []
+
+
+def answer_once(path: AnswerPath, args: argparse.Namespace, sources: Sources | None) -> None:
+    """--prompt: print only the answer on stdout; the scope check's line and the cards on stderr.
+
+    With --json, stdout holds one object instead: {"answer", "route", "label", "sources": [{question, answer, score}]}.
+    """
     question, notice = bounded(args.prompt, args.max_input_chars)
     if notice:
         print(notice, file=sys.stderr)
     answer = path.answer(question)
+    cards = related_cards(sources, question, answer, args.sources)
+    if args.json:
+        shown = [{"question": card.question, "answer": card.answer, "score": card.score} for card in cards]
+        print(json.dumps({"answer": answer.text, "route": answer.route, "label": answer.label, "sources": shown}))
+        return
     if answer.label:
         print(f"[{answer.label}]", file=sys.stderr)
     print(answer.text)
+    if cards:
+        print(cards_text(cards), file=sys.stderr)
 
 
-def chat_in_terminal(path: AnswerPath, args: argparse.Namespace) -> None:
+def chat_in_terminal(path: AnswerPath, args: argparse.Namespace, sources: Sources | None) -> None:
     """Read questions from stdin, stream answers to stdout, keep the conversation as history."""
     tokenizer = path.tokenizer
     budget = context_budget(path.model, path.settings, args.max_context_tokens)
@@ -145,6 +172,9 @@ def chat_in_terminal(path: AnswerPath, args: argparse.Namespace) -> None:
         answer = yield_to_terminal(path.stream(message, history, budget))
         if answer.label:
             print(f"  [{answer.label}]")
+        cards = related_cards(sources, message, answer, args.sources)
+        if cards:
+            print(cards_text(cards))
         history.append((message, answer.text))
 
 
@@ -167,9 +197,18 @@ def as_chat_messages(history: list[tuple[str, str]]) -> list[dict]:
     ]
 
 
-def build_app(path: AnswerPath, description: str, max_input_chars: int = 2000, max_context_tokens: int | None = None):
+def build_app(
+    path: AnswerPath,
+    description: str,
+    max_input_chars: int = 2000,
+    max_context_tokens: int | None = None,
+    sources: Sources | None = None,
+    source_count: int = 2,
+):
     """The chat web page: streamed answers, multi-turn history, examples, sliders, a clear button,
-    and a small "scope check" label under the conversation when the guard acted on the last turn.
+    a small "scope check" label under the conversation when the guard acted on the last turn, and
+    a "Related flashcards" panel beside it with up to `source_count` cards for the last answer
+    (plain text: HTML in a card is shown, never rendered).
 
     The conversation fed to the model lives in a gr.State of (user, assistant) turns; the chat
     panel shows exactly those turns, so what you see is what the model is asked with.
@@ -180,7 +219,7 @@ def build_app(path: AnswerPath, description: str, max_input_chars: int = 2000, m
         history = [tuple(turn) for turn in history or []]
         message, notice = bounded(message or "", max_input_chars)
         if not message:
-            yield as_chat_messages(history), history, "", ""
+            yield as_chat_messages(history), history, "", "", ""
             return
         if notice:
             gr.Warning(notice.strip("()"))
@@ -199,14 +238,17 @@ def build_app(path: AnswerPath, description: str, max_input_chars: int = 2000, m
             except StopIteration as done:
                 answer = done.value
                 break
-            yield as_chat_messages(history + [(message, text)]), history, "", ""
+            yield as_chat_messages(history + [(message, text)]), history, "", "", ""
+        cards = related_cards(sources, message, answer, source_count)
         history = history + [(message, answer.text)]
-        yield as_chat_messages(history), history, "", f"*{answer.label}*" if answer.label else ""
+        yield as_chat_messages(history), history, "", f"*{answer.label}*" if answer.label else "", cards_text(cards)
 
     with gr.Blocks(title="Medical Q&A assistant (LoRA)", analytics_enabled=False) as app:
         gr.Markdown(f"## Medical Q&A assistant\n{description}\n\n**{DISCLAIMER}**")
         history = gr.State([])
-        chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=420)
+        with gr.Row():
+            chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=420, scale=3)
+            related = gr.Textbox(label="Related flashcards", elem_id="sources", interactive=False, lines=16, scale=2)
         scope_check = gr.Markdown("", elem_id="scope-check")
         with gr.Row():
             question = gr.Textbox(
@@ -225,9 +267,9 @@ def build_app(path: AnswerPath, description: str, max_input_chars: int = 2000, m
         gr.Examples(examples=[[q] for q in EXAMPLE_QUESTIONS], inputs=[question], label="Example questions")
 
         inputs = [question, history, max_new_tokens, temperature]
-        outputs = [chatbot, history, question, scope_check]
+        outputs = [chatbot, history, question, scope_check, related]
         gr.on([question.submit, send.click], respond, inputs, outputs, api_name="respond")
-        clear.click(lambda: ([], [], "", ""), None, outputs, queue=False, api_visibility="private")
+        clear.click(lambda: ([], [], "", "", ""), None, outputs, queue=False, api_visibility="private")
     return app
 
 
@@ -268,17 +310,22 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             model, tokenizer, description = load_for_inference(args.model, args.adapter, device, dtype)
         path = AnswerPath(model, tokenizer, gate, settings)
+        sources = sources_for_adapter(args.adapter) if args.sources else None
+        if sources is not None and args.prompt is None:
+            print(f"note: {sources.notice}")
+        elif sources is not None and sources.index is None:
+            print(sources.notice, file=sys.stderr)
         if args.prompt is not None:
-            answer_once(path, args)
+            answer_once(path, args, sources)
             return 0
         print(f"model: {description}")
         print(f"note: {gate_notice}")
         if args.adapter is None:
             print("note: running the base model (no --adapter): answers are not fine-tuned")
         if args.web:
-            serve(build_app(path, description, args.max_input_chars, args.max_context_tokens), args)
+            serve(build_app(path, description, args.max_input_chars, args.max_context_tokens, sources, args.sources), args)
         else:
-            chat_in_terminal(path, args)
+            chat_in_terminal(path, args, sources)
     except USER_FAILURES as error:  # a bad adapter, model or flag: one line, exit 2
         return report_failure(error)
     except KeyboardInterrupt:

@@ -2,7 +2,8 @@
 
 A prompt is the tokenizer's own chat template applied to
     [system prompt, (earlier user/assistant turns), user question]
-with the generation prompt appended, so it is right for any chat model (SmolLM2's ChatML,
+with the generation prompt appended (with `context`, e.g. flashcards for `--ground`, the user turn
+is the context, a blank line, then the question), so it is right for any chat model (SmolLM2's ChatML,
 TinyLlama's `<|system|>...</s>`). Training appends the answer and its end-of-turn token.
 
 Labels are completion-only: -100 on every prompt token, the token id on every answer token and on
@@ -38,23 +39,23 @@ class EncodedExample:
         return len(self.input_ids) - self.prompt_length
 
 
-def build_messages(question: str, history: Sequence[tuple[str, str]] = ()) -> list[dict]:
-    """System prompt, earlier (user, assistant) turns, then the new user question."""
+def build_messages(question: str, history: Sequence[tuple[str, str]] = (), context: str = "") -> list[dict]:
+    """System prompt, earlier (user, assistant) turns, then the new user question, after `context` if any."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     for user, assistant in history:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    messages.append({"role": "user", "content": question})
+    messages.append({"role": "user", "content": f"{context}\n\n{question}" if context else question})
     return messages
 
 
-def prompt_text(tokenizer, question: str, history: Sequence[tuple[str, str]] = ()) -> str:
+def prompt_text(tokenizer, question: str, history: Sequence[tuple[str, str]] = (), context: str = "") -> str:
     """The rendered prompt, ending with the template's assistant header."""
-    return tokenizer.apply_chat_template(build_messages(question, history), tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(build_messages(question, history, context), tokenize=False, add_generation_prompt=True)
 
 
-def prompt_ids(tokenizer, question: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
-    """Token ids of the prompt, exactly as inference sees them."""
-    return tokenizer(prompt_text(tokenizer, question, history), add_special_tokens=False)["input_ids"]
+def prompt_ids(tokenizer, question: str, history: Sequence[tuple[str, str]] = (), context: str = "") -> list[int]:
+    """Token ids of the prompt, exactly as inference sees them (`context`: text put before the question)."""
+    return tokenizer(prompt_text(tokenizer, question, history, context), add_special_tokens=False)["input_ids"]
 
 
 def completion_ids(tokenizer, question: str, answer: str) -> list[int]:

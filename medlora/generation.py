@@ -216,8 +216,12 @@ def generate_answers(
     bad_words_ids: Sequence[Sequence[int]] | None = None,
     *,
     stop_after_sentences: int | None = None,
+    contexts: Sequence[str] | None = None,
 ) -> list[str]:
     """Answer each question on its own (no history), in batches; answers come back in input order.
+
+    `contexts`, one per question ("" for none), is put in the prompt before its question
+    (data.format.prompt_ids), as `--ground` puts the closest flashcards there.
 
     Prompts are sorted by length before batching so each batch pads little. Decoding is greedy by
     default; in float32 the answers are then the same whatever the batch size (16 of 16 test
@@ -233,7 +237,9 @@ def generate_answers(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     check_sentence_count(stop_after_sentences)
-    prompts = [prompt_ids(tokenizer, question) for question in questions]
+    if contexts is not None and len(contexts) != len(questions):
+        raise ValueError(f"need one context per question, got {len(contexts)} contexts for {len(questions)} questions")
+    prompts = [prompt_ids(tokenizer, question, context=context) for question, context in zip(questions, contexts or [""] * len(questions))]
     budget = context_budget(model, settings)
     for question, ids in zip(questions, prompts):
         if len(ids) > budget:

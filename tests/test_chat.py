@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import json
 import os
 import socket
 import subprocess
@@ -134,6 +135,8 @@ def corrupted_copy(adapter_dir, folder, file_name, content: bytes):
         (["--max-input-chars", "0"], "--max-input-chars must be a positive integer"),
         (["--max-context-tokens", "0"], "--max-context-tokens must be a positive integer"),
         (["--web", "--port", "0"], "--port must be in [1, 65535]"),
+        (["--json"], "--json only applies with --prompt"),
+        (["--sources", "-1"], "--sources must be 0 (off) or a positive number of cards, got -1"),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(args, message, chatty_model_dir, monkeypatch):
@@ -178,12 +181,63 @@ def test_web_chat_streams_and_feeds_the_history_back(tokenizer, monkeypatch):
     app = chat.build_app(AnswerPath(model, tokenizer, None, GenerationSettings(max_new_tokens=8)), "tiny test model", max_input_chars=100)
     with serving(app) as url:
         client = Client(url, verbose=False)
-        first, cleared, label = client.predict("What is hypertension?", 8, 0, api_name="/respond")
-        second, _, _ = client.predict("And its causes?" + "x" * 200, 8, 0, api_name="/respond")
+        first, cleared, label, related = client.predict("What is hypertension?", 8, 0, api_name="/respond")
+        second, _, _, _ = client.predict("And its causes?" + "x" * 200, 8, 0, api_name="/respond")
     assert label == ""  # no gate: the guard never acts
+    assert related == ""  # no sources given: no panel text
     texts = [message["content"][0]["text"] for message in second]
     assert cleared == ""
     assert [message["role"] for message in second] == ["user", "assistant"] * 2
     assert texts[0] == "What is hypertension?" and texts[1] and texts[1] == first[1]["content"][0]["text"]
     assert len(texts[2]) == 100  # the message was cut to max_input_chars
     assert "What is hypertension?" in prompts[1] and texts[1] in prompts[1]  # the first turn was in the second prompt
+
+
+def test_prompt_json_carries_the_answer_route_and_related_flashcards(tiny_adapter_dir):
+    from medlora.sources import build_sources
+
+    result = run_chat("--adapter", tiny_adapter_dir, "--prompt", "What is the mechanism of action of heparin?", "--json", *FAST)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["route"] == "answer" and shown["answer"]
+    expected = build_sources(None).search("What is the mechanism of action of heparin?", 2)
+    assert [card["question"] for card in shown["sources"]] == [card.question for card in expected]
+    assert any("antithrombin" in card["answer"] for card in shown["sources"])
+    assert all(card["score"] >= build_sources(None).index.min_score for card in shown["sources"])
+
+
+def test_prompt_prints_cards_on_stderr_and_sources_0_turns_them_off(tiny_adapter_dir):
+    question = "What is the mechanism of action of heparin?"
+    with_cards = run_chat("--adapter", tiny_adapter_dir, "--prompt", question, *FAST)
+    assert with_cards.returncode == 0, with_cards.stderr
+    assert "Related flashcards" in with_cards.stderr and "antithrombin" in with_cards.stderr
+    assert "Related flashcards" not in with_cards.stdout
+    without = run_chat("--adapter", tiny_adapter_dir, "--prompt", question, "--sources", "0", *FAST)
+    assert "Related flashcards" not in without.stderr and without.stdout == with_cards.stdout
+
+
+@pytest.mark.parametrize("route, shown", [("answer", True), ("clinician", True), ("decline", False), ("emergency", False)])
+def test_only_answers_routed_as_medicine_get_cards(route, shown):
+    from medlora.answer import Answer
+    from medlora.sources import build_sources
+
+    answer = Answer(text="...", route=route, probability=0.99, model_text="...")
+    cards = chat.related_cards(build_sources(None), "What is the mechanism of action of heparin?", answer, 2)
+    assert bool(cards) is shown
+
+
+def test_web_panel_shows_the_cards_of_the_last_answer(tokenizer):
+    from gradio_client import Client
+
+    from medlora.sources import build_sources, cards_text
+
+    sources = build_sources(None)
+    path = AnswerPath(chatty_tiny_model(), tokenizer, None, GenerationSettings(max_new_tokens=8))
+    app = chat.build_app(path, "tiny test model", sources=sources, source_count=2)
+    question = "What is the mechanism of action of heparin?"
+    with serving(app) as url:
+        client = Client(url, verbose=False)
+        _, _, _, related = client.predict(question, 8, 0, api_name="/respond")
+        _, _, _, nothing = client.predict("zzzz qqqq", 8, 0, api_name="/respond")
+    assert related == cards_text(sources.search(question, 2)) and "antithrombin" in related
+    assert nothing == ""  # no word in common with any card: the panel empties

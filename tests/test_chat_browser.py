@@ -60,3 +60,27 @@ def test_question_typed_in_the_page_gets_a_streamed_answer(browser, tokenizer):
 
         browser.find_element(By.CSS_SELECTOR, "#clear").click()
         wait.until(lambda page: not page.find_elements(By.CSS_SELECTOR, '#chat [data-testid="bot"]'))
+
+
+def test_related_flashcards_panel_shows_html_as_text(browser, tokenizer):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from data import QAPair
+    from medlora.sources import FlashcardIndex, Sources, cards_text
+
+    card = QAPair("What is <b>hypertension</b>?", "Blood pressure <script>alert(1)</script> that stays high.", "pathology")
+    sources = Sources(FlashcardIndex([card, QAPair("What is insulin?", "A pancreatic hormone.", "physiology")]), "test cards")
+    path = AnswerPath(chatty_tiny_model(), tokenizer, None, GenerationSettings(max_new_tokens=8))
+    app = chat.build_app(path, "tiny test model", sources=sources, source_count=2)
+    with serving(app) as url:
+        browser.get(url)
+        wait = WebDriverWait(browser, 30)
+        question = wait.until(lambda page: page.find_element(By.CSS_SELECTOR, "#question textarea"))
+        assert "Related flashcards" in browser.find_element(By.TAG_NAME, "body").text
+        question.send_keys("What is hypertension?")
+        browser.find_element(By.CSS_SELECTOR, "#send").click()
+        panel = wait.until(lambda page: page.find_element(By.CSS_SELECTOR, "#sources textarea").get_attribute("value") or None)
+        assert panel == cards_text(sources.search("What is hypertension?", 2))
+        assert "<b>hypertension</b>" in panel and "<script>alert(1)</script>" in panel  # shown as text
+        assert not browser.find_elements(By.CSS_SELECTOR, "#sources b, #sources script")  # never rendered

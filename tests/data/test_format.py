@@ -33,6 +33,14 @@ def test_history_goes_into_the_prompt(tokenizer):
     assert f"<|im_start|>assistant\n{ANSWER}<|im_end|>" in text
 
 
+def test_context_goes_in_the_user_turn_before_the_question(tokenizer):
+    context = "Flashcard question: What does heparin bind?\nFlashcard answer: Antithrombin."
+    text = prompt_text(tokenizer, QUESTION, context=context)
+    assert f"<|im_start|>user\n{context}\n\n{QUESTION}<|im_end|>" in text
+    assert prompt_ids(tokenizer, QUESTION, context=context) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert prompt_text(tokenizer, QUESTION, context="") == prompt_text(tokenizer, QUESTION)
+
+
 def test_truncation_keeps_prompt_and_cuts_answer(tokenizer):
     full = encode_example(tokenizer, QUESTION, ANSWER * 20, max_length=512)
     n = full.prompt_length

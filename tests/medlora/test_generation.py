@@ -85,6 +85,14 @@ def test_no_questions_gives_no_answers(tokenizer):
     assert generate_answers(chatty_tiny_model(), tokenizer, [], SHORT) == []
 
 
+def test_each_context_goes_before_its_own_question(tokenizer):
+    model = chatty_tiny_model()
+    grounded = generate_answers(model, tokenizer, QUESTIONS[:2], SHORT, contexts=["Flashcard: heparin binds antithrombin.", ""])
+    assert grounded[1] == generate_answers(model, tokenizer, QUESTIONS[1:2], SHORT)[0]  # "" = the plain question
+    with pytest.raises(ValueError, match="need one context per question, got 1 contexts for 2 questions"):
+        generate_answers(model, tokenizer, QUESTIONS[:2], SHORT, contexts=[""])
+
+
 def test_sampling_with_a_seed_is_reproducible(tokenizer):
     model = chatty_tiny_model()
     sampled = GenerationSettings(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
