@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--no-cache", action="store_true", help="evaluate the base model again instead of reusing its cached results "
         "(~/.cache/medlora/eval, keyed by model, data, split, generation settings and code version)")
     add("--no-scope", action="store_true", help="skip the held-out scope prompts (and their rates)")
+    add("--no-grounding", action="store_true", help="leave out the grounding rows (the fine-tuned model with its top 2 "
+        "training flashcards in the prompt, and the top card's answer alone; docs/sources.md)")
     add("--no-scope-gate", action="store_true", help="leave out the third column: the fine-tuned model's answers through its scope gate")
     add("--scope-set", help="held-out scope prompts, JSON lines {question, kind, category, wording} "
         "(default: data/scope_heldout.jsonl); answered with at most 64 new tokens for the three scope rates")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medlora.evaluation.grounding import grounding_table
 from medlora.evaluation.run import GATED, MODEL_KEYS, Evaluation
 from medlora.scope_gate import GATE_CLASSES
 from medlora.evaluation.scores import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, METRICS
@@ -55,6 +56,8 @@ def markdown_table(report: dict) -> str:
         f"[low, high] = 95% bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}). Lower is better for "
         "perplexity, higher for the others" + ("; * = the paired bootstrap interval of the delta excludes 0." if has_delta else "."),
     ]
+    if "grounding" in report:
+        lines += ["", grounding_table(report["grounding"])]
     if "scope_confusion" in report:
         lines += ["", *scope_table(report)]
     return "\n".join(lines)

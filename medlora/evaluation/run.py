@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from data import EncodedExample, micro_batches, prepare_data
 from data.scope_set import HeldoutPrompt, load_heldout
 from medlora.evaluation.cache import cache_key, cache_path, read_cached, write_cached
+from medlora.evaluation.grounding import GroundingOutputs, grounding_outputs, grounding_report
 from medlora.evaluation.scores import METRICS, ModelOutputs, paired_deltas, scope_outcomes, summarize
 from medlora.evaluation.settings import NON_MEDICAL_TOPICS, SCOPE_SENTENCES, EvalSettings
 from medlora.answer import AnswerPath, load_gate
@@ -26,6 +27,9 @@ from medlora.loss import heldout_row_nll
 from medlora.metrics import rouge_scores
 from medlora.model import TORCH_DTYPES, choose_device, load_tokenizer, resolve_precision
 from medlora.scope_gate import GATE_CLASSES, ScopeGate, label_of
+from medlora.sources import sources_for_adapter
+
+GROUNDING_CARDS = 2  # flashcards put before the question for the grounded row (docs/sources.md)
 
 
 def example_nlls(
@@ -150,7 +154,7 @@ def run_evaluation(settings: EvalSettings, progress: bool = True) -> Evaluation:
     gate, gate_notice = load_gate(settings.adapter, settings.scope_gate) if settings.adapter and scope_prompts else (None, "")
     if gate_notice:
         print(f"[eval] {gate_notice}")
-    outputs = {}
+    outputs, grounding = {}, None
     for key in settings.model_keys:
         base_key = cache_key(settings, dtype, device) if key == "base" and settings.cache else None
         cached = read_cached(base_key) if base_key is not None else None
@@ -166,6 +170,8 @@ def run_evaluation(settings: EvalSettings, progress: bool = True) -> Evaluation:
         outputs[key], gated = evaluate_model(model, tokenizer, gate if key == "finetuned" else None, examples, scope_prompts, settings, progress)
         if gated is not None:
             outputs[GATED] = gated
+        if key == "finetuned" and settings.grounding:
+            grounding = grounded_outputs(model, tokenizer, examples, settings)
         if base_key is not None:
             write_cached(base_key, outputs[key])
         del model
@@ -182,9 +188,24 @@ def run_evaluation(settings: EvalSettings, progress: bool = True) -> Evaluation:
                 report[key] = summarize(outputs[key], bar)
         if paired:
             report["delta"] = paired_deltas(outputs["base"], outputs["finetuned"], bar)
+    if grounding is not None:
+        report["grounding"] = grounding_report(outputs["finetuned"].answers, grounding)
     if scope_prompts:
         report["scope_confusion"] = {key: scope_confusion(scope_prompts, outputs[key].scope_answers) for key in MODEL_KEYS if key in outputs}
     return Evaluation(report, examples, scope_prompts, outputs)
+
+
+def grounded_outputs(model, tokenizer, examples: list[EncodedExample], settings: EvalSettings) -> GroundingOutputs | None:
+    """The fine-tuned model's answers with the closest training flashcards in the prompt, and the top
+    card's answer alone (medlora.evaluation.grounding); None when the run's data has no cards."""
+    sources = sources_for_adapter(settings.adapter)
+    if sources.index is None:
+        print(f"[eval] grounding: {sources.notice}")
+        return None
+    started = time.perf_counter()
+    grounding = grounding_outputs(model, tokenizer, examples, sources, settings.generation, GROUNDING_CARDS, settings.batch_size)
+    phase_line(f"grounded answers (top {GROUNDING_CARDS} cards in the prompt)", len(examples), started)
+    return grounding
 
 
 def limited(prompts: list[HeldoutPrompt], limit: int | None) -> list[HeldoutPrompt]:

@@ -55,6 +55,7 @@ class EvalSettings:
     cache: bool = True  # reuse the base model's outputs from an earlier run with the same key (medlora.evaluation.cache)
     scope: bool = True  # also answer the held-out scope prompts, for the scope rates (--no-scope: off)
     scope_gate: bool = True  # with an adapter that has one: a third column, its answers through the scope gate
+    grounding: bool = True  # with an adapter: ROUGE-L with the closest flashcards in the prompt, and of the top card alone
     scope_set: str | None = None  # held-out scope prompts (JSON lines, data.scope_set.load_heldout); None = data/scope_heldout.jsonl
     sources: dict[str, str] = field(default_factory=dict)  # where each setting came from
 
@@ -84,6 +85,7 @@ class EvalSettings:
             "cache": "base model results reused when unchanged" if self.cache else "off (--no-cache)",
             "scope": f"{self.scope_set or 'data/scope_heldout.jsonl'}, max_new_tokens={self.scope_generation.max_new_tokens}"
             if self.scope else "off",
+            "grounding": "grounded and retrieval-only ROUGE-L rows" if self.grounding else "off (--no-grounding)",
             "scope_gate": "the fine-tuned model's answers through its scope gate too" if self.scope_gate else "off (--no-scope-gate)",
         }
         return [f"[settings] {name:<19} {value}  ({self.sources.get(name, 'default')})" for name, value in shown.items()]
@@ -132,6 +134,8 @@ def resolve_settings(flags: dict) -> EvalSettings:
         values["cache"], sources["cache"] = False, "--no-cache"
     if flags.get("no_scope"):
         values["scope"], sources["scope"] = False, "--no-scope"
+    if flags.get("no_grounding"):
+        values["grounding"], sources["grounding"] = False, "--no-grounding"
     if flags.get("no_scope_gate"):
         values["scope_gate"], sources["scope_gate"] = False, "--no-scope-gate"
     generation = generation_settings(flags, values["seed"])
