@@ -1,11 +1,12 @@
-# Two commands: `make run` (fine-tune + evaluate on the embedded defaults) and `make test`.
+# Two commands: `make run` (fine-tune + evaluate on the embedded defaults) and `make test` (the fast
+# tier); `make test-all` adds the tests marked slow and is what CI runs (.ci/run).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test install clean
+.PHONY: run test test-all install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +31,13 @@ run: $(STAMP)
 	$(PY) train.py --preset cpu --output-dir runs/cpu --overwrite
 	$(PY) evaluate.py --adapter runs/cpu/adapter --compare-base --output runs/cpu/eval.json
 
-# In CI (CI=true) Debian's chromium is installed for the browser test of the web chat (about 20 s);
-# elsewhere that test skips, with a reason, when chromium is absent.
+# `make test`: every test not marked slow (pytest.ini says what slow means). `make test-all`: all of
+# them. In CI (CI=true) Debian's chromium is installed for the browser test of the web chat (about
+# 20 s); elsewhere that test skips, with a reason, when chromium is absent.
 test: $(DEV_STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(DEV_STAMP)
 	@if [ "$$CI" = "true" ] && ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; fi
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

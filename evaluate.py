@@ -37,7 +37,7 @@ from medlora.evaluation.report import markdown_table, save_evaluation
 from medlora.evaluation.run import run_evaluation
 from medlora.evaluation.scores import BOOTSTRAP_RESAMPLES
 from medlora.evaluation.settings import SPLITS, resolve_settings
-from medlora.model import PRECISIONS
+from medlora.flags import add_shared_flags
 
 FLAGS_SET_BY_EACH_EXPERIMENT = ("model", "adapter", "data", "num_examples", "seed", "max_length", "compare_base")
 
@@ -49,11 +49,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--adapter", help="adapter folder (RUN/adapter from train.py); without it the base model is evaluated")
     add("--compare-base", action="store_true", help="with --adapter: also evaluate the base model, and the delta")
-    add("--model", help="base model: local folder or hub id (default: the run's, else the adapter's, else the embedded SmolLM2-135M-Instruct)")
-    add("--data", help="dataset file or hub id (default: the run's, else the embedded flashcards)")
-    add("--num-examples", type=int, help="rows sampled before the 85/10/5 split (default: the run's, else all)")
-    add("--seed", type=int, help="split seed (default: the run's, else 42); also the --sample seed unless --sample-seed")
-    add("--max-length", type=int, help="tokens per example; longer answers are cut (default: the run's, else 512)")
+    add_shared_flags(parser, {
+        "model": "the run's, else the adapter's, else the embedded SmolLM2-135M-Instruct",
+        "data": "the run's, else the embedded flashcards",
+        "num_examples": "the run's, else all",
+        "seed": "the run's, else 42; also --sample's unless --sample-seed",
+        "max_length": "the run's, else 512",
+        "precision": "auto: bf16/fp16 on CUDA, fp32 on CPU, so answers do not depend on --batch-size",
+        "device": "CUDA when available",
+    })
     add("--split", choices=SPLITS, help="split to evaluate (default: test)")
     add("--limit", type=int, help="evaluate only the first N examples of the split, and at most N held-out scope prompts, "
         "taken in turn from each kind (default: all)")
@@ -71,8 +75,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--no-scope-gate", action="store_true", help="leave out the third column: the fine-tuned model's answers through its scope gate")
     add("--scope-set", help="held-out scope prompts, JSON lines {question, kind, category, wording} "
         "(default: data/scope_heldout.jsonl); answered with at most 64 new tokens for the three scope rates")
-    add("--precision", choices=PRECISIONS, help="weight dtype; auto = bf16/fp16 on CUDA, fp32 on CPU (answers then do not depend on --batch-size)")
-    add("--device", help="cpu, cuda or cuda:N (default: CUDA when available)")
     add("--output", help="report .json (default: RUN/eval.json next to the adapter's run folder, else eval.json; "
         "with --experiments: runs/experiments/<file name>.json)")
     add("--experiments", help="JSON list of training configs: train each, evaluate each, write the experiment table")

@@ -24,7 +24,7 @@ import time
 
 from transformers.utils.logging import disable_progress_bar
 
-from medlora.model import ModelLoadError
+from medlora.errors import EXIT_INTERRUPTED, USER_FAILURES, TrainingStopped, report_failure
 from medlora.export import FORMATS, GGUF_DTYPES, export_adapter, scope_note
 
 
@@ -47,13 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         disable_progress_bar()
         with contextlib.redirect_stdout(sys.stderr):  # loading notices go to stderr
             result = export_adapter(args.adapter, args.format, args.out, args.dtype, args.overwrite)
-    except (ValueError, ModelLoadError, OSError) as error:  # bad flags, adapter, model or output: one line
-        reason = f"{error.strerror} ({error.filename})" if isinstance(error, OSError) and error.strerror else str(error)
-        print(f"error: {' '.join(reason.split())}", file=sys.stderr)
-        return 2
+    except USER_FAILURES as error:  # bad flags, adapter, model or output: one line
+        return report_failure(error)
     except KeyboardInterrupt:
-        print("\ninterrupted: nothing was written under --out", file=sys.stderr)
-        return 130
+        return report_failure(TrainingStopped("interrupted; nothing was written under --out", EXIT_INTERRUPTED))
     print(f"exported {args.adapter} on {result.base_model} as {args.format} to {result.path} ({time.perf_counter() - started:.1f} s)")
     for name in result.files:
         print(f"  {result.path / name}")

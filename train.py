@@ -36,9 +36,9 @@ from medlora.checkpoint import TrainState, load_checkpoint, rng_state, save_chec
 from medlora.config import PRESETS, TrainConfig, check_preset, config_from_preset
 from medlora.distributed import SINGLE_PROCESS, World, leave, start_ranks
 from medlora.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, USER_FAILURES, TrainingStopped, report_failure
+from medlora.flags import add_shared_flags
 from medlora.loss import answer_nll, validation_loss
 from medlora.model import (
-    PRECISIONS,
     TORCH_DTYPES,
     autocast_for,
     choose_device,
@@ -202,7 +202,6 @@ def train(config: TrainConfig, world: World = SINGLE_PROCESS, given: set[str] = 
             if state.step % config.save_every == 0 or state.step == total_steps:
                 save_checkpoint(run_dir, model, optimizer, scaler, state, config, base_name, world=world)
     except KeyboardInterrupt:
-        bar.close()
         raise interrupted(config, model, optimizer, scaler, state, base_name, step_rng, world) from None
     finally:
         bar.close()  # before any message, so an error is printed on a line of its own
@@ -291,41 +290,49 @@ FLAG_FIELDS = (  # TrainConfig fields set by a flag of the same name
 )
 
 
+def preset_default(name: str, none: str = "none") -> str:
+    """How --help words the default of a setting that --preset sets: each preset's value (`none` words None)."""
+    values = ", ".join(f"{preset} {none if settings[name] is None else settings[name]}" for preset, settings in PRESETS.items())
+    return f"preset: {values}"
+
+
 def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace, set[str]]:
     """The config the flags ask for, the parsed flags, and the names of the settings they set."""
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     add = parser.add_argument
-    add("--preset", choices=sorted(PRESETS), help="named defaults; any flag below overrides them (default: cpu)")
-    add("--config", help="a config.json (a run folder's, or an experiment's) as the defaults instead of --preset; flags override it")
-    add("--model", help="base model: local folder or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    add("--data", help="dataset file (.json/.jsonl/.csv/.parquet) or hub id (default: embedded flashcards)")
-    add("--num-examples", type=int, help="rows sampled after cleaning, split 85/10/5 (default: all)")
+    add("--preset", choices=sorted(PRESETS), help=f"named defaults; any flag below overrides them (default: {defaults.preset})")
+    add("--config", help="a config.json (a run folder's, or an experiment's) as the defaults instead of --preset; flags override it (default: none)")
+    add_shared_flags(parser, {
+        "model": preset_default("model", none="the embedded SmolLM2-135M-Instruct"),
+        "data": preset_default("data", none="the embedded flashcards"),
+        "num_examples": preset_default("num_examples", none="all"),
+        "seed": f"{defaults.seed}; also the data order, LoRA init and dropout",
+        "max_length": preset_default("max_length"),
+        "precision": preset_default("precision") + "; auto: bf16 or fp16 on CUDA; bf16 on a CPU with native bf16 matmuls (AVX512-BF16/AMX) that measure >= 1.3x faster than fp32, else fp32",
+        "device": "CUDA when available; under torchrun each rank takes cuda:LOCAL_RANK",
+    })
     add("--output-dir", help=f"run folder (default: {defaults.output_dir})")
-    add("--epochs", type=float, help="passes over the training split")
-    add("--max-steps", type=int, help="stop after this many optimizer steps")
-    add("--batch-size", type=int, help="rows per micro-batch")
-    add("--grad-accum", type=int, help="micro-batches per optimizer step")
-    add("--max-batch-tokens", type=int, help="padded tokens per micro-batch; 0 = fixed --batch-size rows")
-    add("--lr", type=float, help="peak learning rate")
-    add("--rank", type=int, help="LoRA rank r")
-    add("--alpha", type=float, help="LoRA alpha (update scaled by alpha / r)")
-    add("--dropout", type=float, help="dropout on the LoRA branch, in [0, 1)")
-    add("--lora-variant", choices=VARIANTS, help="lora: update scaled by alpha/r; rslora: alpha/sqrt(r); dora: plus a learned per-row magnitude (default: lora)")
-    add("--targets", help="comma-separated module-name suffixes (default: q_proj,v_proj)")
-    add("--scope-repeats", type=int, help="times each out-of-domain, borderline and safety training row is seen per epoch (default: 1)")
-    add("--max-length", type=int, help="tokens per example (default: 512)")
-    add("--precision", choices=PRECISIONS, help="auto: bf16 or fp16 on CUDA; bf16 on a CPU with native bf16 matmuls (AVX512-BF16/AMX) that measure >= 1.3x faster than fp32, else fp32")
-    add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="recompute activations in backward")
-    add("--eval-every", type=int, help="optimizer steps between validation passes")
-    add("--save-every", type=int, help="optimizer steps between checkpoints")
+    add("--epochs", type=float, help=f"passes over the training split (default: {preset_default('epochs')})")
+    add("--max-steps", type=int, help="stop after this many optimizer steps (default: none, --epochs decide)")
+    add("--batch-size", type=int, help=f"rows per micro-batch (default: {preset_default('batch_size')})")
+    add("--grad-accum", type=int, help=f"micro-batches per optimizer step (default: {preset_default('grad_accum')})")
+    add("--max-batch-tokens", type=int, help=f"padded tokens per micro-batch; 0 = fixed --batch-size rows (default: {preset_default('max_batch_tokens', none='0')})")
+    add("--lr", type=float, help=f"peak learning rate (default: {preset_default('lr')})")
+    add("--rank", type=int, help=f"LoRA rank r (default: {preset_default('rank')})")
+    add("--alpha", type=float, help=f"LoRA alpha (update scaled by alpha / r) (default: {preset_default('alpha')})")
+    add("--dropout", type=float, help=f"dropout on the LoRA branch, in [0, 1) (default: {preset_default('dropout')})")
+    add("--lora-variant", choices=VARIANTS, help=f"lora: update scaled by alpha/r; rslora: alpha/sqrt(r); dora: plus a learned per-row magnitude (default: {defaults.lora_variant})")
+    add("--targets", help=f"comma-separated module-name suffixes (default: {','.join(defaults.targets)})")
+    add("--scope-repeats", type=int, help=f"times each out-of-domain, borderline and safety training row is seen per epoch (default: {defaults.scope_repeats})")
+    add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help=f"recompute activations in backward (default: {preset_default('grad_checkpointing')})")
+    add("--eval-every", type=int, help=f"optimizer steps between validation passes (default: {preset_default('eval_every')})")
+    add("--save-every", type=int, help=f"optimizer steps between checkpoints (default: {preset_default('save_every')})")
     add("--keep-last", type=int, help=f"checkpoints kept (default: {defaults.keep_last})")
     add("--max-nan-steps", type=int, help=f"stop after this many consecutive NaN losses (default: {defaults.max_nan_steps})")
     add("--resume", nargs="?", const="auto", help="'auto' (newest complete checkpoint in --output-dir) or a checkpoint folder; "
-        "a flag that differs from the resumed run's config is refused")
-    add("--overwrite", action="store_true", help="replace an existing run in --output-dir")
-    add("--seed", type=int, help=f"seed for sampling, split, order, init, dropout (default: {defaults.seed})")
-    add("--device", help="cpu, cuda or cuda:N (default: CUDA when available; under torchrun each rank takes cuda:LOCAL_RANK)")
+        "a flag that differs from the resumed run's config is refused (default: a new run)")
+    add("--overwrite", action="store_true", help="replace an existing run in --output-dir (default: refuse)")
     add("--dist-timeout", type=float, help=f"under torchrun: seconds a rank waits for the others before it stops with an error (default: {defaults.dist_timeout:.0f})")
     args = parser.parse_args(argv)
 

@@ -26,13 +26,20 @@ import time
 
 import torch
 
-from bench.scope_answer_length import verdict
 from data.format import prompt_ids
+from data.scope_set import load_heldout
 from medlora.evaluation.settings import SCOPE_MAX_NEW_TOKENS
 from medlora.generation import GenerationSettings, first_sentences, generate_answers, load_for_inference
-from medlora.scope import load_heldout
+from medlora.scope import REFERRAL_KINDS, is_decline, is_referral
 
 SENTENCES = 2  # the stop evaluate.py uses for scope answers
+
+
+def verdict(answer: str, kind: str) -> tuple[bool, bool | None]:
+    """What the scope rule decides of an answer: declined, and (for emergency / personal-dose prompts) referred on."""
+    return is_decline(answer), is_referral(answer, kind) if kind in REFERRAL_KINDS else None
+
+
 DECODE_BATCH_SIZES = (1, 2, 4, 8, 16)
 
 

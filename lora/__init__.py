@@ -4,8 +4,8 @@
     summary = inject_lora(model, targets=("q_proj", "v_proj"), rank=16, alpha=32, dropout=0.05, variant="lora")
     print(summary)  # trainable params: ... of ... (...%)
 
-`variant` is "lora", "rslora" (scale alpha/sqrt(r)) or "dora" (a learned magnitude per output
-row). `python -m lora.inspect ADAPTER` shows what a trained adapter learned.
+`variant` is "lora" (LoRALinear), "rslora" (LoRALinear scaled by alpha/sqrt(r)) or "dora"
+(DoRALinear: a learned magnitude per output row). `python -m lora.inspect ADAPTER` shows what a trained adapter learned.
 
 This package imports only torch, safetensors and json: it knows nothing of transformers.
 """
@@ -22,14 +22,16 @@ from lora.inject import (
     unload_lora,
     unmerge_lora,
 )
-from lora.layer import VARIANTS, LoRALinear
+from lora.layer import VARIANTS, DoRALinear, LoRALinear, check_hyperparameters
 
 __all__ = [
     "AdapterError",
     "DEFAULT_TARGETS",
+    "DoRALinear",
     "LoRALinear",
     "LoRASummary",
     "VARIANTS",
+    "check_hyperparameters",
     "count_parameters",
     "inject_lora",
     "load_adapter",

@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 
 from torch import nn
 
-from lora.layer import LoRALinear, check_hyperparameters, check_rank_fits
+from lora.layer import LoRALinear, check_hyperparameters, check_rank_fits, lora_layer
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 
@@ -68,7 +68,7 @@ def inject_lora(
 
     A module matches a target when its qualified name is the target or ends with "." + target,
     so "q_proj" matches "model.layers.0.self_attn.q_proj". `variant` is "lora", "rslora" or
-    "dora" (see LoRALinear). DoRA's m is taken from the weights at injection: inject after loading.
+    "dora" (see lora.layer: LoRALinear, DoRALinear). DoRA's m is taken from the weights at injection: inject after loading.
 
     Raises:
         ValueError: if the model already holds LoRA layers, no linear layer matches, a
@@ -98,7 +98,7 @@ def inject_lora(
     for name in matches:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout, variant))
+        setattr(parent, child, lora_layer(getattr(parent, child), rank, alpha, dropout, variant))
     return count_parameters(model)
 
 

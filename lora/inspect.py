@@ -147,7 +147,7 @@ def inspect_adapter(adapter: str | os.PathLike, base: str | os.PathLike | None =
         ValueError (AdapterError included): one line naming the bad file or value.
     """
     config, modules = read_adapter(adapter)
-    scaling = lora_scaling(config["lora_alpha"], config["r"], config["variant"])
+    scaling = lora_scaling(config["lora_alpha"], config["r"], rslora=config["variant"] == "rslora")
     shapes = {name: (t["lora_B"].shape[0], t["lora_A"].shape[1]) for name, t in modules.items()}
     base_weights = read_base_weights(base, shapes) if base is not None else {}
     reports = [

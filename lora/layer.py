@@ -1,4 +1,4 @@
-"""The LoRA layer and its two variants, rsLoRA and DoRA: the whole idea in one module."""
+"""The LoRA layer, and DoRA as a subclass that overrides what differs: the whole idea in one module."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ VARIANTS = ("lora", "rslora", "dora")
 
 
 def check_hyperparameters(rank: int, alpha: float, dropout: float, variant: str = "lora") -> None:
-    """Raise ValueError naming the first bad value: rank >= 1, alpha > 0, 0 <= dropout < 1, a known variant."""
+    """The one check of the LoRA hyperparameters (the layer, injection and TrainConfig.validate call it).
+
+    Raises:
+        ValueError: naming the first bad value and what is allowed: rank an integer >= 1,
+            alpha > 0, 0 <= dropout < 1, variant one of VARIANTS.
+    """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
@@ -32,9 +37,13 @@ def check_rank_fits(base: nn.Linear, rank: int, name: str = "layer") -> None:
         )
 
 
-def lora_scaling(alpha: float, rank: int, variant: str) -> float:
-    """The factor in front of B A: alpha / r (LoRA, DoRA) or alpha / sqrt(r) (rsLoRA)."""
-    return alpha / math.sqrt(rank) if variant == "rslora" else alpha / rank
+def lora_scaling(alpha: float, rank: int, rslora: bool = False) -> float:
+    """The factor s in front of B A: alpha / r, or alpha / sqrt(r) for rsLoRA (Kalajdzievski, 2023).
+
+    alpha / r keeps the update's size the same when r changes, so a learning rate tuned at one rank
+    carries over to another; alpha / sqrt(r) instead keeps its gradient from collapsing at large r.
+    """
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def row_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -43,75 +52,123 @@ def row_norms(weight: torch.Tensor) -> torch.Tensor:
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update (Hu et al., 2021), in three variants.
+    """A frozen linear layer plus a trainable low-rank update (Hu et al., 2021):
 
-        lora:    h = W0 x + (alpha / r) B A dropout(x)
-        rslora:  h = W0 x + (alpha / sqrt r) B A dropout(x)                    (Kalajdzievski, 2023)
-        dora:    h = m / ||W0 + dW||_row * (W0 + dW) x,   dW = (alpha / r) B A  (Liu et al., 2024)
-                 (the bias is added after, unscaled; with dropout d in training,
-                  h = W0 x + (m/n - 1) W0 d(x) + (m/n) dW d(x),  n = ||W0 + dW||_row)
+        h = W0 x + s B A dropout(x),   s = alpha / r   (rsLoRA: s = alpha / sqrt(r), lora_scaling)
 
     Shapes, for a base layer `nn.Linear(in, out)`:
         W0: [out, in]  frozen, any float dtype (float32 or bfloat16 on CPU, float16/bfloat16 on a GPU)
         A:  [r, in]    trainable, float32, Kaiming-uniform
         B:  [out, r]   trainable, float32, zeros
-        m:  [out]      trainable, float32, DoRA only: the row norms of W0 at init
         x:  [..., in]  ->  h: [..., out]
 
-    `alpha / r` keeps the update's scale the same when r changes, so a learning rate tuned at one
-    rank carries over to another. rsLoRA's `alpha / sqrt(r)` instead keeps the update's gradient
-    from collapsing at large r. DoRA splits each output row of the weight into a length m and a
-    direction (W0 + dW) / ||W0 + dW||: LoRA moves the direction, m the length. The row norm n is
-    a constant to autograd (DoRA paper, section 4.3), as PEFT does. A, B and m stay float32
-    whatever W0's dtype, so mixed-precision training unscales float32 gradients.
-
-    `merge()` folds the update into W0 (computed in float32, cast back to W0's dtype) so inference
+    A and B stay float32 whatever W0's dtype, so mixed-precision training unscales float32
+    gradients. `merge()` folds s B A into W0 (in float32, cast back to W0's dtype) so inference
     costs nothing extra; `unmerge()` takes it out again. Both are explicit and idempotent: a second
     call does nothing, and `.eval()` never merges.
     """
 
-    def __init__(
-        self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, variant: str = "lora"
-    ) -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
         super().__init__()
-        check_hyperparameters(rank, alpha, dropout, variant)
+        check_hyperparameters(rank, alpha, dropout)
         check_rank_fits(base, rank)
         self.base = base
         self.base.requires_grad_(False)
         self.rank = rank
         self.alpha = alpha
-        self.variant = variant
-        self.scaling = lora_scaling(alpha, rank, variant)
+        self.rslora = rslora
+        self.scaling = lora_scaling(alpha, rank, rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, device=device, dtype=torch.float32))
-        if variant == "dora":
-            self.lora_magnitude_vector = nn.Parameter(torch.empty(base.out_features, device=device, dtype=torch.float32))
-            self.register_buffer("merged_dora_factor", None, persistent=False)  # set by merge, used by unmerge
+        # B = 0 makes B A = 0: the adapted model starts exactly equal to the base model. A is random
+        # (nn.Linear's own init, U(+-1/sqrt(in))) so that B gets a non-zero gradient at the first step.
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
         self.merged = False
-        self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        # B = 0 makes B A = 0, and m = ||W0||_row makes m / ||W0 + 0||_row = 1: the adapted model
-        # starts exactly equal to the base model.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-        if self.variant == "dora":
-            self.lora_magnitude_vector.copy_(row_norms(self.base.weight))
+    @property
+    def variant(self) -> str:
+        """"lora" or "rslora" (as adapter files name it)."""
+        return "rslora" if self.rslora else "lora"
 
     def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
-        """What training updates: (A, B), plus m for DoRA."""
-        if self.variant == "dora":
-            return self.lora_A, self.lora_B, self.lora_magnitude_vector
+        """What training updates, in a stable order: (A, B)."""
         return self.lora_A, self.lora_B
 
     def delta_weight(self) -> torch.Tensor:
-        """The update scaling * B A as a float32 [out, in] matrix."""
+        """The update s B A as a float32 [out, in] matrix."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
-    def dora_factor(self) -> torch.Tensor:
+    def update(self, dropped: torch.Tensor) -> torch.Tensor:
+        """s B A applied to the (dropped-out) input: [..., in] -> [..., r] -> [..., out], float32 factors."""
+        return dropped.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if self.merged:
+            return result
+        return result + self.update(self.dropout(x)).to(result.dtype)
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The merged weight W0 + s B A, given W0 in float32."""
+        return weight + self.delta_weight()
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W0 again, given the merged weight in float32 (the inverse of `merged_weight`)."""
+        return weight - self.delta_weight()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 <- the merged weight, so the forward pass is the base layer alone. Idempotent."""
+        if not self.merged:
+            self.base.weight.copy_(self.merged_weight(self.base.weight.float()).to(self.base.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge`, restoring W0 (up to rounding in W0's dtype). Idempotent."""
+        if self.merged:
+            self.base.weight.copy_(self.unmerged_weight(self.base.weight.float()).to(self.base.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.base.in_features}, out={self.base.out_features}, rank={self.rank}, "
+            f"alpha={self.alpha}, variant={self.variant}, merged={self.merged}"
+        )
+
+
+class DoRALinear(LoRALinear):
+    """DoRA (Liu et al., 2024): LoRA moves the direction of each output row of the weight, a
+    learned length m sets its size:
+
+        h = m / ||W0 + dW||_row * (W0 + dW) x + bias,   dW = s B A,  s = alpha / r
+
+    With dropout d in training the update sees d(x), as in PEFT:
+        h = W0 x + (m/n - 1) W0 d(x) + (m/n) dW d(x),  n = ||W0 + dW||_row
+
+    m: [out], trainable, float32, starts at ||W0||_row so that m / ||W0 + 0||_row = 1 and the
+    adapted model starts equal to the base. The row norm n is a constant to autograd (DoRA
+    paper, section 4.3), as PEFT does.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__(base, rank, alpha, dropout)
+        self.lora_magnitude_vector = nn.Parameter(row_norms(base.weight))  # m = ||W0||_row
+        self.register_buffer("merged_factor", None, persistent=False)  # m / n at merge time; W0 is gone after
+
+    @property
+    def variant(self) -> str:
+        return "dora"
+
+    def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
+        """(A, B, m)."""
+        return self.lora_A, self.lora_B, self.lora_magnitude_vector
+
+    def magnitude_factor(self) -> torch.Tensor:
         """m / ||W0 + dW||_row as a float32 [out] vector; the norm is detached and taken in float32.
 
         Only valid while unmerged (W0 must be the base weight).
@@ -125,45 +182,27 @@ class LoRALinear(nn.Module):
         if self.merged:
             return result
         dropped = self.dropout(x)
-        # [..., in] -> [..., r] -> [..., out]; under autocast the matmuls run in the autocast dtype.
-        update = dropped.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T * self.scaling
-        if self.variant != "dora":
-            return result + update.to(result.dtype)
-        factor = self.dora_factor()  # [out]
+        factor = self.magnitude_factor()  # [out]
         if isinstance(self.dropout, nn.Identity) or not self.training:
             base_out = result if self.base.bias is None else result - self.base.bias  # W0 x, reused
         else:
-            base_out = nn.functional.linear(dropped, self.base.weight)  # W0 dropout(x)
-        return result + ((factor - 1) * base_out + factor * update).to(result.dtype)
+            base_out = nn.functional.linear(dropped, self.base.weight)  # W0 d(x)
+        return result + ((factor - 1) * base_out + factor * self.update(dropped)).to(result.dtype)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """W0 <- W0 + dW (LoRA, rsLoRA) or m / ||W0 + dW||_row * (W0 + dW) (DoRA). Idempotent."""
-        if self.merged:
-            return
-        weight = self.base.weight
-        merged = weight.float() + self.delta_weight()
-        if self.variant == "dora":
-            self.merged_dora_factor = self.dora_factor()  # unmerge needs it: W0 is gone after the merge
-            merged = self.merged_dora_factor[:, None] * merged
-        weight.copy_(merged.to(weight.dtype))
-        self.merged = True
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """m / ||W0 + dW||_row * (W0 + dW); remembers the factor, which `unmerged_weight` divides out."""
+        self.merged_factor = self.magnitude_factor()
+        return self.merged_factor[:, None] * super().merged_weight(weight)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo `merge`, restoring the base weight (up to rounding in W0's dtype). Idempotent."""
-        if not self.merged:
-            return
-        weight = self.base.weight
-        restored = weight.float()
-        if self.variant == "dora":
-            restored = restored / self.merged_dora_factor[:, None]
-            self.merged_dora_factor = None
-        weight.copy_((restored - self.delta_weight()).to(weight.dtype))
-        self.merged = False
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        restored = super().unmerged_weight(weight / self.merged_factor[:, None])
+        self.merged_factor = None
+        return restored
 
-    def extra_repr(self) -> str:
-        return (
-            f"in={self.base.in_features}, out={self.base.out_features}, rank={self.rank}, "
-            f"alpha={self.alpha}, variant={self.variant}, merged={self.merged}"
-        )
+
+def lora_layer(base: nn.Linear, rank: int, alpha: float, dropout: float, variant: str) -> LoRALinear:
+    """The layer for `variant`: LoRALinear ("lora"), LoRALinear with rsLoRA's scale, or DoRALinear."""
+    check_hyperparameters(rank, alpha, dropout, variant)
+    if variant == "dora":
+        return DoRALinear(base, rank, alpha, dropout)
+    return LoRALinear(base, rank, alpha, dropout, rslora=variant == "rslora")

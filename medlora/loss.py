@@ -1,12 +1,15 @@
 """The loss: summed next-token NLL over the answer tokens, per row and per batch, and on held-out rows.
 
     batch = batch_on_device(examples, [0, 1, 2], pad_id, device)  # input_ids, attention_mask, labels
-    nll, target_tokens = answer_nll(model, batch)               # scalar sum (nats), its token count
+    nll, target_tokens = plain_answer_nll(model, batch)          # the definition: scalar sum (nats), count
+    nll, target_tokens = answer_nll(model, batch)                # the same numbers, computed faster
     loss = nll / target_tokens                                   # the mean answer-token loss
 
-Sums, never means: train.py divides each micro-batch's sum by the target-token count of the whole
-optimizer step, and evaluation pools sums over examples before it divides, so every target token
-weighs the same wherever it falls.
+`plain_answer_nll` is the loss as defined; `row_nll` (behind `answer_nll`) is its optimisation,
+which tests/medlora/test_loss.py holds equal to it in value and gradients. Sums, never means:
+train.py divides each micro-batch's sum by the target-token count of the whole optimizer step,
+and evaluation pools sums over examples before it divides, so every target token weighs the same
+wherever it falls.
 """
 
 from __future__ import annotations
@@ -18,6 +21,21 @@ import torch
 
 from data import IGNORE_INDEX, EncodedExample, collate, micro_batches
 from medlora.distributed import SINGLE_PROCESS, World
+
+
+def plain_answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """The definition: a full forward pass, then cross-entropy of every position's logits against
+    the next token, summed over target (answer + EOS) tokens; returns (scalar NLL in nats, count)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [batch, seq, vocab]
+    targets = batch["labels"][:, 1:]  # [batch, seq - 1]: position t predicts token t + 1; IGNORE_INDEX elsewhere
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll, int((targets != IGNORE_INDEX).sum())
+
+
+# Below this many shared tokens the prefix is not run separately: its pass is one more call through
+# every layer, which a few tokens do not pay for. A round floor, not a tuned value: the embedded
+# data's rows share a system prompt several times longer, so any floor well below it acts the same.
+MIN_SHARED_PREFIX_TOKENS = 8
 
 
 def batch_on_device(examples: Sequence[EncodedExample], rows: Sequence[int], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -39,24 +57,26 @@ def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
 
 
 def row_nll(model, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed next-token NLL over target (answer + EOS) tokens, and each row's target count.
+    """`plain_answer_nll` per row, optimised: summed NLL over target (answer + EOS) tokens, and counts.
 
     Returns ([batch] float32 NLL in nats, differentiable; [batch] int64 counts). A row's sums do not
     depend on the other rows of the batch (padding is masked), which lets evaluation batch examples.
 
     Two savings that leave the math unchanged (tests/medlora/test_loss.py compares both against
-    plain full-logits cross-entropy):
+    plain_answer_nll):
       * The shared prompt prefix (system prompt + template header, about half of a short example's
         tokens) runs through the model once per batch instead of once per row: its keys and values
         are computed for one row, expanded to the batch, and the rest of each row attends to them.
-        Gradients flow back through the expansion into the single prefix pass.
+        Gradients flow back through the expansion into the single prefix pass. Only for a prefix
+        of MIN_SHARED_PREFIX_TOKENS or more, and not under activation checkpointing (transformers
+        then turns the cache off).
       * The 49,152-way lm_head runs only at positions whose next token is a target: the hidden
         state at position t predicts token t + 1. Prompt and padding positions never reach it.
     """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     prefix = shared_prefix_length(batch) if share_prefix and ids.shape[0] > 1 else 0
     cache = None
-    if prefix >= 8 and not model.is_activation_checkpointing:
+    if prefix >= MIN_SHARED_PREFIX_TOKENS and not model.is_activation_checkpointing:
         cache = model.model(input_ids=ids[:1, :prefix], use_cache=True).cache
         for layer in cache.layers:  # [1, kv_heads, prefix, head_dim] -> [batch, ...], no copy
             layer.keys = layer.keys.expand(ids.shape[0], -1, -1, -1)

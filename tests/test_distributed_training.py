@@ -27,6 +27,8 @@ from safetensors.torch import load_file
 import train as train_script
 from tests.faults import PAUSE_MARKER
 
+pytestmark = pytest.mark.slow  # torchrun jobs and a kill -9: `make test-all`
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 

@@ -518,7 +518,7 @@ def greedy_agreement(embedded_export, answers: list[list[int]], dtype: str) -> t
 @UNVERIFIED
 def test_embedded_f16_gguf_greedy_answers_match_on_the_test_split(embedded_export, merged_answers):
     same, total, notes = greedy_agreement(embedded_export, merged_answers, "f32")
-    assert same == total == 34, notes  # the teacher-forced comparison itself: exact weights agree everywhere
+    assert same == total, notes  # the teacher-forced comparison itself: exact weights agree everywhere
     same, total, notes = greedy_agreement(embedded_export, merged_answers, "f16")
     assert same >= 32, notes
 

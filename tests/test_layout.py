@@ -104,3 +104,30 @@ def test_product_code_has_no_test_hooks(path):
     assert variables <= ENVIRONMENT_SETTINGS
     assert sleeps == []
     assert {name for name in names if re.search(r"(^test_|(^|_)faults?(_|$)|_hook$)", name)} == set()
+
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOCUMENTED_PACKAGES = ("lora", "data", "medlora")  # the README's table names each of their modules
+
+
+@pytest.mark.parametrize("page", sorted(path.name for path in (ROOT / "docs").glob("*.md")))
+def test_every_docs_page_is_linked_from_the_readme(page):
+    assert f"(docs/{page})" in README, f"README.md has no link to docs/{page}"
+
+
+def top_level_modules() -> list[str]:
+    """Every script (`train.py`), and every module (`lora/layer.py`) or subpackage (`medlora/evaluation/`)
+    directly inside a documented package, as the README names it: `layer.py`, `evaluation/`."""
+    names = [f"{name}.py" for name in sorted(SCRIPTS)]
+    for package in DOCUMENTED_PACKAGES:
+        for path in sorted((ROOT / package).iterdir()):
+            if path.suffix == ".py" and not path.name.startswith("__"):
+                names.append(path.name)
+            elif path.is_dir() and (path / "__init__.py").exists():
+                names.append(f"{path.name}/")
+    return names
+
+
+@pytest.mark.parametrize("module", top_level_modules())
+def test_every_script_and_top_level_module_is_named_in_the_readme(module):
+    assert f"`{module}`" in README, f"README.md does not name `{module}`"

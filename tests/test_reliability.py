@@ -76,6 +76,7 @@ def kill_at(tiny_model_dir, out, pause):
     assert process.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow  # a training subprocess killed three times: `make test-all`
 @pytest.mark.parametrize("pause, resumes_from", [("step:5", 4), ("eval:4", 2), ("save:4", 2)])
 def test_kill_9_then_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path, reference_run, pause, resumes_from, capsys):
     out = tmp_path / "run"

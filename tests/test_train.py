@@ -16,7 +16,7 @@ from medlora.checkpoint import write_manifest
 def test_bad_settings_fail_before_any_model_is_loaded(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
     assert train.main(["--rank", "0", "--output-dir", str(tmp_path / "r")]) == 2
-    assert capsys.readouterr().err.strip() == "error: --rank must be a positive integer, got 0"
+    assert capsys.readouterr().err.strip() == "error: rank must be a positive integer, got 0"
 
 
 def test_target_that_matches_no_module_fails_before_the_weights_load(tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -34,7 +34,7 @@ import transformers
 
 from data import EMBEDDED_DATASET
 from data.scope_set import HELDOUT_PATH
-from medlora.evaluation.scores import ModelOutputs
+from medlora.evaluation.scores import ExampleNlls, ModelOutputs
 from medlora.evaluation.settings import SCOPE_MAX_NEW_TOKENS, SCOPE_SENTENCES, EvalSettings
 from medlora.model import cache_root, resolve_model_source
 
@@ -104,7 +104,7 @@ def read_cached(key: dict) -> ModelOutputs | None:
     return ModelOutputs(
         answers=values["answers"],
         references=values["references"],
-        nll=np.array(values["nll"], dtype=np.float64).reshape(-1, 4),
+        nll=ExampleNlls.from_json(values["nll"]),
         rouge={name: np.array(scores, dtype=np.float64) for name, scores in values["rouge"].items()},
         scope_answers=values["scope_answers"],
         scope={name: np.array(flags, dtype=np.float64) for name, flags in values["scope"].items()},
@@ -118,7 +118,7 @@ def write_cached(key: dict, outputs: ModelOutputs) -> Path:
     values = {
         "answers": outputs.answers,
         "references": outputs.references,
-        "nll": outputs.nll.tolist(),
+        "nll": outputs.nll.to_json(),
         "rouge": {name: scores.tolist() for name, scores in outputs.rouge.items()},
         "scope_answers": outputs.scope_answers,
         "scope": {name: flags.tolist() for name, flags in outputs.scope.items()},

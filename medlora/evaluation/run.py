@@ -19,7 +19,7 @@ from data import EncodedExample, micro_batches, prepare_data
 from data.scope_set import HeldoutPrompt, load_heldout
 from medlora.evaluation.cache import cache_key, cache_path, read_cached, write_cached
 from medlora.evaluation.grounding import GroundingOutputs, grounding_outputs, grounding_report
-from medlora.evaluation.scores import METRICS, ModelOutputs, paired_deltas, scope_outcomes, summarize
+from medlora.evaluation.scores import METRICS, ExampleNlls, ModelOutputs, paired_deltas, scope_outcomes, summarize
 from medlora.evaluation.settings import NON_MEDICAL_TOPICS, SCOPE_SENTENCES, EvalSettings
 from medlora.answer import AnswerPath, load_gate
 from medlora.generation import load_for_inference
@@ -34,27 +34,25 @@ GROUNDING_CARDS = 2  # flashcards put before the question for the grounded row (
 
 def example_nlls(
     model, examples: list[EncodedExample], pad_id: int, progress: bool = False, max_batch_tokens: int = 2048
-) -> np.ndarray:
-    """Summed NLL and target-token count of each example, answer-only and full-sequence.
+) -> ExampleNlls:
+    """Summed NLL (nats) and target-token count of each example, answer-only and full-sequence.
 
     Examples are batched longest first under a padded-token budget (data.micro_batches), and
     medlora.loss.row_nll keeps each example's sums apart, so the split's perplexity is exp(sum of
     NLL / sum of tokens) over any set of examples (a bootstrap resample included), never a mean of
     per-batch perplexities. The answer-only pass shares the system-prompt prefix across the batch.
-
-    Returns:
-        [n, 4] float64: answer NLL (nats), answer tokens, full NLL (nats), full tokens.
     """
     lengths = [len(example.input_ids) for example in examples]
     batches = micro_batches(list(range(len(examples))), lengths, 1, max_batch_tokens)
     answer_pass = heldout_row_nll(model, examples, batches, pad_id)
     full_pass = heldout_row_nll(model, examples, batches, pad_id, full_sequence=True)
-    table = np.zeros((len(examples), 4))
+    sums = ExampleNlls.zeros(len(examples))
     with tqdm(total=len(examples), desc="perplexity", unit="example", disable=not progress) as bar:
-        for (rows, answer_sums, answer_counts), (_, full_sums, full_counts) in zip(answer_pass, full_pass):
-            table[rows] = torch.stack([answer_sums.double(), answer_counts.double(), full_sums.double(), full_counts.double()], dim=1).cpu().numpy()
+        for (rows, answer_nll, answer_tokens), (_, full_nll, full_tokens) in zip(answer_pass, full_pass):
+            for part, nll, tokens in ((sums.answer, answer_nll, answer_tokens), (sums.full, full_nll, full_tokens)):
+                part.nll[rows], part.tokens[rows] = nll.double().cpu().numpy(), tokens.double().cpu().numpy()
             bar.update(len(rows))
-    return table
+    return sums
 
 
 def evaluate_model(
@@ -92,7 +90,7 @@ def evaluate_model(
     if gate is None:
         return model_only, None
     routed = [answer.text for answer in scope]
-    return model_only, ModelOutputs([], [], np.zeros((0, 4)), {}, routed, scope_flags(scope_prompts, routed))
+    return model_only, ModelOutputs([], [], ExampleNlls.zeros(0), {}, routed, scope_flags(scope_prompts, routed))
 
 
 def scope_flags(prompts: list[HeldoutPrompt], answers: list[str]) -> dict[str, np.ndarray]:

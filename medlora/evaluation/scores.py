@@ -93,13 +93,51 @@ def scope_rates(prompts: Sequence[HeldoutPrompt], answers: Sequence[str]) -> dic
     return {name: rate_of(flags) for name, flags in scope_outcomes(prompts, answers).items()}
 
 
+@dataclass(frozen=True)
+class NllSums:
+    """Perplexity's sufficient statistics per example: summed next-token NLL and target-token count."""
+
+    nll: np.ndarray  # [n] float64, nats
+    tokens: np.ndarray  # [n] float64, whole numbers
+
+    def perplexity(self, indices: np.ndarray) -> np.ndarray:
+        """exp(sum NLL / sum tokens) over each row of `indices` ([resamples, n] -> [resamples])."""
+        nll, tokens = self.nll[indices].sum(axis=-1), self.tokens[indices].sum(axis=-1)
+        return np.array([perplexity(float(total), int(count)) for total, count in zip(nll, tokens)])
+
+
+@dataclass(frozen=True)
+class ExampleNlls:
+    """Each example's NLL sums two ways: over its answer (+ EOS) tokens, and over every predicted
+    non-pad token of the sequence (the reference notebook's perplexity)."""
+
+    answer: NllSums
+    full: NllSums
+
+    @classmethod
+    def zeros(cls, n: int) -> ExampleNlls:
+        """n examples, every sum 0 (filled in by medlora.evaluation.run.example_nlls)."""
+        return cls(NllSums(np.zeros(n), np.zeros(n)), NllSums(np.zeros(n), np.zeros(n)))
+
+    def to_json(self) -> dict:
+        return {part: {"nll": sums.nll.tolist(), "tokens": sums.tokens.tolist()} for part, sums in vars(self).items()}
+
+    @classmethod
+    def from_json(cls, values: dict) -> ExampleNlls:
+        """What `to_json` wrote."""
+        return cls(**{
+            part: NllSums(np.array(values[part]["nll"], dtype=np.float64), np.array(values[part]["tokens"], dtype=np.float64))
+            for part in ("answer", "full")
+        })
+
+
 @dataclass
 class ModelOutputs:
     """What one model produced on the evaluation set; every metric is a function of these."""
 
     answers: list[str]  # generated answer per medical split example, in split order
     references: list[str]  # reference answer per medical split example
-    nll: np.ndarray  # [n, 4] answer NLL, answer tokens, full NLL, full tokens (see example_nlls)
+    nll: ExampleNlls  # per example: answer-only and full-sequence NLL sums and token counts
     rouge: dict[str, np.ndarray]  # rouge1 / rouge2 / rougeL: [n] F1 per example
     scope_answers: list[str]  # answer per held-out scope prompt, in file order (empty: scope not evaluated)
     scope: dict[str, np.ndarray]  # per scope rate: [prompts of that rate] 1.0 where the answer counts (scope_outcomes)
@@ -122,17 +160,6 @@ class Metric:
     digits: int = 4  # decimals shown in the table
 
 
-ANSWER_COLUMN, FULL_COLUMN = 0, 2  # column of the summed NLL in ModelOutputs.nll; its token count is the next one
-
-
-def _perplexity_of(column: int) -> Callable[[ModelOutputs, np.ndarray], np.ndarray]:
-    def of_indices(outputs: ModelOutputs, indices: np.ndarray) -> np.ndarray:
-        nll, tokens = outputs.nll[indices, column].sum(axis=-1), outputs.nll[indices, column + 1].sum(axis=-1)
-        return np.array([perplexity(float(total), int(count)) for total, count in zip(nll, tokens)])
-
-    return of_indices
-
-
 def _bleu_of(outputs: ModelOutputs, indices: np.ndarray) -> np.ndarray:
     return np.array([bleu_from_statistics(row) for row in outputs.bleu_statistics[indices].sum(axis=-2)])
 
@@ -146,8 +173,8 @@ def _scope_rate_of(name: str) -> Callable[[ModelOutputs, np.ndarray], np.ndarray
 
 
 METRICS: dict[str, Metric] = {
-    "perplexity": Metric("Perplexity (answer tokens)", "split", _perplexity_of(ANSWER_COLUMN), digits=2),
-    "perplexity_full": Metric("Perplexity (full sequence)", "split", _perplexity_of(FULL_COLUMN), digits=2),
+    "perplexity": Metric("Perplexity (answer tokens)", "split", lambda outputs, indices: outputs.nll.answer.perplexity(indices), digits=2),
+    "perplexity_full": Metric("Perplexity (full sequence)", "split", lambda outputs, indices: outputs.nll.full.perplexity(indices), digits=2),
     "bleu": Metric("BLEU-4", "split", _bleu_of),
     "rouge1": Metric("ROUGE-1 F1", "split", _mean_rouge_of("rouge1")),
     "rouge2": Metric("ROUGE-2 F1", "split", _mean_rouge_of("rouge2")),

@@ -83,12 +83,3 @@ def test_t4_step_without_a_gpu_says_so_in_one_line(capsys):
         t4_step.main([])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
-
-
-def test_bootstrap_speed_times_every_interval_of_a_report(monkeypatch, capsys):
-    from bench import bootstrap_speed
-
-    monkeypatch.setattr("sys.argv", ["bootstrap_speed", "--examples", "8"])
-    bootstrap_speed.main()
-    assert re.fullmatch(r"all intervals of a --compare-base report \(8 examples, 296 scope prompts, 1000 resamples\): [0-9.]+ s\n",
-                        capsys.readouterr().out)

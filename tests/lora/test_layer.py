@@ -79,16 +79,30 @@ def test_merge_is_idempotent_and_unmerge_restores():
 
 def test_eval_does_not_merge():
     layer = make_layer()
+    nn.init.normal_(layer.lora_B)
+    w0 = layer.base.weight.detach().clone()
+    x = torch.randn(4, 3)
     layer.eval()
-    assert not layer.merged
+    # Merged, the weight would be W0 + s B A and the forward pass the base layer alone.
+    assert not layer.merged and torch.equal(layer.base.weight, w0)
+    assert not torch.allclose(layer(x), layer.base(x))
+    assert torch.equal(layer.base.weight, w0)
 
 
 def test_dropout_applies_to_adapter_branch_only():
     layer = make_layer(in_features=16, out_features=4, rank=2, dropout=0.5)
-    layer.train()
+    nn.init.normal_(layer.lora_B)
     x = torch.randn(3, 16)
-    # With B = 0 the branch adds nothing, so dropout (branch input only) cannot change the output.
-    assert torch.equal(layer(x), layer.base(x))
+    layer.train()
+    torch.manual_seed(7)
+    out = layer(x)
+    torch.manual_seed(7)
+    dropped = nn.functional.dropout(x, 0.5, training=True)  # the same mask the layer drew
+    # W0 x sees the whole input; only the branch s B A sees the dropped-out one.
+    assert torch.allclose(out, layer.base(x) + dropped @ layer.lora_A.T @ layer.lora_B.T * layer.scaling, atol=1e-6)
+    assert not torch.allclose(out, layer.base(x) + x @ layer.lora_A.T @ layer.lora_B.T * layer.scaling)
+    layer.eval()  # no dropout at all
+    assert torch.allclose(layer(x), layer.base(x) + x @ layer.lora_A.T @ layer.lora_B.T * layer.scaling, atol=1e-6)
 
 
 def test_adapter_stays_float32_with_fp16_base():

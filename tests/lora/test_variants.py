@@ -1,4 +1,4 @@
-"""lora/layer.py variants: rsLoRA's scale, DoRA's magnitude and direction, merging, dtypes, refusals."""
+"""lora/layer.py variants: rsLoRA's scale, DoRALinear's magnitude and direction, merging, dtypes, refusals."""
 
 import math
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lora import LoRALinear, inject_lora, lora_layers, lora_parameters
+from lora import DoRALinear, LoRALinear, check_hyperparameters, inject_lora, lora_layers, lora_parameters
+from lora.layer import lora_layer
 from tests.conftest import make_tiny_model
 
 
@@ -23,7 +24,7 @@ def randomized(layer: LoRALinear, seed: int = 0) -> LoRALinear:
 def test_rslora_scale_is_alpha_over_sqrt_r_on_hand_example():
     base = nn.Linear(4, 4, bias=False)
     nn.init.zeros_(base.weight)
-    layer = LoRALinear(base, rank=4, alpha=6.0, variant="rslora")
+    layer = LoRALinear(base, rank=4, alpha=6.0, rslora=True)
     with torch.no_grad():
         layer.lora_A.copy_(torch.eye(4))
         layer.lora_B.copy_(torch.diag(torch.tensor([1.0, 2.0, 0.0, 0.0])))
@@ -33,12 +34,12 @@ def test_rslora_scale_is_alpha_over_sqrt_r_on_hand_example():
     assert LoRALinear(nn.Linear(4, 4), rank=4, alpha=6.0).scaling == 1.5
 
 
-def dora_hand_layer() -> LoRALinear:
+def dora_hand_layer() -> DoRALinear:
     base = nn.Linear(2, 2, bias=True)
     with torch.no_grad():
         base.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
         base.bias.copy_(torch.tensor([1.0, -1.0]))
-    return LoRALinear(base, rank=1, alpha=1.0, variant="dora")
+    return DoRALinear(base, rank=1, alpha=1.0)
 
 
 def test_dora_magnitude_starts_at_row_norms_and_output_equals_base():
@@ -79,7 +80,7 @@ def test_dora_row_norm_is_a_constant_to_autograd():
 @pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
 def test_merge_then_unmerge_round_trips(variant):
     torch.manual_seed(0)
-    layer = randomized(LoRALinear(nn.Linear(16, 12), rank=4, alpha=8.0, variant=variant))
+    layer = randomized(lora_layer(nn.Linear(16, 12), rank=4, alpha=8.0, dropout=0.0, variant=variant))
     w0 = layer.base.weight.detach().clone()
     x = torch.randn(5, 16)
     unmerged = layer(x)
@@ -97,7 +98,7 @@ def test_merge_then_unmerge_round_trips(variant):
 @pytest.mark.parametrize("variant", ["rslora", "dora"])
 def test_adapter_stays_float32_under_bf16_autocast(variant):
     torch.manual_seed(0)
-    layer = randomized(LoRALinear(nn.Linear(8, 6).to(torch.bfloat16), rank=2, alpha=4.0, variant=variant))
+    layer = randomized(lora_layer(nn.Linear(8, 6).to(torch.bfloat16), rank=2, alpha=4.0, dropout=0.0, variant=variant))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(torch.randn(3, 8, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
@@ -123,9 +124,9 @@ def test_dora_trains_A_B_and_m_and_nothing_else():
     assert changed == names
 
 
-def test_unknown_variant_is_refused_by_layer_and_injection():
+def test_unknown_variant_is_refused_by_the_check_and_injection():
     with pytest.raises(ValueError, match=r"variant must be one of lora, rslora, dora; got 'qlora'"):
-        LoRALinear(nn.Linear(4, 4), rank=2, alpha=4.0, variant="qlora")
+        check_hyperparameters(2, 4.0, 0.0, "qlora")
     model = make_tiny_model()
     with pytest.raises(ValueError, match=r"got 'DoRA'"):
         inject_lora(model, variant="DoRA")
@@ -140,4 +141,4 @@ def test_rank_above_min_in_out_is_refused_before_any_change():
     assert not list(lora_layers(model))
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match=r"B A has rank at most min\(in, out\) = 2"):
-        LoRALinear(nn.Linear(5, 2), rank=3, alpha=1.0, variant="dora")
+        DoRALinear(nn.Linear(5, 2), rank=3, alpha=1.0)

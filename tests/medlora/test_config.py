@@ -10,17 +10,17 @@ from medlora.config import PRESETS, TrainConfig, config_from_preset, resumed_con
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"rank": 0}, "--rank must be a positive integer, got 0"),
-        ({"alpha": -1.0}, "--alpha must be positive, got -1.0"),
+        ({"rank": 0}, "rank must be a positive integer, got 0"),  # the LoRA layer's own check
+        ({"alpha": -1.0}, "alpha must be a positive number, got -1.0"),  # likewise
         ({"lr": 0.0}, "--lr must be positive, got 0.0"),
         ({"batch_size": 0}, "--batch-size must be positive, got 0"),
-        ({"dropout": 1.0}, r"--dropout must be in \[0, 1\), got 1.0"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),  # likewise
         ({"max_length": 8}, "--max-length must be at least 16 tokens, got 8"),  # the data pipeline's own check
         ({"num_examples": 0}, "--num-examples must be positive, got 0"),  # likewise
         ({"precision": "fp8"}, "--precision must be one of auto, fp32, fp16, bf16, got 'fp8'"),
         ({"preset": "gpu"}, r"--preset must be one of \['cpu', 't4'\], got 'gpu'"),
         ({"targets": ()}, "--targets must name at least one module"),
-        ({"lora_variant": "qlora"}, "--lora-variant must be one of lora, rslora, dora, got 'qlora'"),
+        ({"lora_variant": "qlora"}, "variant must be one of lora, rslora, dora; got 'qlora'"),  # likewise
     ],
 )
 def test_invalid_settings_are_refused(change, message):

@@ -12,7 +12,7 @@ from data import EncodedExample, clean_rows, collate, encode_example, load_rows,
 from data.scope_set import HeldoutPrompt
 from medlora.config import TrainConfig
 from medlora.evaluation.run import evaluation_examples, example_nlls
-from medlora.evaluation.scores import METRICS, SCOPE_RATES, ModelOutputs, paired_deltas, scope_rates
+from medlora.evaluation.scores import METRICS, SCOPE_RATES, ExampleNlls, ModelOutputs, NllSums, paired_deltas, scope_rates
 from medlora.evaluation.settings import EvalSettings, generation_settings, resolve_settings
 from medlora.generation import GenerationSettings
 from medlora.loss import answer_nll, full_sequence_labels
@@ -48,9 +48,16 @@ def toy_example(ids: list[int], prompt_length: int) -> EncodedExample:
     return EncodedExample(ids, labels, prompt_length, question="q", answer="a")
 
 
-def outputs_with(nll: np.ndarray, answers=("",), references=("",), declines=()) -> ModelOutputs:
-    answers, references = list(answers) * (len(nll) // len(answers)), list(references) * (len(nll) // len(references))
-    rouge = {name: np.zeros(len(nll)) for name in ("rouge1", "rouge2", "rougeL")}
+def nlls_from_rows(rows) -> ExampleNlls:
+    """ExampleNlls from hand-written rows [answer NLL, answer tokens, full NLL, full tokens]."""
+    table = np.array(rows, dtype=np.float64).reshape(-1, 4)
+    return ExampleNlls(NllSums(table[:, 0], table[:, 1]), NllSums(table[:, 2], table[:, 3]))
+
+
+def outputs_with(nll: ExampleNlls, answers=("",), references=("",), declines=()) -> ModelOutputs:
+    n = len(nll.answer.nll)
+    answers, references = list(answers) * (n // len(answers)), list(references) * (n // len(references))
+    rouge = {name: np.zeros(n) for name in ("rouge1", "rouge2", "rougeL")}
     scope = {name: np.array(declines, dtype=float) for name in SCOPE_RATES}
     return ModelOutputs(answers, references, nll, rouge, ["x"] * len(declines), scope)
 
@@ -61,10 +68,12 @@ def test_answer_only_and_full_perplexity_count_what_they_should():
     # A = [0, 0 | 1, 1]: answer targets 1|0 (P .25) and 1|1 (P .5); full adds 0|0 (P .5).
     # B = [1 | 0]: one target, 0|1 (P .25), the same for both.
     examples = [toy_example([0, 0, 1, 1], 2), toy_example([1, 0], 1)]
-    table = example_nlls(BigramModel(), examples, PAD)
-    expected = [[math.log(8), 2, math.log(16), 3], [math.log(4), 1, math.log(4), 1]]
-    np.testing.assert_allclose(table, expected, rtol=1e-6)
-    outputs = outputs_with(table)
+    sums = example_nlls(BigramModel(), examples, PAD)
+    np.testing.assert_allclose(sums.answer.nll, [math.log(8), math.log(4)], rtol=1e-6)
+    np.testing.assert_array_equal(sums.answer.tokens, [2, 1])
+    np.testing.assert_allclose(sums.full.nll, [math.log(16), math.log(4)], rtol=1e-6)
+    np.testing.assert_array_equal(sums.full.tokens, [3, 1])
+    outputs = outputs_with(sums)
     both = np.arange(2)[None, :]  # one "resample" that takes each example once
     # exp(sum NLL / sum tokens), not the mean of per-example perplexities (sqrt(8)+4)/2 = 3.41.
     assert METRICS["perplexity"].of_indices(outputs, both)[0] == pytest.approx(32 ** (1 / 3))
@@ -82,13 +91,15 @@ def test_batched_perplexity_keeps_each_example_apart(real_examples, tokenizer):
     one_at_a_time = example_nlls(model, real_examples, tokenizer.pad_token_id, max_batch_tokens=1)  # a batch per example
     batched = example_nlls(model, real_examples, tokenizer.pad_token_id, max_batch_tokens=10_000)  # one padded batch
     assert len({len(e.input_ids) for e in real_examples}) > 1  # so the batch really is padded
-    np.testing.assert_array_equal(batched[:, [1, 3]], one_at_a_time[:, [1, 3]])
-    np.testing.assert_allclose(batched[:, [0, 2]], one_at_a_time[:, [0, 2]], rtol=1e-5)
+    for part in ("answer", "full"):
+        batched_sums, separate_sums = getattr(batched, part), getattr(one_at_a_time, part)
+        np.testing.assert_array_equal(batched_sums.tokens, separate_sums.tokens)
+        np.testing.assert_allclose(batched_sums.nll, separate_sums.nll, rtol=1e-5)
 
 
 def test_perplexity_pooled_over_examples_equals_one_padded_batch(real_examples, tokenizer):
     model = make_tiny_model()
-    table = example_nlls(model, real_examples, tokenizer.pad_token_id)
+    sums = example_nlls(model, real_examples, tokenizer.pad_token_id)
     batch = collate(real_examples, tokenizer.pad_token_id)
     assert len({len(e.input_ids) for e in real_examples}) > 1  # the one batch really is padded
     with torch.no_grad():
@@ -98,14 +109,14 @@ def test_perplexity_pooled_over_examples_equals_one_padded_batch(real_examples, 
     labels = full_sequence_labels(batch)["labels"][:, 1:]
     full_sum = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
     full_count = int((labels != -100).sum())
-    assert table[:, 1].sum() == answer_count == sum(e.answer_token_count for e in real_examples)
-    assert table[:, 3].sum() == full_count == sum(len(e.input_ids) - 1 for e in real_examples)
-    assert table[:, 0].sum() == pytest.approx(answer_sum.item(), rel=1e-5)
-    assert table[:, 2].sum() == pytest.approx(full_sum, rel=1e-5)
+    assert sums.answer.tokens.sum() == answer_count == sum(e.answer_token_count for e in real_examples)
+    assert sums.full.tokens.sum() == full_count == sum(len(e.input_ids) - 1 for e in real_examples)
+    assert sums.answer.nll.sum() == pytest.approx(answer_sum.item(), rel=1e-5)
+    assert sums.full.nll.sum() == pytest.approx(full_sum, rel=1e-5)
 
 
 def test_paired_delta_of_a_model_with_itself_is_exactly_zero():
-    outputs = outputs_with(np.array([[3.0, 2, 5.0, 4]] * 3), ["the drug blocks the channel"], ["a drug blocks a channel"], [1, 0])
+    outputs = outputs_with(nlls_from_rows([[3.0, 2, 5.0, 4]] * 3), ["the drug blocks the channel"], ["a drug blocks a channel"], [1, 0])
     deltas = paired_deltas(outputs, outputs)
     for name in METRICS:
         assert deltas[name]["value"] == 0.0 and deltas[name]["interval"] == [0.0, 0.0]

@@ -1,5 +1,5 @@
-"""medlora/loss.py: the optimized answer-token NLL against plain cross-entropy, the shared prefix,
-and the held-out passes built on it."""
+"""medlora/loss.py: the optimized answer-token NLL against its definition (plain_answer_nll), the
+shared prefix, and the held-out passes built on it."""
 
 from contextlib import nullcontext
 
@@ -8,7 +8,7 @@ import torch
 
 from data import clean_rows, collate, encode_example, load_rows
 from lora import inject_lora, lora_layers, lora_parameters
-from medlora.loss import answer_nll, shared_prefix_length, validation_loss
+from medlora.loss import answer_nll, plain_answer_nll, shared_prefix_length, validation_loss
 from tests.conftest import make_tiny_model
 
 
@@ -16,14 +16,6 @@ from tests.conftest import make_tiny_model
 def examples(tokenizer):
     pairs, _ = clean_rows(load_rows(None).rows[:40], "embedded")
     return [encode_example(tokenizer, p.question, p.answer, 512) for p in pairs[:16]]
-
-
-def full_logits_nll(model, batch):
-    """The straightforward loss: every position through lm_head, cross-entropy with ignore_index."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-    )
 
 
 def lora_model_with_random_B():
@@ -36,17 +28,17 @@ def lora_model_with_random_B():
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])
-def test_optimized_loss_and_gradients_equal_full_logits_loss(examples, tokenizer, share_prefix):
+def test_optimized_loss_and_gradients_equal_the_plain_definition(examples, tokenizer, share_prefix):
     batch = collate(examples[:6], tokenizer.pad_token_id)
     assert shared_prefix_length(batch) > 30  # the system prompt is shared
     model = lora_model_with_random_B()
-    reference = full_logits_nll(model, batch)
+    reference, reference_count = plain_answer_nll(model, batch)
     reference.backward()
     reference_grads = [p.grad.clone() for p in lora_parameters(model)]
     model.zero_grad()
     nll, count = answer_nll(model, batch, share_prefix=share_prefix)
     nll.backward()
-    assert count == sum(e.answer_token_count for e in examples[:6])
+    assert count == reference_count == sum(e.answer_token_count for e in examples[:6])
     assert abs(nll.item() - reference.item()) / count <= 1e-5
     for ours, theirs in zip((p.grad for p in lora_parameters(model)), reference_grads):
         assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, theirs.abs().max().item())
