@@ -17,9 +17,10 @@ generated in left-padded batches, greedy unless --sample. Every metric has a 95%
 interval; with --compare-base the delta has a paired one. See medlora/evaluation/ for the details.
 
 --experiments FILE trains every experiment of a JSON list (preset + overrides, run folders under
-runs/experiments/<name>), each in its own train.py process, evaluates each adapter, and writes the
-table (r, LR, epochs, losses, ROUGE-1, BLEU, perplexity, peak memory, time) as markdown and JSON
-(experiments/runner.py).
+runs/experiments/<name>), each in its own train.py process, evaluates and inspects each adapter,
+and writes the table (r, variant, seed, losses and perplexities, ROUGE, BLEU, s/step, trainable
+parameters, the inspector's stable rank and |dW|/|W0|, peak memory, time) as markdown and JSON
+(experiments/runner.py). Finished runs and same-settings evaluations are reused, not redone.
 """
 
 from __future__ import annotations

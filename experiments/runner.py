@@ -6,7 +6,11 @@
 
 Each experiment trains in its own `python train.py --config FILE` process (the run folder is the
 contract between the two), so its peak memory is its own; the evaluation runs here, through the
-library.
+library, and the inspector (lora.inspect) describes each adapter's update dW.
+
+A finished run of the same config is not trained again, and its RUN/eval.json is reused when it
+was made with the same evaluation settings, so a long plan can run in chunks (one experiment per
+call, each under its own lock) and the last call over the whole file only writes the table.
 """
 
 from __future__ import annotations
@@ -16,22 +20,27 @@ import gc
 import json
 import subprocess
 import sys
+import statistics
 import tempfile
 from pathlib import Path
 
+from lora.inspect import inspect_adapter
 from medlora.config import TrainConfig, config_from_preset
 from medlora.errors import TrainingStopped
 from medlora.evaluation.report import save_evaluation
 from medlora.evaluation.run import run_evaluation
-from medlora.evaluation.settings import resolve_settings
+from medlora.evaluation.settings import EvalSettings, resolve_settings
+from medlora.model import resolve_model_source
 from medlora.run_folder import ADAPTER, CONFIG, finished_run_summary, read_summary
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 
 EXPERIMENT_KEYS = ("name", "description")  # allowed in an experiment besides TrainConfig fields
 EXPERIMENT_COLUMNS = {  # row key -> column title, in table order
-    "name": "Experiment", "r": "r", "lr": "LR", "epochs": "Epochs", "train_loss": "Train loss",
-    "val_loss": "Val loss", "rouge1": "ROUGE-1", "bleu": "BLEU", "perplexity": "Perplexity",
+    "name": "Experiment", "r": "r", "variant": "Variant", "seed": "Seed", "lr": "LR", "epochs": "Epochs",
+    "train_loss": "Train loss", "val_ppl": "Val ppl", "perplexity": "Test ppl", "rouge1": "ROUGE-1",
+    "rougeL": "ROUGE-L", "bleu": "BLEU", "s_per_step": "s/step", "trainable_params": "Trainable",
+    "stable_rank": "Stable rank", "relative_norm": "|dW|/|W0|", "magnitude_change": "|dm|/|m0|",
     "peak_memory_gb": "Peak memory (GB)", "time_min": "Time (min)",
 }
 
@@ -95,31 +104,69 @@ def train_in_subprocess(name: str, config: TrainConfig) -> dict:
     return read_summary(Path(config.output_dir))
 
 
-def run_experiments(experiments: list[tuple[str, TrainConfig]], eval_flags: dict, progress: bool = True) -> list[dict]:
-    """Train each experiment (train_in_subprocess), evaluate its adapter, return one row each.
+def saved_evaluation(settings: EvalSettings) -> dict | None:
+    """The report in settings.output if it was made with these settings (where they came from aside), else None."""
+    try:
+        report = json.loads(Path(settings.output).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    wanted = json.loads(json.dumps(settings.to_json()))
+    saved = report.get("settings") if isinstance(report, dict) else None
+    if not isinstance(saved, dict) or {**saved, "sources": None} != {**wanted, "sources": None}:
+        return None
+    return report
 
-    A run folder that already holds a finished run of the same config is evaluated without
-    retraining. The evaluation uses `eval_flags` (limit, generation, device...) and the run's own
-    config for model, data and split; it scores only the fine-tuned model, on the split alone.
+
+def adapter_means(adapter: Path, model: str | None) -> dict[str, float | None]:
+    """The inspector's stable rank, ||dW||_F / ||W0||_F and (DoRA) magnitude change, each averaged over modules.
+
+    W0 is read from the base model's folder (the embedded model's cache, or a local folder); for a
+    hub id there is no folder to read, and the two W0 columns are None.
+    """
+    source = Path(resolve_model_source(model))
+    modules = inspect_adapter(adapter, source if source.is_dir() else None)["modules"]
+
+    def mean(key: str) -> float | None:
+        values = [module[key] for module in modules if module[key] is not None]
+        return statistics.fmean(values) if values else None
+
+    return {key: mean(key) for key in ("stable_rank", "relative_norm", "magnitude_change")}
+
+
+def run_experiments(experiments: list[tuple[str, TrainConfig]], eval_flags: dict, progress: bool = True) -> list[dict]:
+    """Train each experiment (train_in_subprocess), evaluate its adapter, inspect it, return one row each.
+
+    A run folder that already holds a finished run of the same config is not trained again, and
+    its RUN/eval.json is reused when made with the same settings. The evaluation uses
+    `eval_flags` (limit, generation, device...) and the run's own config for model, data and
+    split; it scores only the fine-tuned model, on the split alone.
     """
     rows = []
     for number, (name, config) in enumerate(experiments, start=1):
         print(f"[experiments] {name} ({number}/{len(experiments)}): run folder {config.output_dir}")
         summary = finished_run_summary(config)
-        if summary is None:
+        trained_now = summary is None
+        if trained_now:
             summary = train_in_subprocess(name, config)
         else:
             print(f"[experiments] {name}: reusing the finished run (same config) in {config.output_dir}")
         adapter = Path(config.output_dir) / ADAPTER
         settings = resolve_settings({**eval_flags, "adapter": str(adapter), "output": str(Path(config.output_dir) / "eval.json")})
         settings.scope = False  # the experiment table has no scope rates
-        evaluation = run_evaluation(settings, progress)
-        save_evaluation(evaluation, settings.output)
-        finetuned = evaluation.report["finetuned"]
+        report = None if trained_now else saved_evaluation(settings)
+        if report is None:
+            evaluation = run_evaluation(settings, progress)
+            save_evaluation(evaluation, settings.output)
+            report = evaluation.report
+        else:
+            print(f"[experiments] {name}: reusing its evaluation (same settings) in {settings.output}")
+        finetuned = report["finetuned"]
         rows.append({
-            "name": name, "r": config.rank, "lr": config.lr, "epochs": config.epochs,
-            "train_loss": summary["train_loss"], "val_loss": summary["best_val_loss"],
-            "rouge1": finetuned["rouge1"], "bleu": finetuned["bleu"], "perplexity": finetuned["perplexity"],
+            "name": name, "r": config.rank, "variant": config.lora_variant, "seed": config.seed, "lr": config.lr,
+            "epochs": config.epochs, "train_loss": summary["train_loss"], "val_ppl": summary["best_val_ppl"],
+            "perplexity": finetuned["perplexity"], "rouge1": finetuned["rouge1"], "rougeL": finetuned["rougeL"],
+            "bleu": finetuned["bleu"], "s_per_step": summary["time_s"] / summary["steps"],
+            "trainable_params": summary["trainable_params"], **adapter_means(adapter, config.model),
             "peak_memory_gb": summary["peak_memory_gb"], "time_min": summary["time_s"] / 60,
             "steps": summary["steps"], "n": finetuned["n"], "run_dir": config.output_dir,
         })
@@ -129,8 +176,10 @@ def run_experiments(experiments: list[tuple[str, TrainConfig]], eval_flags: dict
 
 def experiments_table(rows: list[dict]) -> str:
     """The experiment table as markdown, one row per experiment, with a footnote on each column's meaning."""
-    formats = {"lr": "{:.3g}", "epochs": "{:g}", "train_loss": "{:.4f}", "val_loss": "{:.4f}", "rouge1": "{:.4f}",
-               "bleu": "{:.4f}", "perplexity": "{:.2f}", "peak_memory_gb": "{:.2f}", "time_min": "{:.1f}"}
+    formats = {"lr": "{:.3g}", "epochs": "{:g}", "train_loss": "{:.4f}", "val_ppl": "{:.3f}", "perplexity": "{:.3f}",
+               "rouge1": "{:.4f}", "rougeL": "{:.4f}", "bleu": "{:.4f}", "s_per_step": "{:.2f}", "trainable_params": "{:,}",
+               "stable_rank": "{:.2f}", "relative_norm": "{:.4f}", "magnitude_change": "{:.4f}", "peak_memory_gb": "{:.2f}",
+               "time_min": "{:.1f}"}
     lines = ["| " + " | ".join(EXPERIMENT_COLUMNS.values()) + " |", "|---|" + "---:|" * (len(EXPERIMENT_COLUMNS) - 1)]
     for row in rows:
         cells = [formats.get(key, "{}").format(row[key]) if row[key] is not None else "n/a" for key in EXPERIMENT_COLUMNS]
@@ -138,9 +187,12 @@ def experiments_table(rows: list[dict]) -> str:
     n = sorted({row["n"] for row in rows})
     lines += [
         "",
-        "Train loss: answer-token loss of the last optimizer step; val loss: best validation answer-token loss. "
-        f"ROUGE-1 (mean F1), BLEU-4 and answer-token perplexity of the fine-tuned model on {'/'.join(map(str, n))} "
-        "held-out examples. Peak memory: of the experiment's training process, CUDA peak allocation on a GPU, "
+        "Train loss: answer-token loss of the last optimizer step; val ppl: answer-token perplexity of the best "
+        "validation pass. Test ppl (answer tokens), ROUGE-1 and ROUGE-L (mean F1) and BLEU-4 of the fine-tuned model "
+        f"on {'/'.join(map(str, n))} held-out examples. s/step: training time / optimizer steps (validation not "
+        "counted). Trainable: LoRA parameters. Stable rank (||dW||_F^2 / s_1^2), |dW|/|W0| (||dW||_F / ||W0||_F) and, "
+        "for DoRA, |dm|/|m0| (||m - ||W0||_row|| / || ||W0||_row ||): python -m lora.inspect, averaged over the "
+        "adapted modules. Peak memory: of the experiment's training process, CUDA peak allocation on a GPU, "
         "peak resident memory on a CPU. Time: training only.",
     ]
     return "\n".join(lines)

@@ -14,6 +14,8 @@ for DoRA this is the update of the direction, before m rescales each row):
     ||U^T W0 V||_F, amplification            Hu et al. (2021), section 7: U, V the top-r singular
                                               vectors of dW; how much W0 already points along dW,
                                               and ||dW||_F / ||U^T W0 V||_F
+    DoRA's magnitude change                  ||m - ||W0||_row|| / || ||W0||_row ||: how far the learned
+                                              row lengths m moved from their start, the row norms of W0
 The W0 columns need the base model's weights: `--base` names a folder of .safetensors files
 (a Hugging Face model folder). Without it those columns are absent.
 """
@@ -53,6 +55,7 @@ class ModuleReport:
     relative_norm: float | None = None  # ||dW||_F / ||W0||_F
     projected_base_norm: float | None = None  # ||U^T W0 V||_F
     amplification: float | None = None  # ||dW||_F / ||U^T W0 V||_F
+    magnitude_change: float | None = None  # DoRA: ||m - ||W0||_row|| / || ||W0||_row ||; None for lora/rslora
 
 
 def delta_svd(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> tuple[torch.Tensor, ...]:
@@ -72,9 +75,18 @@ def delta_svd(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> tup
 
 
 def inspect_module(
-    name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, base_weight: torch.Tensor | None = None
+    name: str,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    base_weight: torch.Tensor | None = None,
+    magnitude: torch.Tensor | None = None,
 ) -> ModuleReport:
-    """The inspector's numbers for one module; pass its base weight W0 [out, in] for the W0 columns."""
+    """The inspector's numbers for one module; pass its base weight W0 [out, in] for the W0 columns.
+
+    For DoRA pass the magnitude vector m [out] as well: with W0 given, the report then holds
+    magnitude_change = ||m - ||W0||_row||_2 / || ||W0||_row ||_2 (both [out] vectors; 0 at init).
+    """
     u, s, v = delta_svd(lora_A, lora_B, scaling)
     energy = s.square()
     total = float(energy.sum())
@@ -93,12 +105,19 @@ def inspect_module(
     w0 = base_weight.double()
     base_norm = float(torch.linalg.matrix_norm(w0))
     projected = float(torch.linalg.matrix_norm(u.T @ w0 @ v))  # [k, out] @ [out, in] @ [in, k]
+    start_magnitude = torch.linalg.vector_norm(w0, dim=1)  # [out]: DoRA's m at init
+    magnitude_change = (
+        float(torch.linalg.vector_norm(magnitude.double() - start_magnitude) / torch.linalg.vector_norm(start_magnitude))
+        if magnitude is not None and base_norm > 0
+        else None
+    )
     return replace(
         report,
         base_norm=base_norm,
         relative_norm=delta_norm / base_norm if base_norm > 0 else None,
         projected_base_norm=projected,
         amplification=delta_norm / projected if projected > 0 else None,
+        magnitude_change=magnitude_change,
     )
 
 
@@ -151,7 +170,8 @@ def inspect_adapter(adapter: str | os.PathLike, base: str | os.PathLike | None =
     shapes = {name: (t["lora_B"].shape[0], t["lora_A"].shape[1]) for name, t in modules.items()}
     base_weights = read_base_weights(base, shapes) if base is not None else {}
     reports = [
-        inspect_module(name, t["lora_A"], t["lora_B"], scaling, base_weights.get(name)) for name, t in modules.items()
+        inspect_module(name, t["lora_A"], t["lora_B"], scaling, base_weights.get(name), t.get("lora_magnitude_vector"))
+        for name, t in modules.items()
     ]
     return {
         "adapter": str(adapter),
@@ -171,7 +191,7 @@ def number(value: float | None, spec: str) -> str:
 
 def format_table(result: dict) -> str:
     """A short fixed-width table, one row per module, and a note when the W0 columns are absent."""
-    header = f"{'module':<34} {'|dW|_F':>9} {'/|W0|':>7} {'s_1':>9} {'st.rank':>7} {'top1':>5} {'top4':>5} {'|UtW0V|':>8} {'amplif':>7}"
+    header = f"{'module':<34} {'|dW|_F':>9} {'/|W0|':>7} {'s_1':>9} {'st.rank':>7} {'top1':>5} {'top4':>5} {'|UtW0V|':>8} {'amplif':>7} {'|dm|/|m0|':>9}"
     lines = [
         f"{result['adapter']}: {result['variant']}, r={result['r']}, alpha={result['lora_alpha']}, "
         f"scaling={result['scaling']:.4g}, {len(result['modules'])} modules",
@@ -182,10 +202,10 @@ def format_table(result: dict) -> str:
             f"{m['name'].removeprefix('model.'):<34} {m['delta_norm']:>9.4g} {number(m['relative_norm'], '7.4f')} "
             f"{m['singular_values'][0]:>9.4g} {number(m['stable_rank'], '7.2f')} {number(m['top1_energy'], '5.2f')} "
             f"{number(m['top4_energy'], '5.2f')} {number(m['projected_base_norm'], '8.4g')} "
-            f"{number(m['amplification'], '7.3g')}"
+            f"{number(m['amplification'], '7.3g')} {number(m['magnitude_change'], '9.4f')}"
         )
     if result["base"] is None:
-        lines.append("W0 columns (/|W0|, |UtW0V|, amplif) absent: pass --base FOLDER with the base model's safetensors")
+        lines.append("W0 columns (/|W0|, |UtW0V|, amplif, |dm|/|m0|) absent: pass --base FOLDER with the base model's safetensors")
     return "\n".join(lines)
 
 

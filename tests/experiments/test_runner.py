@@ -4,7 +4,10 @@ import json
 
 import pytest
 
-from experiments.runner import experiments_table, load_experiments
+from experiments.runner import adapter_means, experiments_table, load_experiments, saved_evaluation
+from lora.inspect import inspect_adapter
+from medlora.evaluation.settings import resolve_settings
+from tests.conftest import make_tiny_model, save_tiny_adapter
 
 
 def test_shipped_experiment_files_hold_the_reference_four():
@@ -38,10 +41,48 @@ def test_experiment_file_errors_name_the_file_the_experiment_and_the_problem(tmp
         load_experiments(path)
 
 
+def test_rank_study_pins_every_setting_and_repeats_one_cell_with_two_seeds():
+    experiments = load_experiments("experiments/rank.json")
+    cells = {(c.rank, c.lora_variant, c.seed) for _, c in experiments}
+    assert cells == {(r, v, 42) for r in (4, 16, 64) for v in ("lora", "rslora", "dora")} | {(16, "lora", 43), (16, "lora", 44)}
+    entries = json.loads(open("experiments/rank.json").read())
+    pinned = set.intersection(*(set(entry) for entry in entries))
+    assert {"model", "data", "epochs", "batch_size", "max_batch_tokens", "lr", "alpha", "dropout", "targets", "precision", "device"} <= pinned
+    assert {(c.lr, c.alpha, c.dropout, c.targets, c.epochs) for _, c in experiments} == {(1e-3, 32.0, 0.05, ("q_proj", "v_proj"), 0.5)}
+
+
 def test_table_has_a_row_per_experiment_and_says_n_a_for_a_missing_value():
-    row = {"name": "EXP-01", "r": 8, "lr": 0.001, "epochs": 0.1, "train_loss": 1.23456, "val_loss": None, "rouge1": 0.25,
-           "bleu": 0.05, "perplexity": 12.345, "peak_memory_gb": 1.5, "time_min": 2.25, "n": 20}
+    row = {"name": "EXP-01", "r": 8, "variant": "lora", "seed": 42, "lr": 0.001, "epochs": 0.1, "train_loss": 1.23456,
+           "val_ppl": None, "perplexity": 12.345, "rouge1": 0.25, "rougeL": 0.2, "bleu": 0.05, "s_per_step": 7.891,
+           "trainable_params": 460800, "stable_rank": 1.234, "relative_norm": 0.01234, "magnitude_change": None,
+           "peak_memory_gb": 1.5, "time_min": 2.25, "n": 20}
     lines = experiments_table([row]).splitlines()
-    assert lines[0].startswith("| Experiment | r | LR | Epochs | Train loss | Val loss |")
-    assert lines[2] == "| EXP-01 | 8 | 0.001 | 0.1 | 1.2346 | n/a | 0.2500 | 0.0500 | 12.35 | 1.50 | 2.2 |"
+    assert lines[0].startswith("| Experiment | r | Variant | Seed | LR | Epochs | Train loss | Val ppl | Test ppl |")
+    assert lines[2] == ("| EXP-01 | 8 | lora | 42 | 0.001 | 0.1 | 1.2346 | n/a | 12.345 | 0.2500 | 0.2000 | 0.0500 | 7.89 | "
+                        "460,800 | 1.23 | 0.0123 | n/a | 1.50 | 2.2 |")
     assert "on 20 held-out examples" in lines[-1]
+
+
+def test_an_evaluation_is_reused_only_with_the_same_settings(tmp_path):
+    output = tmp_path / "eval.json"
+    settings = resolve_settings({"output": str(output), "max_new_tokens": 64})
+    assert saved_evaluation(settings) is None  # nothing saved yet
+    output.write_text(json.dumps({"settings": settings.to_json(), "finetuned": {"perplexity": 9.0}}))
+    assert saved_evaluation(settings)["finetuned"] == {"perplexity": 9.0}
+    same_values_other_sources = resolve_settings({"output": str(output), "max_new_tokens": 64, "limit": None})
+    same_values_other_sources.sources["generation"] = "another call"
+    assert saved_evaluation(same_values_other_sources) is not None
+    assert saved_evaluation(resolve_settings({"output": str(output), "max_new_tokens": 200})) is None
+    output.write_text("{not json")
+    assert saved_evaluation(settings) is None
+
+
+def test_adapter_means_average_the_inspector_over_modules(tmp_path):
+    base = tmp_path / "base"
+    make_tiny_model().save_pretrained(base, safe_serialization=True)
+    save_tiny_adapter(base, tmp_path / "adapter")
+    means = adapter_means(tmp_path / "adapter", str(base))
+    modules = inspect_adapter(tmp_path / "adapter", base)["modules"]
+    assert means["stable_rank"] == pytest.approx(sum(m["stable_rank"] for m in modules) / len(modules))
+    assert means["relative_norm"] == pytest.approx(sum(m["relative_norm"] for m in modules) / len(modules))
+    assert means["magnitude_change"] is None  # plain LoRA has no magnitude vector

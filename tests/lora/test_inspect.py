@@ -24,6 +24,9 @@ def saved(folder, variant, rank=4):
     torch.manual_seed(2)
     for _, layer in lora_layers(model):
         torch.nn.init.normal_(layer.lora_B, std=0.1)
+        if variant == "dora":  # m moves away from ||W0||_row, as training would move it
+            with torch.no_grad():
+                layer.lora_magnitude_vector.mul_(1 + 0.1 * torch.randn_like(layer.lora_magnitude_vector))
     save_adapter(model, folder, base_model="tiny")
     return model
 
@@ -60,6 +63,28 @@ def test_every_column_matches_numpy_on_the_full_matrices(tmp_path, base_dir, var
         projected = np.linalg.norm(u[:, :4].T @ w0 @ vt[:4].T)
         assert report["projected_base_norm"] == pytest.approx(projected, rel=1e-6)
         assert report["amplification"] == pytest.approx(np.linalg.norm(delta) / projected, rel=1e-6)
+        if variant == "dora":
+            start = np.linalg.norm(w0, axis=1)  # [out]: m at init
+            magnitude = layer.lora_magnitude_vector.double().detach().numpy()
+            assert report["magnitude_change"] == pytest.approx(np.linalg.norm(magnitude - start) / np.linalg.norm(start), rel=1e-6)
+            assert report["magnitude_change"] > 0.01
+        else:
+            assert report["magnitude_change"] is None
+
+
+def test_dora_magnitude_change_is_zero_at_init_and_read_from_the_table(tmp_path, base_dir, capsys):
+    model = make_tiny_model()
+    inject_lora(model, rank=2, alpha=4, variant="dora")  # m = ||W0||_row
+    save_adapter(model, tmp_path, base_model="tiny")
+    assert [m["magnitude_change"] for m in inspect_adapter(tmp_path, base_dir)["modules"]] == pytest.approx([0.0] * 4, abs=1e-7)
+    layer = next(layer for _, layer in lora_layers(model))
+    with torch.no_grad():
+        layer.lora_magnitude_vector.mul_(1.5)  # every row 50% longer: ||0.5 n|| / ||n|| = 0.5
+    save_adapter(model, tmp_path, base_model="tiny")
+    assert main([str(tmp_path), "--base", str(base_dir)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[-1] == "|dm|/|m0|"
+    assert table[2].split()[-1] == "0.5000" and table[3].split()[-1] == "0.0000"
 
 
 def test_untrained_adapter_has_no_stable_rank(tmp_path):
@@ -76,7 +101,7 @@ def test_table_without_base_says_w0_columns_are_absent(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith("lora, r=4, alpha=8, scaling=2, 4 modules")
     assert out[2].startswith("layers.0.self_attn.q_proj ") and out[2].split()[2] == "-"
-    assert "W0 columns (/|W0|, |UtW0V|, amplif) absent: pass --base FOLDER" in out[-1]
+    assert "W0 columns (/|W0|, |UtW0V|, amplif, |dm|/|m0|) absent: pass --base FOLDER" in out[-1]
 
 
 def test_json_and_plot(tmp_path, base_dir, capsys):
