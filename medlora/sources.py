@@ -29,6 +29,8 @@ embedded flashcards as the questions that should get none.
 
 from __future__ import annotations
 
+import logging
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,8 @@ from data import DataError, QAPair, clean_rows, load_rows, sample_and_split
 from data.load import EMBEDDED_DATASET
 from medlora.config import TrainConfig
 from medlora.run_folder import read_config, run_folder_of
+
+logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its own logger to DEBUG: one line per index built
 
 NOT_A_SOURCE_TOPIC = "out_of_domain"  # rows whose answer declines the question: never shown as a source
 STOP_WORDS = "en_plus"  # bm25s' copy of nltk's 179 English stop words: "how", "does", "the" would match every card
