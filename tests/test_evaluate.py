@@ -28,7 +28,8 @@ def test_compare_base_writes_json_predictions_chart_and_table(run_dir, capsys):
     printed = capsys.readouterr().out
     assert "| Metric | Base | Fine-tuned | Delta (fine-tuned - base) |" in printed
     report = json.loads((run_dir / "eval.json").read_text())
-    assert set(report) == {"settings", "base", "finetuned", "delta", "scope_confusion"}  # the tiny adapter has no gate
+    assert set(report) == {"settings", "base", "finetuned", "delta", "grounding", "scope_confusion"}  # the tiny adapter has no gate
+    assert "| Fine-tuned + --ground |" in printed and "| Top-1 card alone |" in printed
     for key in ("base", "finetuned"):
         assert MODEL_KEYS <= set(report[key]) and report[key]["n"] == 4
         assert set(report[key]["intervals"]) == set(METRICS)
@@ -100,12 +101,13 @@ def test_experiments_train_evaluate_and_write_the_table(tiny_model_dir, tmp_path
     assert evaluate.main(argv) == 0
     table = (tmp_path / "table.md").read_text()
     header = table.splitlines()[0]
-    for column in ("r", "LR", "Epochs", "Train loss", "Val loss", "ROUGE-1", "BLEU", "Perplexity", "Peak memory (GB)", "Time (min)"):
+    for column in ("r", "Variant", "LR", "Epochs", "Train loss", "Val ppl", "Test ppl", "ROUGE-1", "ROUGE-L", "BLEU", "Peak memory (GB)", "Time (min)"):
         assert f"| {column} |" in header
     row = json.loads((tmp_path / "table.json").read_text())["experiments"][0]
     assert row["name"] == "EXP-T" and row["r"] == 4 and row["steps"] == 2 and row["n"] == 2
-    assert all(row[key] is not None for key in ("train_loss", "val_loss", "rouge1", "bleu", "perplexity", "peak_memory_gb", "time_min"))
-    assert set(json.loads((run / "eval.json").read_text())) == {"settings", "finetuned"}
+    assert all(row[key] is not None for key in ("train_loss", "val_ppl", "rouge1", "rougeL", "bleu", "perplexity", "peak_memory_gb", "time_min"))
+    report = set(json.loads((run / "eval.json").read_text()))
+    assert {"settings", "finetuned"} <= report and not report & {"base", "delta"}  # each experiment: its adapter alone
 
     capsys.readouterr()
     assert evaluate.main(argv) == 0  # a finished run of the same config is evaluated, not retrained
