@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from medlora.generation import GenerationSettings, generate_answers, stream_answer
+from medlora.generation import SENTENCE_END, GenerationSettings, first_sentences, generate_answers, stream_answer
 from medlora.scope import is_decline, is_emergency_referral
 from medlora.scope_gate import GATE_FILE, Decision, ScopeGate, prompt_features
 
@@ -75,7 +75,6 @@ DECLINE_PHRASES = (
     "outside my", "outside of my", "outside the scope", "outside what I", "beyond my", "beyond the scope",
     "I only answer", "I can only", "I'm only able", "not something I", "I'm sorry", "I am sorry", "I'm afraid",
 )
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 ROUTE_LABELS = {
     "decline": "not a medical question",
     "emergency": "this may be an emergency",
@@ -84,14 +83,9 @@ ROUTE_LABELS = {
 }
 
 
-def sentences(text: str) -> list[str]:
-    """The sentences of `text` (split after . ! ? followed by a space and a capital or digit)."""
-    return [s for s in _SENTENCE_END.split(text.strip()) if s]
-
-
 def first_sentence_done(text: str) -> bool:
-    """Whether `text` holds a whole first sentence (it ends with, or has passed, a sentence end)."""
-    return _SENTENCE_END.search(text + " X") is not None
+    """Whether `text` holds a whole first sentence (a sentence end, then the next token's space)."""
+    return SENTENCE_END.search(text + " ") is not None
 
 
 @dataclass(frozen=True)
@@ -114,16 +108,15 @@ class Answer:
 
 def emergency_text(question: str, model_text: str) -> str:
     """The referral first; then the model's next sentence if its answer opened with a referral, else a fixed line."""
-    opening = sentences(model_text)
-    if opening and is_emergency_referral(opening[0]):
-        return " ".join(opening[:2])
+    if is_emergency_referral(first_sentences(model_text, 1)):
+        return first_sentences(model_text, 2)
     line = next(text for pattern, text in EMERGENCY_LINES if re.search(pattern, question, re.IGNORECASE))
     return f"{EMERGENCY_SENTENCE} {line}"
 
 
 def decline_text(question: str, model_text: str) -> str:
     """The model's own decline (its first sentences) if it declined, else the fixed decline; animals go to a vet."""
-    own = " ".join(sentences(model_text)[:DECLINE_SENTENCES])
+    own = first_sentences(model_text, DECLINE_SENTENCES)
     if VETERINARY.search(question):
         return own if is_decline(own) and "veterinar" in own.lower() else VETERINARY_DECLINE
     return own if is_decline(own) else DECLINE_ANSWER

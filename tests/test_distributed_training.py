@@ -72,8 +72,11 @@ def test_two_ranks_match_one_process_on_the_same_global_batches(tiny_model_dir, 
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=0), key
     a, b = adapter(tmp_path / "two"), adapter(tmp_path / "one")
     assert a.keys() == b.keys()
+    # The ranks sum their gradients in another order than one process does, so the weights agree to
+    # float32 rounding, not bit for bit: max |difference| 1.94e-7 on the Intel Xeon (values ~0.1), where
+    # the old atol of 1e-9 failed, also on the code of 2026-11-28; the losses above still agree to 1e-6.
     for name in a:
-        assert torch.allclose(a[name], b[name], rtol=1e-6, atol=1e-9), name
+        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
     # and a 2-rank run cannot be resumed by one process
     assert train_script.main(args(tiny_model_dir, tmp_path / "two", "--dropout", "0", "--resume", "auto")) == 2
 

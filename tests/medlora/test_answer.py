@@ -11,16 +11,16 @@ from medlora.answer import (
     Answer,
     AnswerPath,
     compose,
-    sentences,
+    first_sentence_done,
 )
-from medlora.generation import GenerationSettings
+from medlora.generation import GenerationSettings, first_sentences
 from medlora.scope import is_clinician_referral, is_decline, is_emergency_referral
 from medlora.scope_gate import Decision
 
 
-def test_sentences_split_after_end_marks_only():
-    assert sentences("Call 911 now. Stay with him! Is he awake? yes") == ["Call 911 now.", "Stay with him!", "Is he awake? yes"]
-    assert sentences("Give 2.5 mg, e.g. at night.") == ["Give 2.5 mg, e.g. at night."]
+def test_the_first_sentence_is_done_at_its_end_mark():
+    assert first_sentence_done("Call 911 now.") and first_sentence_done("Call 911 now. Stay")
+    assert not first_sentence_done("Give 2.5 mg") and not first_sentence_done("That is outside my")
 
 
 def test_emergency_keeps_the_model_s_referral_and_its_next_sentence_only():
@@ -41,7 +41,7 @@ def test_emergency_without_a_model_referral_puts_the_referral_first_then_a_fixed
     text = compose("emergency", question, "It is probably nothing. Sit still and wait a few hours.")
     assert text.startswith(EMERGENCY_SENTENCE) and expected in text
     assert "Sit still" not in text  # the model's non-emergency advice never follows a referral
-    assert is_emergency_referral(sentences(text)[0])
+    assert is_emergency_referral(first_sentences(text, 1))
 
 
 def test_clinician_route_puts_the_referral_first_and_marks_the_rest_as_general_information():
