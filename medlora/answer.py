@@ -230,11 +230,11 @@ def overrides(decision: Decision | None) -> bool:
     return decision is not None and decision.route == "answer" and decision.p_answer >= OVERRIDE_CONFIDENCE
 
 
-def routed(question: str, decision: Decision | None, model_text: str, overridden: bool = False) -> Answer:
+def routed(question: str, decision: Decision | None, model_text: str) -> Answer:
     """The Answer for a prompt given the gate's decision and the model's own answer."""
     if decision is None:
         return Answer(model_text, "answer", None, model_text)
-    return Answer(compose(decision.route, question, model_text), decision.route, decision.probability, model_text, overridden)
+    return Answer(compose(decision.route, question, model_text), decision.route, decision.probability, model_text)
 
 
 def load_gate(adapter: str | None, use_gate: bool = True) -> tuple[ScopeGate | None, str]:
