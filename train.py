@@ -59,7 +59,7 @@ from medlora.run_folder import (
     write_summary,
 )
 from medlora.schedule import cosine_with_warmup, schedule_lengths
-from medlora.scope_gate import fit_gate, gate_labels
+from medlora.scope_gate import fit_gate
 
 
 def load_base_model(config: TrainConfig, world: World):
@@ -219,14 +219,14 @@ def fit_scope_gate_on_saved_adapter(model, tokenizer, data, adapter_dir: Path, a
     """The scope gate (medlora/scope_gate.py), fitted on the adapter that was saved (the best by
     validation loss, which the in-memory weights are not when the best step was not the last) and
     written next to it. Its cost goes into `summary` as gate_time_s."""
-    if gate_labels(data.examples.train) is None:
-        print("[gate] the training answers hold no out-of-scope rows (answers that decline): no scope gate")
-        summary["gate_time_s"] = 0.0
-        return
     started = time.perf_counter()
     load_adapter(model, adapter_dir)
     with autocast():
         gate = fit_gate(model, tokenizer, data.examples.train, data.examples.validation, adapter_dir)
+    if gate is None:
+        print("[gate] the training answers hold no out-of-scope rows (answers that decline): no scope gate")
+        summary["gate_time_s"] = 0.0
+        return
     summary["gate_time_s"] = round(time.perf_counter() - started, 1)
     share = f" ({100 * summary['gate_time_s'] / summary['time_s']:.1f}% of the training loop's {summary['time_s']} s)" if summary["time_s"] else ""
     print(f"[gate] scope gate fitted in {summary['gate_time_s']} s{share}: decline threshold p >= {gate.decline_threshold}, "

@@ -69,7 +69,8 @@ class TrainState:
         return cls(**{key: value for key, value in values.items() if key in known})
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, in hex, read in 1 MiB blocks (checkpoint manifests, the scope gate's adapter)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -207,7 +208,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
 def write_manifest(folder: Path) -> None:
     """manifest.json: size and sha256 of every other file in the checkpoint folder."""
     files = sorted(p for p in folder.iterdir() if p.name != MANIFEST)
-    manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    manifest = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
@@ -226,7 +227,7 @@ def verify_checkpoint(folder: Path) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != expected["bytes"]:
             return f"{path} has {path.stat().st_size} bytes, expected {expected['bytes']} (truncated?)"
-        if _sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             return f"{path} fails its sha256 check (corrupted)"
     return None
 

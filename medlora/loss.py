@@ -21,6 +21,7 @@ import torch
 
 from data import IGNORE_INDEX, EncodedExample, collate, micro_batches
 from medlora.distributed import SINGLE_PROCESS, World
+from medlora.model import expanded_cache
 
 
 def plain_answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -77,10 +78,7 @@ def row_nll(model, batch: dict[str, torch.Tensor], share_prefix: bool = True) ->
     prefix = shared_prefix_length(batch) if share_prefix and ids.shape[0] > 1 else 0
     cache = None
     if prefix >= MIN_SHARED_PREFIX_TOKENS and not model.is_activation_checkpointing:
-        cache = model.model(input_ids=ids[:1, :prefix], use_cache=True).cache
-        for layer in cache.layers:  # [1, kv_heads, prefix, head_dim] -> [batch, ...], no copy
-            layer.keys = layer.keys.expand(ids.shape[0], -1, -1, -1)
-            layer.values = layer.values.expand(ids.shape[0], -1, -1, -1)
+        cache = expanded_cache(model.model(input_ids=ids[:1, :prefix], use_cache=True).cache, ids.shape[0])
     else:
         prefix = 0
     hidden = model.model(input_ids=ids[:, prefix:], attention_mask=mask, cache=cache, use_cache=cache is not None).last_hidden_state

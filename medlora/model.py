@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.metadata
 import os
@@ -306,3 +307,14 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+def expanded_cache(prefix_cache, rows: int):
+    """A copy of a one-row key/value cache that `rows` rows attend to: [1, heads, p, d] -> [rows, heads, p, d],
+    expanded, not copied. The prefix's own cache is left as it was, so it can serve the next batch too."""
+    cache = copy.copy(prefix_cache)
+    cache.layers = [copy.copy(layer) for layer in prefix_cache.layers]
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(rows, -1, -1, -1)
+        layer.values = layer.values.expand(rows, -1, -1, -1)
+    return cache

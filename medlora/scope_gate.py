@@ -27,8 +27,6 @@ The gate only decides; what the user then sees is composed by the answer path (m
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from data.format import prompt_ids
+from medlora.checkpoint import file_sha256
+from medlora.model import expanded_cache
 from medlora.scope import is_clinician_referral, is_decline, is_emergency_referral
 
 GATE_CLASSES = ("answer", "decline", "emergency", "clinician")
@@ -59,15 +59,6 @@ def label_of(answer: str) -> str:
     if is_clinician_referral(answer):
         return "clinician"
     return "answer"
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, in hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -97,7 +88,7 @@ def prompt_features(model, tokenizer, questions: Sequence[str], history: Sequenc
         for row, rest in enumerate(rests):
             input_ids[row, : len(rest)] = torch.tensor(rest)
             attention_mask[row, : shared + len(rest)] = 1
-        cache = expanded(prefix, len(rows)) if prefix is not None else None
+        cache = expanded_cache(prefix, len(rows)) if prefix is not None else None
         hidden = model.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              cache=cache, use_cache=cache is not None).last_hidden_state  # [rows, rest, hidden]
         last = torch.tensor([len(rest) - 1 for rest in rests], device=device)
@@ -113,16 +104,6 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     while shared < shortest - 1 and all(ids[shared] == prompts[0][shared] for ids in prompts):
         shared += 1
     return shared
-
-
-def expanded(prefix_cache, rows: int):
-    """A copy of a one-row key/value cache that `rows` prompts attend to: [1, heads, p, d] -> [rows, heads, p, d]."""
-    cache = copy.copy(prefix_cache)
-    cache.layers = [copy.copy(layer) for layer in prefix_cache.layers]
-    for layer in cache.layers:
-        layer.keys = layer.keys.expand(rows, -1, -1, -1)
-        layer.values = layer.values.expand(rows, -1, -1, -1)
-    return cache
 
 
 @dataclass(frozen=True)

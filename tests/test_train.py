@@ -64,7 +64,8 @@ def run(tiny_model_dir, out, *extra):
 def test_the_scope_gate_is_fitted_on_the_saved_adapter_or_not_at_all(tiny_model_dir, tmp_path, capsys):
     from pathlib import Path
 
-    from medlora.scope_gate import ADAPTER_WEIGHTS, GATE_FILE, ScopeGate, file_sha256
+    from medlora.checkpoint import file_sha256
+    from medlora.scope_gate import ADAPTER_WEIGHTS, GATE_FILE, ScopeGate
 
     out = tmp_path / "run"
     assert run(tiny_model_dir, out) == 0  # the embedded rows hold declines: a gate

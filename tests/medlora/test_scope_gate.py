@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from data.format import EncodedExample
+from medlora.checkpoint import file_sha256
 from medlora.scope_gate import (
     ADAPTER_WEIGHTS,
     GATE_CLASSES,
@@ -11,7 +12,6 @@ from medlora.scope_gate import (
     ScopeGate,
     choose_decline_threshold,
     confusion_matrix,
-    file_sha256,
     fit_gate,
     fit_scope_gate,
     gate_labels,
