@@ -47,8 +47,9 @@ from medlora.model import (
     model_skeleton,
     peak_memory_gb,
     resolve_precision,
+    use_shape_agnostic_attention,
 )
-from medlora.optimizer_step import optimizer_step
+from medlora.optimizer_step import adamw, optimizer_step
 from medlora.run_folder import (
     ADAPTER,
     append_metrics,
@@ -126,6 +127,7 @@ def train(config: TrainConfig, world: World = SINGLE_PROCESS, given: set[str] = 
 
     # ---- model, data, adapters ------------------------------------------------------------------
     model, tokenizer, device, precision = load_base_model(config, world)
+    use_shape_agnostic_attention(device)  # CUDA: no per-shape cuDNN attention plans (docs/performance.md)
     base_name = model_display_name(config.model)
     data = prepare_data(tokenizer, config.data, config.num_examples, config.seed, config.max_length)
     print("\n".join(data.report_lines()))
@@ -143,7 +145,7 @@ def train(config: TrainConfig, world: World = SINGLE_PROCESS, given: set[str] = 
     model.train()
 
     # ---- optimizer, schedule, mixed precision ---------------------------------------------------
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    optimizer = adamw(params, config.lr, config.weight_decay, device)  # fused on a GPU, foreach on a CPU
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # loss scaling for fp16 only
     autocast = autocast_for(device.type, precision)
     steps_per_epoch, total_steps, warmup_steps = schedule_lengths(len(train_examples), config)

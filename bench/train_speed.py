@@ -350,15 +350,28 @@ def train_peft_loop(model, tokenizer, examples) -> dict:
     return {"setting": setting, "wall_s": wall, "tokens": tokens, "steps": len(steps), "mean_loss": sum(losses) / len(losses)}
 
 
-def train_trl(model, tokenizer, examples, checkpointing: bool, bf16: bool, scratch_dir: str, fp16: bool = False) -> dict:
+def train_trl(
+    model, tokenizer, examples, checkpointing: bool, bf16: bool, scratch_dir: str, fp16: bool = False,
+    step_ends: list[float] | None = None,
+) -> dict:
     """TRL's SFTTrainer with a PEFT LoraConfig; only trainer.train() is timed.
+
+    step_ends: if given, the time.perf_counter() at the end of each optimizer step (after a CUDA
+    synchronize on a GPU) is appended to it, so a caller can leave warm-up steps out.
 
     bf16: the model was loaded in bfloat16 (with the attention kernel medlora.model chose for it, as
     for ours-bf16) and the trainer autocasts to bfloat16; PEFT keeps the adapter weights float32.
     fp16: the same in float16 with a loss scaler, on the model's CUDA device (bench/t4_step.py).
     """
     from datasets import Dataset
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available() and model.device.type == "cuda":
+                torch.cuda.synchronize(model.device)
+            step_ends.append(time.perf_counter())
 
     if not (bf16 or fp16):
         model.set_attn_implementation("sdpa")
@@ -386,7 +399,10 @@ def train_trl(model, tokenizer, examples, checkpointing: bool, bf16: bool, scrat
         disable_tqdm=True,
         seed=SEED,
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config())
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config(),
+        callbacks=[StepClock()] if step_ends is not None else None,
+    )
     start = time.perf_counter()
     output = trainer.train()
     wall = time.perf_counter() - start
@@ -396,7 +412,7 @@ def train_trl(model, tokenizer, examples, checkpointing: bool, bf16: bool, scrat
     )
     return {
         "setting": setting, "wall_s": wall, "tokens": int(trainer.state.num_input_tokens_seen),
-        "steps": trainer.state.global_step, "mean_loss": output.training_loss,
+        "steps": trainer.state.global_step, "mean_loss": output.training_loss, "start": start,
     }
 
 

@@ -201,6 +201,18 @@ def attention_for(device: torch.device, dtype: torch.dtype) -> str:
     return "eager" if device.type == "cpu" and dtype == torch.bfloat16 else "sdpa"
 
 
+def use_shape_agnostic_attention(device: torch.device) -> None:
+    """On CUDA, keep PyTorch's SDPA off its cuDNN kernel (flash / memory-efficient instead).
+
+    cuDNN's attention builds an execution plan for every new tensor shape, and a length-grouped
+    micro-batch has a new padded length almost every time: on an H100 that cost about 0.6 ms of
+    CPU per attention call, and turning it off made the t4 preset's optimizer step 2.15x faster
+    (2.51 -> 1.17 s, docs/performance.md). A process-wide switch; a no-op on a CPU.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def _loading_failure(model: str | None, error: Exception) -> str:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if model and not Path(model).expanduser().exists():

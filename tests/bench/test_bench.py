@@ -66,12 +66,37 @@ def test_t4_step_smoke_run_on_one_layer_of_tinyllama(tmp_path):
     from bench import t4_step
 
     output = tmp_path / "t4.json"
-    t4_step.main(["--device", "cpu", "--layers", "1", "--examples", "16", "--precision", "fp32", "--output", str(output)])
+    t4_step.main([
+        "--device", "cpu", "--layers", "1", "--examples", "32", "--warmup-steps", "1", "--precision", "fp32", "--output", str(output),
+    ])
     record = json.loads(output.read_text())
     assert [row["impl"] for row in record["rows"]] == ["ours", "trl"]
     for row in record["rows"]:
-        assert row["steps"] == 1 and row["s_per_step"] > 0 and row["peak_gb"] > 0 and row["memory"] == "peak RSS"
+        assert row["steps"] == 2 and row["s_per_step"] > 0 and row["peak_gb"] > 0 and row["memory"] == "peak RSS"
+        assert 0 < row["warmup_s"] < row["wall_s"]
         assert 9.0 < row["mean_loss"] < 12.0  # random weights: about ln(32000) = 10.4
+
+
+@pytest.mark.slow
+def test_t4_step_single_micro_batch_without_checkpointing(tmp_path):
+    from bench import t4_step
+
+    output = tmp_path / "t4.json"
+    t4_step.main([
+        "--device", "cpu", "--layers", "1", "--examples", "32", "--warmup-steps", "1", "--precision", "fp32", "--impls", "ours",
+        "--batch-size", "16", "--no-grad-checkpointing", "--output", str(output),
+    ])
+    (row,) = json.loads(output.read_text())["rows"]
+    assert "16 rows x 1" in row["setting"] and "checkpointing off" in row["setting"]
+
+
+def test_t4_step_refuses_a_batch_size_that_does_not_divide_the_step(capsys):
+    from bench import t4_step
+
+    with pytest.raises(SystemExit) as exit_info:
+        t4_step.main(["--device", "cpu", "--batch-size", "3"])
+    assert exit_info.value.code == 2
+    assert "--batch-size must divide" in capsys.readouterr().err
 
 
 def test_t4_step_without_a_gpu_says_so_in_one_line(capsys):
