@@ -20,11 +20,13 @@ Porter-stemmed (nltk's stemmer, as ROUGE's), so "works" finds "work" and "bindin
 with tf the count of w in the card, |card| its word count, N the number of cards and df(w) the
 number of cards holding w.
 
-A query sharing no word with any card scores 0 everywhere and gets no card. A card is shown only
-when its score reaches the threshold fitted on the validation split (`fit_threshold`): the score
-that best tells the validation split's medical questions (they should get a card) from its
-out-of-domain questions (they should not). Data without out-of-domain rows borrows those of the
-embedded flashcards as the questions that should get none.
+A query sharing no word with any card scores 0 everywhere and gets no card. A question gets cards
+only when its best card's score reaches the threshold fitted on the validation split
+(`fit_threshold`): the score that best tells the validation split's medical questions (they should
+get a card) from its out-of-domain questions (they should not). Data without out-of-domain rows
+borrows those of the embedded flashcards as the questions that should get none. A further card is
+shown when it reaches the threshold too, or holds every query word the best card matched
+(`FlashcardIndex.search`).
 """
 
 from __future__ import annotations
@@ -78,8 +80,10 @@ class FlashcardIndex:
             raise ValueError("a flashcard index needs at least one card, got none")
         self.cards = cards
         self.min_score = min_score
+        card_words = words([f"{card.question} {card.answer}" for card in cards])
+        self.card_words = [frozenset(ws) for ws in card_words]
         self.retriever = bm25s.BM25()  # Lucene's BM25, k1 = 1.5, b = 0.75
-        self.retriever.index(words([f"{card.question} {card.answer}" for card in cards]), show_progress=False)
+        self.retriever.index(card_words, show_progress=False)
 
     def scores(self, query: str) -> np.ndarray:
         """[cards] float32: the BM25 score of every card for `query` (0 where they share no word)."""
@@ -89,16 +93,26 @@ class FlashcardIndex:
         return self.retriever.get_scores_from_ids(ids)
 
     def search(self, query: str, k: int) -> list[Card]:
-        """The `k` best cards scoring at least `min_score` (and above 0), best first; ties keep data order."""
+        """Up to `k` cards for `query`, best first (ties keep data order).
+
+        The best card is shown when its score reaches `min_score`: that threshold was fitted on the
+        validation questions' best-card scores, so it decides whether a question gets sources at
+        all. Each further card is shown when it reaches `min_score` too, or when it holds every
+        query word the best card matched: the same evidence, found again ("How does heparin
+        work?": the heparin mechanism card beside the heparin-induced thrombocytopenia one, not
+        a card matched only by "work").
+        """
         if k < 0:
             raise ValueError(f"k must be a non-negative number of cards, got {k}")
         scores = self.scores(query)
-        best = np.argsort(-scores, kind="stable")[:k]
-        return [
-            Card(self.cards[i].question, self.cards[i].answer, float(scores[i]))
-            for i in best
-            if scores[i] > 0 and scores[i] >= self.min_score
-        ]
+        order = np.argsort(-scores, kind="stable")
+        if k == 0 or scores[order[0]] <= 0 or scores[order[0]] < self.min_score:
+            return []
+        evidence = set(words([query])[0]) & self.card_words[order[0]]
+        shown = [order[0]] + [
+            i for i in order[1:] if scores[i] > 0 and (scores[i] >= self.min_score or evidence <= self.card_words[i])
+        ][: k - 1]
+        return [Card(self.cards[i].question, self.cards[i].answer, float(scores[i])) for i in shown]
 
     def top_scores(self, queries: list[str]) -> np.ndarray:
         """[queries] the best card's score for each query."""

@@ -62,10 +62,26 @@ def test_search_respects_k_and_min_score():
     index = FlashcardIndex(CARDS)
     assert len(index.search("heparin", k=1)) == 1
     assert index.search("heparin", k=0) == []
-    index.min_score = float(index.scores("heparin")[1])  # only the warfarin card reaches it
-    assert [card.question for card in index.search("heparin", k=5)] == ["warfarin"]
+    index.min_score = float(index.scores("heparin")[1]) * 1.01  # above the best card: the question gets none
+    assert index.search("heparin", k=5) == []
     with pytest.raises(ValueError, match="k must be a non-negative number of cards, got -1"):
         index.search("heparin", k=-1)
+
+
+def test_a_further_card_needs_the_threshold_or_every_word_the_best_card_matched():
+    index = FlashcardIndex(CARDS)
+    # "heparin pancreas": the insulin card (pancreas, df 1) is best; the two heparin cards lack "pancreas".
+    scores = index.scores("heparin pancreas")
+    assert scores[2] > scores[1] > scores[0] > 0
+    index.min_score = float(scores[1]) * 1.01  # only the best card reaches it
+    assert [card.question for card in index.search("heparin pancreas", k=3)] == ["insulin"]
+    index.min_score = float(scores[1])  # now the warfarin card reaches it on its own score
+    assert [card.question for card in index.search("heparin pancreas", k=3)] == ["insulin", "warfarin"]
+    # "heparin": the warfarin card is best and matched "heparin"; the heparin card holds it too, so it is
+    # shown below the threshold, the insulin card (no "heparin") never.
+    index.min_score = float(index.scores("heparin")[1])
+    assert [card.question for card in index.search("heparin", k=3)] == ["warfarin", "heparin"]
+    assert [card.question for card in index.search("heparin", k=1)] == ["warfarin"]
 
 
 @pytest.mark.parametrize("query", ["What is the capital of France?", "", "the and of", "zzzz qqqq"])
@@ -114,9 +130,11 @@ def test_embedded_sources_are_training_rows_without_out_of_domain(tmp_path):
     assert not held_out & {card.question for card in sources.index.cards}
 
 
-def test_heparin_finds_the_antithrombin_card():
-    cards = build_sources(None).search("What is the mechanism of action of heparin?", k=2)
-    assert cards and any("antithrombin" in card.answer for card in cards)
+@pytest.mark.parametrize("question", ["What is the mechanism of action of heparin?", "How does heparin work?"])
+def test_heparin_finds_the_antithrombin_card(question):
+    cards = build_sources(None).search(question, k=2)
+    assert len(cards) == 2 and any("antithrombin" in card.answer for card in cards)
+    assert all("heparin" in (card.question + card.answer).lower() for card in cards)
 
 
 def test_data_without_topics_uses_every_row_and_borrows_out_of_domain_questions(tmp_path):
