@@ -31,7 +31,7 @@ from medlora.evaluation.report import save_evaluation
 from medlora.evaluation.run import run_evaluation
 from medlora.evaluation.settings import EvalSettings, resolve_settings
 from medlora.model import resolve_model_source
-from medlora.run_folder import ADAPTER, CONFIG, finished_run_summary, read_summary
+from medlora.run_folder import ADAPTER, CONFIG, finished_run_summary, read_metrics, read_summary
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 
@@ -133,6 +133,17 @@ def adapter_means(adapter: Path, model: str | None) -> dict[str, float | None]:
     return {key: mean(key) for key in ("stable_rank", "relative_norm", "magnitude_change")}
 
 
+def median_step_seconds(run_dir: str | Path) -> float | None:
+    """The median wall time of one optimizer step, from the elapsed_s of metrics.jsonl's step records.
+
+    A median, so that a burst of other work on a shared machine (or a validation pass between two
+    steps) moves it less than it moves the mean; None when the run logged fewer than two steps.
+    """
+    elapsed = [record["elapsed_s"] for record in read_metrics(Path(run_dir)) if "loss" in record and "elapsed_s" in record]
+    durations = [later - earlier for earlier, later in zip(elapsed, elapsed[1:])]
+    return statistics.median(durations) if durations else None
+
+
 def run_experiments(experiments: list[tuple[str, TrainConfig]], eval_flags: dict, progress: bool = True) -> list[dict]:
     """Train each experiment (train_in_subprocess), evaluate its adapter, inspect it, return one row each.
 
@@ -165,7 +176,7 @@ def run_experiments(experiments: list[tuple[str, TrainConfig]], eval_flags: dict
             "name": name, "r": config.rank, "variant": config.lora_variant, "seed": config.seed, "lr": config.lr,
             "epochs": config.epochs, "train_loss": summary["train_loss"], "val_ppl": summary["best_val_ppl"],
             "perplexity": finetuned["perplexity"], "rouge1": finetuned["rouge1"], "rougeL": finetuned["rougeL"],
-            "bleu": finetuned["bleu"], "s_per_step": summary["time_s"] / summary["steps"],
+            "bleu": finetuned["bleu"], "s_per_step": median_step_seconds(config.output_dir),
             "trainable_params": summary["trainable_params"], **adapter_means(adapter, config.model),
             "peak_memory_gb": summary["peak_memory_gb"], "time_min": summary["time_s"] / 60,
             "steps": summary["steps"], "n": finetuned["n"], "run_dir": config.output_dir,
@@ -189,8 +200,8 @@ def experiments_table(rows: list[dict]) -> str:
         "",
         "Train loss: answer-token loss of the last optimizer step; val ppl: answer-token perplexity of the best "
         "validation pass. Test ppl (answer tokens), ROUGE-1 and ROUGE-L (mean F1) and BLEU-4 of the fine-tuned model "
-        f"on {'/'.join(map(str, n))} held-out examples. s/step: training time / optimizer steps (validation not "
-        "counted). Trainable: LoRA parameters. Stable rank (||dW||_F^2 / s_1^2), |dW|/|W0| (||dW||_F / ||W0||_F) and, "
+        f"on {'/'.join(map(str, n))} held-out examples. s/step: the median wall time of one optimizer step "
+        "(metrics.jsonl). Trainable: LoRA parameters. Stable rank (||dW||_F^2 / s_1^2), |dW|/|W0| (||dW||_F / ||W0||_F) and, "
         "for DoRA, |dm|/|m0| (||m - ||W0||_row|| / || ||W0||_row ||): python -m lora.inspect, averaged over the "
         "adapted modules. Peak memory: of the experiment's training process, CUDA peak allocation on a GPU, "
         "peak resident memory on a CPU. Time: training only.",

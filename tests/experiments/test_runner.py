@@ -86,3 +86,15 @@ def test_adapter_means_average_the_inspector_over_modules(tmp_path):
     assert means["stable_rank"] == pytest.approx(sum(m["stable_rank"] for m in modules) / len(modules))
     assert means["relative_norm"] == pytest.approx(sum(m["relative_norm"] for m in modules) / len(modules))
     assert means["magnitude_change"] is None  # plain LoRA has no magnitude vector
+
+
+def test_median_step_seconds_ignores_a_burst_and_validation_records(tmp_path):
+    from experiments.runner import median_step_seconds
+
+    records = [{"step": 0, "val_loss": 2.0, "val_ppl": 7.4}]  # a validation record: no step time
+    for step, elapsed in enumerate([4.0, 8.0, 12.0, 30.0, 34.0, 38.0]):  # one slow step (18 s): a burst of other work
+        records.append({"step": step, "loss": 1.0, "elapsed_s": elapsed})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert median_step_seconds(tmp_path) == 4.0  # durations 4, 4, 18, 4, 4; the mean would say 6.8
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(records[1]) + "\n")
+    assert median_step_seconds(tmp_path) is None
