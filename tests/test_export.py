@@ -7,7 +7,6 @@ SmolLM2-135M-Instruct with a random adapter and compare with the project's own m
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import gguf
@@ -420,7 +419,7 @@ def embedded_model_with_random_adapter(folder):
     and exported as merged GGUF f32/f16/q8_0 (folder/merged-DTYPE.gguf).
 
     Returns:
-        (the merged model, tokenizer, the 34 test questions of the embedded data's evaluation split).
+        (the merged model, tokenizer, the 50 test questions of the embedded data's evaluation split).
     """
     merged, tokenizer, _ = load_for_inference(None, None)
     random_adapter(merged, rank=8, alpha=16, std=0.002, seed=0)
@@ -432,11 +431,6 @@ def embedded_model_with_random_adapter(folder):
     questions = [example.question for example in prepare_data(tokenizer).examples.test]
     return merged.eval(), tokenizer, questions
 
-
-UNVERIFIED = pytest.mark.skipif(
-    os.environ.get("MEDLORA_EXPORT_AGREEMENT") != "1",
-    reason="not yet seen to finish on the 2-core machine (two runs were cut short under load): MEDLORA_EXPORT_AGREEMENT=1 runs it",
-)
 
 
 @pytest.fixture(scope="module")
@@ -474,6 +468,13 @@ def merged_answers(embedded_export) -> list[list[int]]:
     return answers
 
 
+# Floors on the share of answer positions where the GGUF model's greedy pick equals the merged model's,
+# given the same answer so far. Measured 2026-11-29 on the Xeon: f16 7,440/7,445 (99.9%), q8_0
+# 7,263/7,445 (97.6%); two runs gave 43 and 45 of 50 identical f16 answers (threads change near-ties).
+F16_POSITIONS = 0.995
+Q8_0_POSITIONS = 0.95
+
+
 def greedy_picks(model, prompt: list[int], answer: list[int], penalty: float) -> tuple[list[int], torch.Tensor]:
     """The token greedy decoding picks at each answer position given the answer so far (teacher forcing),
     with transformers' repetition penalty; and the penalized logits, [answer length, vocab].
@@ -490,16 +491,23 @@ def greedy_picks(model, prompt: list[int], answer: list[int], penalty: float) ->
     return logits.argmax(dim=-1).tolist(), logits
 
 
-def greedy_agreement(embedded_export, answers: list[list[int]], dtype: str) -> tuple[int, int, list[str]]:
-    """How many test questions the GGUF model answers exactly as the merged model; where the others part."""
+def greedy_agreement(embedded_export, answers: list[list[int]], dtype: str) -> tuple[int, int, list[str], float]:
+    """How many test questions the GGUF model answers exactly as the merged model; where the others part;
+    and the share of all answer positions where, given the merged answer so far, both pick the same token.
+
+    The last number is the robust one: a greedy answer that leaves a near-tie on another token is
+    "different" from there on, but the next-token picks still agree almost everywhere, while a broken
+    file (wrong permutation, scale or dtype) disagrees almost everywhere.
+    """
     folder, merged, tokenizer, questions = embedded_export
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=f"merged-{dtype}.gguf", dtype=torch.float32).eval()
     penalty = GenerationSettings().repetition_penalty
     started = time.perf_counter()
-    notes = []
+    notes, agreeing, positions = [], 0, 0
     for question, answer in zip(questions, answers):
         prompt = prompt_ids(tokenizer, question)
         picks, logits = greedy_picks(loaded, prompt, answer, penalty)
+        agreeing, positions = agreeing + sum(a == b for a, b in zip(picks, answer)), positions + len(answer)
         if picks != answer:
             t = next(i for i, (a, b) in enumerate(zip(picks, answer)) if a != b)
             _, reference = greedy_picks(merged, prompt, answer[: t + 1], penalty)
@@ -509,22 +517,27 @@ def greedy_agreement(embedded_export, answers: list[list[int]], dtype: str) -> t
                 f"{dtype} GGUF {tokenizer.decode([theirs])!r} ({logits[t, theirs]:.4f} vs {logits[t, ours]:.4f})"
             )
     same = len(questions) - len(notes)
-    print(f"{dtype} GGUF (transformers): {same}/{len(questions)} greedy answers identical to the merged model's ({time.perf_counter() - started:.0f} s)")
+    print(
+        f"{dtype} GGUF (transformers): {same}/{len(questions)} greedy answers identical to the merged model's; "
+        f"next-token picks agree at {agreeing}/{positions} answer positions ({time.perf_counter() - started:.0f} s)"
+    )
     print("\n".join(notes))
-    return same, len(questions), notes
+    return same, len(questions), notes, agreeing / positions
 
 
 @pytest.mark.slow
-@UNVERIFIED
 def test_embedded_f16_gguf_greedy_answers_match_on_the_test_split(embedded_export, merged_answers):
-    same, total, notes = greedy_agreement(embedded_export, merged_answers, "f32")
+    same, total, notes, _ = greedy_agreement(embedded_export, merged_answers, "f32")
     assert same == total, notes  # the teacher-forced comparison itself: exact weights agree everywhere
-    same, total, notes = greedy_agreement(embedded_export, merged_answers, "f16")
-    assert same >= 32, notes
+    same, total, notes, positions = greedy_agreement(embedded_export, merged_answers, "f16")
+    # Measured on 2026-11-29 (Xeon): 43 and 45 of 50 answers identical in two runs. The first 34-row floor of 32/34 (94%) does
+    # not hold on the 50 test rows; the seven that part leave a near-tie (docs/export.md).
+    assert same >= 40 and positions >= F16_POSITIONS, notes
 
 
 @pytest.mark.slow
-@UNVERIFIED
 def test_embedded_q8_0_gguf_greedy_agreement_is_reported(embedded_export, merged_answers):
-    same, total, _ = greedy_agreement(embedded_export, merged_answers, "q8_0")
-    assert same >= total // 2  # 8-bit weights change some answers; a broken file changes all of them
+    same, total, _, positions = greedy_agreement(embedded_export, merged_answers, "q8_0")
+    # Measured on 2026-11-29 (Xeon): 3 and 2 of 50 whole answers identical in two runs (an 8-bit near-tie within 200 tokens is
+    # almost certain), but the next-token picks agree almost everywhere; a broken file would not.
+    assert positions >= Q8_0_POSITIONS
