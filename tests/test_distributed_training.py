@@ -72,11 +72,16 @@ def test_two_ranks_match_one_process_on_the_same_global_batches(tiny_model_dir, 
                 assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=0), key
     a, b = adapter(tmp_path / "two"), adapter(tmp_path / "one")
     assert a.keys() == b.keys()
-    # The ranks sum their gradients in another order than one process does, so the weights agree to
-    # float32 rounding, not bit for bit: max |difference| 1.94e-7 on the Intel Xeon (values ~0.1), where
-    # the old atol of 1e-9 failed, also on the code of 2026-11-28; the losses above still agree to 1e-6.
+    # The ranks sum their gradients in another order than one process does, so the gradients agree to
+    # float32 rounding (the losses and gradient norms above, to 1e-6), not bit for bit, and AdamW divides
+    # each gradient by its own running magnitude: an element whose gradient is near 0 can take a step of
+    # about lr on either side of a rounding error. So single elements may differ by far more than rounding
+    # (2.0e-5 of 0.13 on the Intel Xeon, 2026-11-30, after the embedded data grew), while each tensor as a
+    # whole agrees: compare ||two - one|| / ||one|| per tensor (at most 8.7e-6 there).
     for name in a:
-        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
+        relative = float(torch.linalg.vector_norm(a[name] - b[name]) / torch.linalg.vector_norm(b[name]))
+        print(f"{name}: relative difference {relative:.2e}")
+        assert relative < 1e-4, name
     # and a 2-rank run cannot be resumed by one process
     assert train_script.main(args(tiny_model_dir, tmp_path / "two", "--dropout", "0", "--resume", "auto")) == 2
 
