@@ -178,13 +178,12 @@ def child_main(spec: dict) -> None:
                 model, tokenizer, examples, True, precision == "bf16", scratch, fp16=precision == "fp16", step_ends=step_ends,
             )
         result["step_ends"] = step_ends
-    ends, warmup = result.pop("step_ends"), spec["warmup_steps"]
-    start = result.pop("start")
-    timed = ends[warmup:]
-    result["wall_s"] = ends[-1] - start if ends else result.get("wall_s", 0.0)
-    result["steps"] = len(ends)
-    result["warmup_s"] = ends[warmup - 1] - start if warmup else 0.0
-    result["s_per_step"] = (timed[-1] - ends[warmup - 1]) / (len(timed)) if warmup else result["wall_s"] / len(ends)
+    ends, warmup, start = result.pop("step_ends"), spec["warmup_steps"], result.pop("start")
+    timed_from = ends[warmup - 1] if warmup else start  # the end of the last warm-up step
+    result.update(
+        wall_s=ends[-1] - start, steps=len(ends), warmup_s=timed_from - start,
+        s_per_step=(ends[-1] - timed_from) / (len(ends) - warmup),
+    )
     memory = "torch.cuda.max_memory_allocated" if device.startswith("cuda") else "peak RSS"
     result.update(
         impl=spec["impl"], layers=spec["layers"], examples=len(examples), peak_gb=peak_memory_gb(torch.device(device)),

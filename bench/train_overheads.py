@@ -26,7 +26,7 @@ from medlora.checkpoint import TrainState, save_checkpoint
 from medlora.config import config_from_preset
 from medlora.loss import answer_nll, validation_loss
 from medlora.model import TORCH_DTYPES, autocast_for, load_model_and_tokenizer, resolve_precision
-from medlora.optimizer_step import optimizer_step
+from medlora.optimizer_step import adamw, optimizer_step
 
 
 def best_time(repeats: int, work) -> float:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds = best_time(args.repeats, lambda: validation_loss(model, validation, tokenizer.pad_token_id, config.batch_size, budget, autocast))
         print(f"validation pass, token budget {budget:5d}: {seconds:6.2f} s ({tokens / seconds:6.0f} tokens/s)")
 
-    optimizer = torch.optim.AdamW(lora_parameters(model), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    optimizer = adamw(lora_parameters(model), config.lr, config.weight_decay, device)  # as train.py builds it
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     train = data.examples.train
     lengths = [len(example.input_ids) for example in train]

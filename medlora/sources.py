@@ -87,7 +87,11 @@ class FlashcardIndex:
 
     def scores(self, query: str) -> np.ndarray:
         """[cards] float32: the BM25 score of every card for `query` (0 where they share no word)."""
-        ids = self.retriever.get_tokens_ids(words([query])[0])
+        return self.word_scores(words([query])[0])
+
+    def word_scores(self, query_words: list[str]) -> np.ndarray:
+        """`scores` for a query already cut into BM25 words (`words`)."""
+        ids = self.retriever.get_tokens_ids(query_words)
         if not ids:
             return np.zeros(len(self.cards), dtype=np.float32)
         return self.retriever.get_scores_from_ids(ids)
@@ -104,11 +108,12 @@ class FlashcardIndex:
         """
         if k < 0:
             raise ValueError(f"k must be a non-negative number of cards, got {k}")
-        scores = self.scores(query)
+        query_words = words([query])[0]
+        scores = self.word_scores(query_words)
         order = np.argsort(-scores, kind="stable")
         if k == 0 or scores[order[0]] <= 0 or scores[order[0]] < self.min_score:
             return []
-        evidence = set(words([query])[0]) & self.card_words[order[0]]
+        evidence = set(query_words) & self.card_words[order[0]]
         shown = [order[0]] + [
             i for i in order[1:] if scores[i] > 0 and (scores[i] >= self.min_score or evidence <= self.card_words[i])
         ][: k - 1]
