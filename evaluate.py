@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--split", choices=SPLITS, help="split to evaluate (default: test)")
     add("--limit", type=int, help="evaluate only the first N examples of the split, and at most N held-out scope prompts, "
         "taken in turn from each kind (default: all)")
-    add("--batch-size", type=int, help="questions per generation batch (default: 16)")
+    add("--batch-size", type=int, help="questions per generation batch (default: 128)")
     add("--max-new-tokens", type=int, help="most tokens generated per answer (default: 200)")
     add("--sample", action="store_true", help="sample instead of greedy decoding")
     add("--temperature", type=float, help="with --sample: softmax temperature (default: 0.7)")

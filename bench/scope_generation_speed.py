@@ -5,7 +5,8 @@
     python -m bench.scope_generation_speed --adapter runs/cpu/adapter --every 1     # all 296
 
 Answers every --every-th prompt of data/scope_heldout.jsonl as evaluate.py does (the fine-tuned
-model with --adapter merged, else the base model; fp32, greedy, batches of 16, max_new_tokens
+model with --adapter merged, else the base model; fp32, greedy, batches of --batch-size (evaluate.py's 128),
+max_new_tokens
 SCOPE_MAX_NEW_TOKENS), without a sentence limit and with generate_answers(...,
 stop_after_sentences=2), the two passes taking turns --repeats times (the fastest of each is
 kept). It prints the answers/s of each, how many answers the limit cut, how many limited answers
@@ -13,10 +14,8 @@ equal the unlimited answer cut at its second sentence (medlora.generation.first_
 them, or the limit changed the decoding), and how many scope verdicts (declined / referred,
 medlora.scope) differ.
 
-Then it estimates what dropping finished rows from the batch would add: it times one KV-cache
-decoding step of the model at batch sizes 1, 2, 4, 8 and 16, and prices the limited pass's
-decoding steps at the batch size they ran with (the whole batch, as `generate` keeps finished rows)
-against the number of rows still running (as a decode loop that drops them would).
+generate_answers decodes with its own loop (medlora.generation.decode), in which a row that stops
+leaves the batch at once, so the sentence stop saves the decoding steps of the rows it ends early.
 """
 
 from __future__ import annotations
@@ -26,10 +25,9 @@ import time
 
 import torch
 
-from data.format import prompt_ids
 from data.scope_set import load_heldout
 from medlora.evaluation.settings import SCOPE_MAX_NEW_TOKENS
-from medlora.generation import GenerationSettings, first_sentences, generate_answers, load_for_inference
+from medlora.generation import GENERATION_BATCH_SIZE, GenerationSettings, first_sentences, generate_answers, load_for_inference
 from medlora.scope import REFERRAL_KINDS, is_decline, is_referral
 
 SENTENCES = 2  # the stop evaluate.py uses for scope answers
@@ -40,31 +38,14 @@ def verdict(answer: str, kind: str) -> tuple[bool, bool | None]:
     return is_decline(answer), is_referral(answer, kind) if kind in REFERRAL_KINDS else None
 
 
-DECODE_BATCH_SIZES = (1, 2, 4, 8, 16)
-
-
-@torch.no_grad()
-def decode_step_seconds(model, prompt: list[int], batch_size: int, steps: int = 16) -> float:
-    """Median wall time of one greedy KV-cache decoding step with `batch_size` copies of `prompt`."""
-    input_ids = torch.tensor([prompt] * batch_size)  # [batch, prompt]
-    output = model(input_ids=input_ids, use_cache=True)
-    cache, token = output.cache, output.logits[:, -1:].argmax(-1)  # token: [batch, 1]
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        output = model(input_ids=token, cache=cache, use_cache=True)
-        token = output.logits[:, -1:].argmax(-1)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n", 2)[2])
     parser.add_argument("--adapter", help="the fine-tuned adapter folder (RUN/adapter); without it, the base model")
     parser.add_argument("--every", type=int, default=4, help="answer every N-th held-out prompt (default: 4)")
     parser.add_argument("--repeats", type=int, default=2, help="passes of each kind, taking turns; the fastest is kept (default: 2)")
-    parser.add_argument("--batch-size", type=int, default=16, help="questions per generation batch (default: 16, evaluate.py's)")
+    parser.add_argument("--batch-size", type=int, default=GENERATION_BATCH_SIZE,
+                        help=f"questions per generation batch (default: {GENERATION_BATCH_SIZE}, evaluate.py's)")
     args = parser.parse_args()
     if min(args.every, args.batch_size, args.repeats) < 1:
         parser.error(f"--every, --batch-size and --repeats must be positive, got {args.every}, {args.batch_size}, {args.repeats}")
@@ -91,30 +72,6 @@ def main() -> None:
     changed = sum(verdict(full, p.kind) != verdict(limited, p.kind) for full, limited, p in zip(answers[None], answers[SENTENCES], prompts))
     print(f"answers the limit cut: {cut_count} of {len(prompts)}; limited answer == unlimited answer cut at sentence {SENTENCES}: "
           f"{same} of {len(prompts)}; verdicts changed: {changed}")
-
-    # What dropping finished rows would save: price each decoding step of the limited pass.
-    probe = prompt_ids(tokenizer, questions[0])
-    step_cost = {size: decode_step_seconds(model, probe, size) for size in DECODE_BATCH_SIZES}
-    print("one decoding step: " + ", ".join(f"batch {size} {1000 * cost:.0f} ms" for size, cost in step_cost.items()))
-
-    def cost(rows: int) -> float:  # interpolate between the measured batch sizes
-        upper = min(size for size in DECODE_BATCH_SIZES if size >= rows)
-        lower = max([size for size in DECODE_BATCH_SIZES if size <= rows] or [upper])
-        if upper == lower:
-            return step_cost[upper]
-        return step_cost[lower] + (step_cost[upper] - step_cost[lower]) * (rows - lower) / (upper - lower)
-
-    order = sorted(range(len(questions)), key=lambda i: len(prompt_ids(tokenizer, questions[i])))
-    kept, dropped = 0.0, 0.0
-    for start in range(0, len(order), args.batch_size):
-        batch = order[start : start + args.batch_size]
-        # tokens each row decoded: its cut answer's tokens + 1 (the token after the sentence end, or end of turn)
-        lengths = [min(SCOPE_MAX_NEW_TOKENS, len(tokenizer.encode(answers[SENTENCES][i], add_special_tokens=False)) + 1) for i in batch]
-        for step in range(max(lengths)):
-            kept += cost(len(batch))
-            dropped += cost(sum(length > step for length in lengths))
-    print(f"decoding steps priced: finished rows kept {kept:.1f} s, dropped {dropped:.1f} s "
-          f"(dropping would save {100 * (1 - dropped / kept):.0f}% of the decoding steps' time)")
 
 
 if __name__ == "__main__":

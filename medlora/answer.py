@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from medlora.generation import SENTENCE_END, GenerationSettings, first_sentences, generate_answers, stream_answer
+from medlora.generation import GENERATION_BATCH_SIZE, SENTENCE_END, GenerationSettings, first_sentences, generate_answers, stream_answer
 from medlora.scope import is_decline, is_emergency_referral
 from medlora.scope_gate import GATE_FILE, Decision, ScopeGate, prompt_features
 
@@ -141,7 +141,7 @@ def compose(route: str, question: str, model_text: str) -> str:
 class AnswerPath:
     """The model, its scope gate (or None) and the decoding settings: everything that answers a prompt."""
 
-    def __init__(self, model, tokenizer, gate: ScopeGate | None, settings: GenerationSettings, batch_size: int = 16,
+    def __init__(self, model, tokenizer, gate: ScopeGate | None, settings: GenerationSettings, batch_size: int = GENERATION_BATCH_SIZE,
                  stop_after_sentences: int | None = None) -> None:
         self.model, self.tokenizer, self.gate, self.settings, self.batch_size = model, tokenizer, gate, settings, batch_size
         self.stop_after_sentences = stop_after_sentences  # answer_many: cut each answer there (evaluation's scope prompts)

@@ -21,12 +21,21 @@ from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (
+    LogitsProcessorList,
+    NoBadWordsLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TextIteratorStreamer,
+    TopPLogitsWarper,
+)
 
 from data.format import prompt_ids
 from lora import AdapterError, load_adapter, merge_lora, read_adapter_config
 from lora.adapter_files import WEIGHTS_NAME
-from medlora.model import load_model_and_tokenizer, model_display_name
+from medlora.model import expanded_cache, load_model_and_tokenizer, model_display_name
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,12 @@ class GenerationSettings:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+
+# Questions per generation batch when answering many (evaluation). On a CPU a decoding step reads
+# every weight whatever the batch, so a larger batch costs little more per step, and `decode` lets
+# finished rows leave it: evaluate.py's 296 scope prompts took 45-51 s per model at 128, 56 s at 64,
+# and 122-125 s at 16 with model.generate; the answers are the same in float32 (docs/performance.md).
+GENERATION_BATCH_SIZE = 128
 
 # A sentence ends at ".", "!" or "?" (and any closing quotes or brackets) that whitespace follows:
 # "3.5 mg" and "e.g.," do not end one; an abbreviation before a space ("e.g. aspirin") does.
@@ -206,12 +221,43 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return input_ids, attention_mask
 
 
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all `prompts` share, leaving each prompt at least one token of its own
+    (generation needs one uncached token per row to predict from). 0 for fewer than two prompts."""
+    if len(prompts) < 2:
+        return 0
+    first, shortest = prompts[0], min(len(ids) for ids in prompts)
+    shared = 0
+    while shared < shortest - 1 and all(ids[shared] == first[shared] for ids in prompts):
+        shared += 1
+    return shared
+
+
+def prefix_then_left_pad(sequences: Sequence[Sequence[int]], shared: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `left_pad`, but the `shared` tokens all rows start with stay first and the padding goes after them.
+
+    [prefix | padding | rest of the prompt]: the prefix's keys and values, computed once, serve every
+    row (a cache passed to `generate`), and each row's last prompt token is still in the last column.
+    Positions come from the attention mask (its running count), so a row's own tokens sit right
+    after the prefix, as in the unpadded prompt.
+    """
+    rest_ids, rest_mask = left_pad([ids[shared:] for ids in sequences], pad_id)
+    prefix = torch.tensor([list(sequences[0][:shared])], dtype=torch.long).expand(len(sequences), -1)
+    return torch.cat([prefix, rest_ids], dim=1), torch.cat([torch.ones_like(prefix), rest_mask], dim=1)
+
+
+@torch.no_grad()
+def prefill(model, ids: Sequence[int]):
+    """The key/value cache of one row of `ids` (a shared prompt prefix), for `expanded_cache`."""
+    return model(input_ids=torch.tensor([list(ids)], device=model.device), use_cache=True).cache
+
+
 def generate_answers(
     model,
     tokenizer,
     questions: list[str],
     settings: GenerationSettings,
-    batch_size: int = 16,
+    batch_size: int = GENERATION_BATCH_SIZE,
     progress: bool = False,
     bad_words_ids: Sequence[Sequence[int]] | None = None,
     *,
@@ -223,9 +269,11 @@ def generate_answers(
     `contexts`, one per question ("" for none), is put in the prompt before its question
     (data.format.prompt_ids), as `--ground` puts the closest flashcards there.
 
-    Prompts are sorted by length before batching so each batch pads little. Decoding is greedy by
+    Prompts are sorted by length before batching so each batch pads little. The tokens every prompt
+    starts with (the system prompt: 48 of a scope prompt's ~67 tokens) are run through the model
+    once, and each batch attends to their keys and values (`prefix_then_left_pad`). Decoding is greedy by
     default; in float32 the answers are then the same whatever the batch size (16 of 16 test
-    questions, bench/results/generation_batched_fp32.log), while in bf16 the rounding changes with
+    questions at batch 1, 8 and 16, 42 of 42 at 16 and 64; bench/results/generation_batched_fp32*.log), while in bf16 the rounding changes with
     the batch's shape and so do the answers (0 of 16 equal). With temperature > 0 the sampler is
     seeded with `settings.seed` (when set).
 
@@ -248,22 +296,17 @@ def generate_answers(
             )
     if not settings.greedy and settings.seed is not None:
         torch.manual_seed(settings.seed)
-    kwargs = generation_kwargs(model, tokenizer, settings, bad_words_ids)
     order = sorted(range(len(questions)), key=lambda index: len(prompts[index]))
     answers = [""] * len(questions)
+    shared = shared_prefix_length(prompts)
+    prefix_cache = prefill(model, prompts[0][:shared]) if shared else None
     with tqdm(total=len(questions), desc="generating", unit="answer", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            input_ids, attention_mask = left_pad([prompts[index] for index in batch], tokenizer.pad_token_id)
-            stopping = StoppingCriteriaList(
-                [] if stop_after_sentences is None else [_StopAfterSentences(tokenizer, input_ids.shape[1], stop_after_sentences)]
-            )
-            with torch.no_grad():
-                output = model.generate(
-                    input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                    stopping_criteria=stopping, **kwargs,
-                )
-            new_tokens = output[:, input_ids.shape[1]:]  # [batch, generated]: drop the (padded) prompt columns
+            input_ids, attention_mask = prefix_then_left_pad([prompts[index] for index in batch], shared, tokenizer.pad_token_id)
+            cache = None if prefix_cache is None else expanded_cache(prefix_cache, len(batch))
+            new_tokens = decode(model, tokenizer, input_ids.to(model.device), attention_mask.to(model.device), settings, cache,
+                                bad_words_ids, stop_after_sentences)
             for index, row in zip(batch, new_tokens):
                 answer = tokenizer.decode(row, skip_special_tokens=True).strip()
                 answers[index] = answer if stop_after_sentences is None else first_sentences(answer, stop_after_sentences)
@@ -271,19 +314,77 @@ def generate_answers(
     return answers
 
 
-class _StopAfterSentences(StoppingCriteria):
-    """Ends a row once its generated text holds `count` complete sentences (SENTENCE_END).
+def logits_processors(model, tokenizer, settings: GenerationSettings, bad_words_ids: Sequence[Sequence[int]] | None = None):
+    """The transformers logits processors `model.generate` applies for `settings`, in its order:
+    repetition penalty, banned words, then (sampling only) temperature and top-p."""
+    processors = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    if bad_words_ids:
+        processors.append(NoBadWordsLogitsProcessor([list(ids) for ids in bad_words_ids], stop_token_ids(model, tokenizer)))
+    if not settings.greedy:
+        if settings.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_p < 1.0:
+            processors.append(TopPLogitsWarper(settings.top_p))
+    return processors
 
-    `prompt_length`: the (left-padded) prompt columns of the batch; what follows them is generated.
+
+@torch.no_grad()
+def decode(
+    model,
+    tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: GenerationSettings,
+    cache=None,
+    bad_words_ids: Sequence[Sequence[int]] | None = None,
+    stop_after_sentences: int | None = None,
+) -> list[list[int]]:
+    """The new tokens of each row of a padded batch of prompts (end of turn left out), one token per step.
+
+    A row leaves the batch as soon as it ends: at an end-of-turn token, at the end of its
+    `stop_after_sentences`-th sentence, or after settings.max_new_tokens. `model.generate` keeps
+    finished rows in the batch until the last one ends; dropping them makes the rows still going
+    decode at the batch size they need. The scores pass through the same logits processors as in
+    `generate` (`logits_processors`), so greedy answers are generate's, token for token.
+
+    Args:
+        input_ids, attention_mask: [batch, prompt], 0 on padding (`left_pad`, `prefix_then_left_pad`).
+        cache: keys and values of the prompts' first columns (`prefill` + `expanded_cache`), or None.
     """
-
-    def __init__(self, tokenizer, prompt_length: int, count: int) -> None:
-        self.tokenizer, self.prompt_length, self.count = tokenizer, prompt_length, count
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        done = [len(SENTENCE_END.findall(text)) >= self.count for text in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+    processors = logits_processors(model, tokenizer, settings, bad_words_ids)
+    stop_ids = torch.tensor(stop_token_ids(model, tokenizer), device=input_ids.device)
+    rows = list(range(input_ids.shape[0]))  # which input row each row still decoding is
+    generated: list[list[int]] = [[] for _ in rows]
+    sequences, mask = input_ids, attention_mask  # [rows still decoding, prompt + new tokens so far]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # a token's position counts the real tokens before it
+    cached = 0 if cache is None else cache.get_seq_length()
+    step_ids, step_positions = sequences[:, cached:], positions[:, cached:]
+    for step in range(settings.max_new_tokens):
+        output = model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions, cache=cache, use_cache=True,
+                       logits_to_keep=1)
+        cache = output.cache
+        scores = processors(sequences, output.logits[:, -1, :].float())  # [rows, vocab]; the processors see the whole text
+        tokens = scores.argmax(-1) if settings.greedy else torch.multinomial(scores.softmax(-1), 1)[:, 0]
+        sequences = torch.cat([sequences, tokens[:, None]], dim=1)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        ended = torch.isin(tokens, stop_ids).tolist()
+        for row, token, end in zip(rows, tokens.tolist(), ended):
+            if not end:
+                generated[row].append(token)
+        if stop_after_sentences is not None:
+            texts = tokenizer.batch_decode([generated[row] for row in rows], skip_special_tokens=True)
+            ended = [end or len(SENTENCE_END.findall(text)) >= stop_after_sentences for end, text in zip(ended, texts)]
+        keep = [live for live, end in enumerate(ended) if not end]
+        if not keep or step == settings.max_new_tokens - 1:
+            break
+        if len(keep) < len(rows):  # drop the finished rows: from the text, the mask and every layer's cache
+            index = torch.tensor(keep, device=sequences.device)
+            rows, sequences, mask, tokens = [rows[live] for live in keep], sequences[index], mask[index], tokens[index]
+            cache.batch_select_indices(index)
+        step_ids, step_positions = tokens[:, None], mask.sum(-1, keepdim=True) - 1
+    return generated
 
 
 class _StopWhenSet(StoppingCriteria):

@@ -24,7 +24,7 @@ import numpy as np
 
 from data import EncodedExample
 from medlora.evaluation.scores import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap
-from medlora.generation import GenerationSettings, generate_answers
+from medlora.generation import GENERATION_BATCH_SIZE, GenerationSettings, generate_answers
 from medlora.metrics import rouge_scores
 from medlora.sources import Sources, grounding_context
 
@@ -43,7 +43,7 @@ class GroundingOutputs:
 
 
 def grounding_outputs(
-    model, tokenizer, examples: list[EncodedExample], sources: Sources, generation: GenerationSettings, k: int = 2, batch_size: int = 16
+    model, tokenizer, examples: list[EncodedExample], sources: Sources, generation: GenerationSettings, k: int = 2, batch_size: int = GENERATION_BATCH_SIZE
 ) -> GroundingOutputs:
     """Answer each example's question with its top-k cards before it; take the top-1 card's answer as the retrieval answer."""
     if k < 1:

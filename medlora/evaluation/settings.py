@@ -16,7 +16,7 @@ from pathlib import Path
 from data import check_max_length, check_num_examples
 from lora import read_adapter_config
 from medlora.config import TrainConfig
-from medlora.generation import GenerationSettings
+from medlora.generation import GENERATION_BATCH_SIZE, GenerationSettings
 from medlora.model import model_display_name
 from medlora.run_folder import RUN_CONFIG_FIELDS, read_config, run_folder_of
 
@@ -47,7 +47,7 @@ class EvalSettings:
     split: str = "test"  # test | validation
     limit: int | None = None  # evaluate only the first N examples of the split (None = all)
     compare_base: bool = False  # with an adapter: also evaluate the base model and the delta
-    batch_size: int = 16  # questions per generation batch: 5.97x faster per answer than 1 at a time (fp32, CPU)
+    batch_size: int = GENERATION_BATCH_SIZE  # questions per generation batch (medlora.generation)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     precision: str = "auto"  # weight dtype: auto = fp32 on CPU (batch-invariant greedy answers), bf16/fp16 on CUDA
     device: str | None = None  # cpu | cuda | cuda:N (None = CUDA when available)

@@ -16,6 +16,7 @@ from medlora.generation import (
     first_sentences,
     fit_history,
     generate_answers,
+    generation_kwargs,
     left_pad,
     load_for_inference,
     stop_token_ids,
@@ -79,6 +80,50 @@ def test_left_padded_batches_equal_one_at_a_time_greedy(tokenizer):
     one_at_a_time = [generate_answers(model, tokenizer, [question], SHORT)[0] for question in QUESTIONS]
     assert batched == one_at_a_time
     assert all(batched) and len(set(batched)) > 1  # real, prompt-dependent answers, in input order
+
+
+def ending_tiny_model() -> LlamaForCausalLM:
+    """chatty_tiny_model with a strong random end-of-turn row in its output layer: its answers end
+    at different steps (4 to 12 tokens for QUESTIONS), so a batch loses rows as it decodes."""
+    model = chatty_tiny_model()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        row = model.lm_head.weight[2]  # the tokenizer's <|im_end|>
+        row.copy_(torch.randn_like(row) * 3.0 * model.lm_head.weight.std())
+    return model
+
+
+def answers_of_generate(model, tokenizer, questions, settings, bad_words_ids=None) -> list[str]:
+    """The reference: transformers' model.generate over one left-padded batch."""
+    input_ids, attention_mask = left_pad([prompt_ids(tokenizer, q) for q in questions], tokenizer.pad_token_id)
+    with torch.no_grad():
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                **generation_kwargs(model, tokenizer, settings, bad_words_ids))
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in output[:, input_ids.shape[1]:]]
+
+
+@pytest.mark.parametrize("penalty, banned", [(1.1, None), (1.0, None), (1.3, [[30], [31, 32]])])
+def test_own_decode_loop_equals_generate_while_rows_leave_the_batch(tokenizer, penalty, banned):
+    model = ending_tiny_model()
+    settings = GenerationSettings(max_new_tokens=12, repetition_penalty=penalty)
+    rows_per_call = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: rows_per_call.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    ours = generate_answers(model, tokenizer, QUESTIONS, settings, batch_size=8, bad_words_ids=banned)
+    hook.remove()
+    assert ours == answers_of_generate(model, tokenizer, QUESTIONS, settings, banned)
+    assert rows_per_call[0] == 1 and rows_per_call[1] == len(QUESTIONS)  # the shared system prompt once, then the batch
+    assert rows_per_call[-1] < len(QUESTIONS) and rows_per_call == rows_per_call[:2] + sorted(rows_per_call[2:], reverse=True)
+
+
+def test_shared_prefix_length_leaves_each_prompt_a_token_of_its_own():
+    from medlora.generation import prefix_then_left_pad, shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts: the last token stays uncached
+    assert shared_prefix_length([[1, 2], [3]]) == 0 and shared_prefix_length([[1, 2, 3]]) == 0
+    input_ids, attention_mask = prefix_then_left_pad([[1, 2, 3, 4], [1, 2, 5]], 2, pad_id=0)
+    assert input_ids.tolist() == [[1, 2, 3, 4], [1, 2, 0, 5]]
+    assert attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]
 
 
 def test_no_questions_gives_no_answers(tokenizer):
