@@ -24,6 +24,7 @@ float32:
                 model(input_ids, attention_mask, labels).loss (full-vocabulary logits), SDPA.
 bfloat16 (CPUs with native bf16 matmuls; base weights stored in bf16, matmuls under autocast,
 adapter weights and optimizer state float32, attention as medlora.model.attention_for picks):
+    ours-ckpt   ours with gradient checkpointing (train.py --grad-checkpointing): less memory, more compute.
     ours-bf16   ours with --precision bf16.
     trl-bf16    trl-nockpt with the model loaded in bf16 and SFTConfig(bf16=True).
 
@@ -72,7 +73,7 @@ from medlora.schedule import cosine_with_warmup
 # transformers, peft, trl and datasets are imported inside the functions that run in the children:
 # the parent process only measures the matmul peak and prints.
 
-PEERS = ("ours", "trl", "trl-nockpt", "peft-loop", "ours-bf16", "trl-bf16")
+PEERS = ("ours", "ours-ckpt", "trl", "trl-nockpt", "peft-loop", "ours-bf16", "trl-bf16")
 REFERENCE_PEERS = ("trl", "trl-nockpt", "peft-loop", "trl-bf16")  # the "vs" columns of the table
 BF16_PEERS = ("ours-bf16", "trl-bf16")  # bfloat16 base weights; the rest are float32
 DEFAULT_DATA = "../shared/data/medical_meadow_wikidoc_patient_info.json"
@@ -112,6 +113,7 @@ class OursSettings:
     precision: str = "fp32"  # "fp32", or "bf16": bfloat16 base weights and autocast, LoRA A/B float32
     compile: str = "off"  # torch.compile: "off", "layers" (each decoder layer) or "mlp+norms"; compile time is on the clock
     threads: int | None = None  # torch threads (intra-op); None = torch's default, one per core
+    grad_checkpointing: bool = False  # recompute each decoder layer in backward (train.py --grad-checkpointing)
 
     def describe(self, attention: str) -> str:
         """The settings in words; `attention` is the kernel the model really ran."""
@@ -128,7 +130,8 @@ class OursSettings:
             f"{self.adamw} AdamW",
             self.precision,
         ] + ([f"torch.compile({self.compile})"] if self.compile != "off" else [])
-          + ([f"{self.threads} thread(s)"] if self.threads else []))
+          + ([f"{self.threads} thread(s)"] if self.threads else [])
+          + (["gradient checkpointing"] if self.grad_checkpointing else []))
 
 
 # One row per lever: (lever, what it is switched to, the OursSettings fields that change).
@@ -148,6 +151,7 @@ LEVERS = [
     ("micro-batches", "token budget 512", {"max_batch_tokens": 512}),
     ("micro-batches", "token budget 2048", {"max_batch_tokens": 2048}),
     ("threads", "1 thread", {"threads": 1}),
+    ("gradient checkpointing", "on: each decoder layer recomputed in backward", {"grad_checkpointing": True}),
 ]  # with --lever, a row whose settings equal the baseline's is left out
 
 
@@ -276,6 +280,8 @@ def train_ours(model, tokenizer, examples, settings: OursSettings) -> dict:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(SEED)
     inject_lora(model, TARGETS, RANK, ALPHA, DROPOUT)
+    if settings.grad_checkpointing:  # as train.py does it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     start = time.perf_counter()  # torch.compile's time counts
     for layer in model.model.layers:
@@ -424,7 +430,7 @@ def child_main(spec: dict) -> None:
     model, tokenizer = load_model_and_tokenizer(None, dtype=torch.bfloat16 if bf16 else torch.float32, device="cpu")
     params = sum(p.numel() for p in model.parameters())  # parameters() yields the tied embedding once
     examples = load_examples(spec["data"], spec["examples"], tokenizer)
-    if spec["peer"] in ("ours", "ours-bf16"):
+    if spec["peer"] in ("ours", "ours-ckpt", "ours-bf16"):
         result = train_ours(model, tokenizer, examples, OursSettings(**spec["ours"]))
     elif spec["peer"] == "peft-loop":
         result = train_peft_loop(model, tokenizer, examples)
@@ -518,7 +524,8 @@ def main(argv: list[str] | None = None) -> None:
             if dataclasses.replace(ours, **change) != ours
         ]
     else:
-        settings = {"ours": ours, "ours-bf16": dataclasses.replace(ours, precision="bf16")}
+        settings = {"ours": ours, "ours-ckpt": dataclasses.replace(ours, grad_checkpointing=True),
+                    "ours-bf16": dataclasses.replace(ours, precision="bf16")}
         jobs = [(peer, peer, settings.get(peer), None) for peer in args.peers]
     runs: list[list[dict]] = [[] for _ in jobs]
     for round_number in range(args.repeats):
