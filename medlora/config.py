@@ -103,13 +103,13 @@ class TrainConfig:
 PRESETS: dict[str, dict] = {
     # The default: the embedded model and dataset, sized for a 2-core CPU (`make run`'s measured
     # time is in the README).
-    # eval_every=27: a validation pass of the embedded split costs about 2.3 optimizer steps
-    # (16-21 s against 8.4 s/step in bf16, docs/performance.md), so the 54-step epoch validates at steps
-    # 0, 27 and 54 (3 passes) instead of every 10 steps (7 passes).
+    # eval_every=29: a validation pass of the embedded split costs about 2 optimizer steps
+    # (docs/performance.md), so the 57-step epoch validates at steps 0, 29 and 57 (3 passes) instead
+    # of every 10 steps (7 passes); at 27 it also validated at step 54, three steps before the end.
     "cpu": dict(
         model=None, data=None, num_examples=None, epochs=1.0, batch_size=16, grad_accum=1,
         max_batch_tokens=1024, lr=1e-3, rank=16, alpha=32.0, dropout=0.05, max_length=512,
-        precision="auto", grad_checkpointing=False, eval_every=27, save_every=10,
+        precision="auto", grad_checkpointing=False, eval_every=29, save_every=10,
     ),
     # The reference notebook's run on a T4: TinyLlama-1.1B-Chat, 3,000 flashcards, fp16 AMP.
     "t4": dict(
