@@ -13,7 +13,7 @@ matmuls per adapted layer and token).
 
 --batched times what evaluate.py does instead: medlora.generation.generate_answers (greedy, its default
 max_new_tokens, stopping at end of turn) over the first --questions questions of the embedded test
-split at each of --batch-sizes (prompts sorted by length, left-padded; default 1, 8, 16 and 64,
+split at each of --batch-sizes (prompts sorted by length, left-padded; default 1, 8, 16 and 128,
 evaluate.py's). It reports seconds per answer, and how many answers equal those of the first batch
 size listed, against which the speed-up is taken.
 """
@@ -30,7 +30,7 @@ import torch
 from data.format import prompt_ids
 from data import prepare_data
 from lora import inject_lora, lora_layers, merge_lora, unmerge_lora
-from medlora.generation import GenerationSettings, generate_answers, generation_kwargs
+from medlora.generation import GENERATION_BATCH_SIZE, GenerationSettings, generate_answers, generation_kwargs
 from medlora.model import PRECISIONS, TORCH_DTYPES, load_model_and_tokenizer, resolve_precision
 
 PROMPTS = [
@@ -95,7 +95,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="weight dtype (default: auto, as chat.py, or with --batched as evaluate.py)")
     parser.add_argument("--batched", action="store_true", help="time evaluate.py's batched generation against batch 1")
     parser.add_argument("--questions", type=int, default=16, help="--batched: test-split questions answered")
-    parser.add_argument("--batch-sizes", default="1,8,16,64", help="--batched: comma-separated batch sizes; the first is the reference")
+    parser.add_argument("--batch-sizes", default=f"1,8,16,{GENERATION_BATCH_SIZE}",
+                        help="--batched: comma-separated batch sizes; the first is the reference")
     args = parser.parse_args()
     try:
         batch_sizes = [int(size) for size in args.batch_sizes.split(",")]

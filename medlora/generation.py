@@ -35,7 +35,7 @@ from transformers import (
 from data.format import prompt_ids
 from lora import AdapterError, load_adapter, merge_lora, read_adapter_config
 from lora.adapter_files import WEIGHTS_NAME
-from medlora.model import expanded_cache, load_model_and_tokenizer, model_display_name
+from medlora.model import expanded_cache, load_model_and_tokenizer, model_display_name, prefix_cache, shared_prefix_length
 
 
 @dataclass(frozen=True)
@@ -221,35 +221,17 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return input_ids, attention_mask
 
 
-def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
-    """How many leading tokens all `prompts` share, leaving each prompt at least one token of its own
-    (generation needs one uncached token per row to predict from). 0 for fewer than two prompts."""
-    if len(prompts) < 2:
-        return 0
-    first, shortest = prompts[0], min(len(ids) for ids in prompts)
-    shared = 0
-    while shared < shortest - 1 and all(ids[shared] == first[shared] for ids in prompts):
-        shared += 1
-    return shared
-
-
 def prefix_then_left_pad(sequences: Sequence[Sequence[int]], shared: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Like `left_pad`, but the `shared` tokens all rows start with stay first and the padding goes after them.
 
     [prefix | padding | rest of the prompt]: the prefix's keys and values, computed once, serve every
-    row (a cache passed to `generate`), and each row's last prompt token is still in the last column.
+    row (the cache `decode` starts from), and each row's last prompt token is still in the last column.
     Positions come from the attention mask (its running count), so a row's own tokens sit right
     after the prefix, as in the unpadded prompt.
     """
     rest_ids, rest_mask = left_pad([ids[shared:] for ids in sequences], pad_id)
     prefix = torch.tensor([list(sequences[0][:shared])], dtype=torch.long).expand(len(sequences), -1)
     return torch.cat([prefix, rest_ids], dim=1), torch.cat([torch.ones_like(prefix), rest_mask], dim=1)
-
-
-@torch.no_grad()
-def prefill(model, ids: Sequence[int]):
-    """The key/value cache of one row of `ids` (a shared prompt prefix), for `expanded_cache`."""
-    return model(input_ids=torch.tensor([list(ids)], device=model.device), use_cache=True).cache
 
 
 def generate_answers(
@@ -298,13 +280,13 @@ def generate_answers(
         torch.manual_seed(settings.seed)
     order = sorted(range(len(questions)), key=lambda index: len(prompts[index]))
     answers = [""] * len(questions)
-    shared = shared_prefix_length(prompts)
-    prefix_cache = prefill(model, prompts[0][:shared]) if shared else None
+    shared = shared_prefix_length(prompts) if len(prompts) > 1 else 0  # one prompt: nothing to share
+    prefix = prefix_cache(model, prompts[0][:shared]) if shared else None
     with tqdm(total=len(questions), desc="generating", unit="answer", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             input_ids, attention_mask = prefix_then_left_pad([prompts[index] for index in batch], shared, tokenizer.pad_token_id)
-            cache = None if prefix_cache is None else expanded_cache(prefix_cache, len(batch))
+            cache = None if prefix is None else expanded_cache(prefix, len(batch))
             new_tokens = decode(model, tokenizer, input_ids.to(model.device), attention_mask.to(model.device), settings, cache,
                                 bad_words_ids, stop_after_sentences)
             for index, row in zip(batch, new_tokens):
@@ -351,7 +333,7 @@ def decode(
 
     Args:
         input_ids, attention_mask: [batch, prompt], 0 on padding (`left_pad`, `prefix_then_left_pad`).
-        cache: keys and values of the prompts' first columns (`prefill` + `expanded_cache`), or None.
+        cache: keys and values of the prompts' first columns (`prefix_cache` + `expanded_cache`), or None.
     """
     processors = logits_processors(model, tokenizer, settings, bad_words_ids)
     stop_ids = torch.tensor(stop_token_ids(model, tokenizer), device=input_ids.device)

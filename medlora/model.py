@@ -26,7 +26,7 @@ import tempfile
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -321,11 +321,26 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
-def expanded_cache(prefix_cache, rows: int):
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, leaving at least one token of each prompt after them."""
+    shortest = min(len(ids) for ids in prompts)
+    shared = 0
+    while shared < shortest - 1 and all(ids[shared] == prompts[0][shared] for ids in prompts):
+        shared += 1
+    return shared
+
+
+@torch.no_grad()
+def prefix_cache(model, ids: Sequence[int]):
+    """The key/value cache of one row of `ids` (a prefix prompts share), to hand to `expanded_cache`."""
+    return model.model(input_ids=torch.tensor([list(ids)], device=model.device), use_cache=True).cache
+
+
+def expanded_cache(one_row, rows: int):
     """A copy of a one-row key/value cache that `rows` rows attend to: [1, heads, p, d] -> [rows, heads, p, d],
     expanded, not copied. The prefix's own cache is left as it was, so it can serve the next batch too."""
-    cache = copy.copy(prefix_cache)
-    cache.layers = [copy.copy(layer) for layer in prefix_cache.layers]
+    cache = copy.copy(one_row)
+    cache.layers = [copy.copy(layer) for layer in one_row.layers]
     for layer in cache.layers:
         layer.keys = layer.keys.expand(rows, -1, -1, -1)
         layer.values = layer.values.expand(rows, -1, -1, -1)

