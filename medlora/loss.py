@@ -6,7 +6,8 @@
     loss = nll / target_tokens                                   # the mean answer-token loss
 
 `plain_answer_nll` is the loss as defined; `row_nll` (behind `answer_nll`) is its optimisation,
-which tests/medlora/test_loss.py holds equal to it in value and gradients. Sums, never means:
+which tests/medlora/test_loss.py holds equal to it in value and gradients, as it holds
+`answer_and_sequence_nll` (evaluation's answer-only and full-sequence sums from one pass). Sums, never means:
 train.py divides each micro-batch's sum by the target-token count of the whole optimizer step,
 and evaluation pools sums over examples before it divides, so every target token weighs the same
 wherever it falls.
@@ -44,17 +45,37 @@ def batch_on_device(examples: Sequence[EncodedExample], rows: Sequence[int], pad
     return {name: tensor.to(device) for name, tensor in collate([examples[i] for i in rows], pad_id).items()}
 
 
-def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
-    """Length of the token prefix shared by every row that no target is predicted from.
+def common_prefix_length(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens every row of the batch starts with, leaving at least one real token of each row after them.
 
-    Every example starts with the same system prompt (and chat-template header), so rows share a
-    prefix. It stops one token before the earliest target, so no prediction comes from it.
+    Every example starts with the same system prompt (and chat-template header), so rows share a prefix.
     """
-    ids, labels = batch["input_ids"], batch["labels"]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     same_as_first = (ids == ids[:1]).all(dim=0)  # [seq]
     common = int(same_as_first.int().cumprod(dim=0).sum())
-    first_target = int((labels != IGNORE_INDEX).int().argmax(dim=1).min())  # earliest target position
-    return max(0, min(common, first_target - 1))
+    return max(0, min(common, int(mask.sum(dim=1).min()) - 1))
+
+
+def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
+    """The common prefix, stopped one token before the earliest target, so no target is predicted from it."""
+    first_target = int((batch["labels"] != IGNORE_INDEX).int().argmax(dim=1).min())  # earliest target position
+    return max(0, min(common_prefix_length(batch), first_target - 1))
+
+
+def prefix_then_rest(model, batch: dict[str, torch.Tensor], prefix: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Final hidden states, the first `prefix` tokens (shared by every row) run once for one row.
+
+    Returns (the prefix's [1, prefix, hidden], or None when prefix is 0; the rest's [batch, seq - prefix,
+    hidden]). The prefix's keys and values are computed for one row, expanded to the batch, and the
+    rest of each row attends to them; gradients flow back through the expansion into the one pass.
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if not prefix:
+        return None, model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    head = model.model(input_ids=ids[:1, :prefix], use_cache=True)
+    cache = expanded_cache(head.cache, ids.shape[0])
+    rest = model.model(input_ids=ids[:, prefix:], attention_mask=mask, cache=cache, use_cache=True).last_hidden_state
+    return head.last_hidden_state, rest
 
 
 def row_nll(model, batch: dict[str, torch.Tensor], share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,22 +87,17 @@ def row_nll(model, batch: dict[str, torch.Tensor], share_prefix: bool = True) ->
     Two savings that leave the math unchanged (tests/medlora/test_loss.py compares both against
     plain_answer_nll):
       * The shared prompt prefix (system prompt + template header, about half of a short example's
-        tokens) runs through the model once per batch instead of once per row: its keys and values
-        are computed for one row, expanded to the batch, and the rest of each row attends to them.
-        Gradients flow back through the expansion into the single prefix pass. Only for a prefix
-        of MIN_SHARED_PREFIX_TOKENS or more, and not under activation checkpointing (transformers
-        then turns the cache off).
+        tokens) runs through the model once per batch instead of once per row (`prefix_then_rest`).
+        Only for a prefix of MIN_SHARED_PREFIX_TOKENS or more, and not under activation
+        checkpointing (transformers then turns the cache off).
       * The 49,152-way lm_head runs only at positions whose next token is a target: the hidden
         state at position t predicts token t + 1. Prompt and padding positions never reach it.
     """
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    ids, labels = batch["input_ids"], batch["labels"]
     prefix = shared_prefix_length(batch) if share_prefix and ids.shape[0] > 1 else 0
-    cache = None
-    if prefix >= MIN_SHARED_PREFIX_TOKENS and not model.is_activation_checkpointing:
-        cache = expanded_cache(model.model(input_ids=ids[:1, :prefix], use_cache=True).cache, ids.shape[0])
-    else:
+    if prefix < MIN_SHARED_PREFIX_TOKENS or model.is_activation_checkpointing:
         prefix = 0
-    hidden = model.model(input_ids=ids[:, prefix:], attention_mask=mask, cache=cache, use_cache=cache is not None).last_hidden_state
+    _, hidden = prefix_then_rest(model, batch, prefix)
     targets = labels[:, prefix + 1 :]  # [batch, seq - prefix - 1]: the token each position predicts
     is_target = targets != IGNORE_INDEX
     logits = model.lm_head(hidden[:, :-1][is_target])  # [targets, vocab]
@@ -113,20 +129,39 @@ def heldout_row_nll(
     examples: Sequence[EncodedExample],
     batches: Sequence[Sequence[int]],
     pad_id: int,
-    full_sequence: bool = False,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> Iterator[tuple[Sequence[int], torch.Tensor, torch.Tensor]]:
-    """For each batch of example indices: (the indices, [batch] summed NLL, [batch] target counts).
+    """For each batch of example indices: (the indices, [batch] summed answer NLL, [batch] target counts).
 
-    Answer tokens only, or with `full_sequence` every non-pad token. No gradients; the model runs
-    on its own device, in whatever train/eval mode the caller set.
+    No gradients; the model runs on its own device, in whatever train/eval mode the caller set.
     """
     device = next(model.parameters()).device
     for rows in batches:
         batch = batch_on_device(examples, rows, pad_id, device)
         with autocast():
-            sums, counts = row_nll(model, full_sequence_labels(batch) if full_sequence else batch)
+            sums, counts = row_nll(model, batch)
         yield rows, sums, counts
+
+
+@torch.no_grad()
+def answer_and_sequence_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Evaluation's two perplexities from one forward pass: per row, the summed NLL and count of the
+    answer (target) tokens, then of every non-pad token after the first (`full_sequence_labels`).
+
+    Returns four [batch] tensors: answer NLL (float32, nats), answer counts, full NLL, full counts.
+    The shared prefix runs once (`prefix_then_rest`); here it holds targets of the full sequence, so its
+    hidden states are expanded to every row before lm_head, which runs at every non-pad position.
+    """
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    prefix = common_prefix_length(batch) if ids.shape[0] > 1 else 0
+    head, rest = prefix_then_rest(model, batch, prefix if prefix >= MIN_SHARED_PREFIX_TOKENS else 0)
+    hidden = rest if head is None else torch.cat([head.expand(ids.shape[0], -1, -1), rest], dim=1)  # [batch, seq, hidden]
+    is_token = mask[:, 1:] == 1  # [batch, seq - 1]: position t predicts token t + 1
+    is_answer = labels[:, 1:] != IGNORE_INDEX  # a subset of is_token
+    token_nll = torch.zeros(is_token.shape, dtype=torch.float32, device=ids.device)
+    logits = model.lm_head(hidden[:, :-1][is_token])  # [tokens, vocab]
+    token_nll[is_token] = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][is_token], reduction="none")
+    return (token_nll * is_answer).sum(dim=1), is_answer.sum(dim=1), token_nll.sum(dim=1), is_token.sum(dim=1)
 
 
 def validation_loss(

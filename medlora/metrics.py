@@ -11,7 +11,8 @@ theirs: sufficient statistics first (n-gram counts, summed NLL and token count),
     wilson_interval(count, total)           Wilson score interval of a proportion
     rate_of(flags)                          count / total of True flags with its Wilson interval (a Rate)
 
-The summed NLL and token counts come from the model, through medlora.loss.row_nll.
+The summed NLL and token counts come from the model, through medlora.loss (row_nll in training,
+answer_and_sequence_nll in evaluation).
 
 Tests (hand-computed values and parity with sacreBLEU):
 
@@ -231,7 +232,7 @@ def perplexity(nll_sum: float, token_count: int) -> float:
     """Perplexity ``exp(nll_sum / token_count)`` from a summed NLL in nats.
 
     Args:
-        nll_sum: negative log-likelihood summed over all target tokens (medlora.loss.row_nll).
+        nll_sum: negative log-likelihood summed over all target tokens (medlora.loss).
         token_count: number of target tokens in that sum.
 
     Returns:

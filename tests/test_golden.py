@@ -16,7 +16,9 @@ The float kernels differ between CPU classes too: last regenerated on 2026-11-29
 (AVX512-BF16) machine, where the code from before that day's changes already logged losses that
 differed from the AMD EPYC values in the last bits (10.838314998851104 vs 10.838314280790442 at
 step 0); the report part changed on purpose that day (the scope gate column, the new rates, the
-grounding rows, --limit bounding the scope prompts, answers cut at their second sentence).
+grounding rows, --limit bounding the scope prompts, answers cut at their second sentence). On
+2026-11-30 only the full-sequence perplexities moved (about 1e-6 relative), when evaluation began to
+take both perplexities from one forward pass with the system prompt run once per batch.
 """
 
 import hashlib

@@ -23,7 +23,7 @@ from medlora.evaluation.scores import METRICS, ExampleNlls, ModelOutputs, paired
 from medlora.evaluation.settings import NON_MEDICAL_TOPICS, SCOPE_SENTENCES, EvalSettings
 from medlora.answer import AnswerPath, load_gate
 from medlora.generation import load_for_inference
-from medlora.loss import heldout_row_nll
+from medlora.loss import answer_and_sequence_nll, batch_on_device
 from medlora.metrics import rouge_scores
 from medlora.model import TORCH_DTYPES, choose_device, load_tokenizer, resolve_precision
 from medlora.scope_gate import GATE_CLASSES, ScopeGate, label_of
@@ -32,23 +32,25 @@ from medlora.sources import sources_for_adapter
 GROUNDING_CARDS = 2  # flashcards put before the question for the grounded row (docs/sources.md)
 
 
+@torch.no_grad()
 def example_nlls(
     model, examples: list[EncodedExample], pad_id: int, progress: bool = False, max_batch_tokens: int = 2048
 ) -> ExampleNlls:
     """Summed NLL (nats) and target-token count of each example, answer-only and full-sequence.
 
     Examples are batched longest first under a padded-token budget (data.micro_batches), and
-    medlora.loss.row_nll keeps each example's sums apart, so the split's perplexity is exp(sum of
-    NLL / sum of tokens) over any set of examples (a bootstrap resample included), never a mean of
-    per-batch perplexities. The answer-only pass shares the system-prompt prefix across the batch.
+    medlora.loss.answer_and_sequence_nll keeps each example's sums apart (both from one forward pass
+    per batch, the system-prompt prefix run once), so the split's perplexity is exp(sum of NLL / sum
+    of tokens) over any set of examples (a bootstrap resample included), never a mean of per-batch
+    perplexities.
     """
     lengths = [len(example.input_ids) for example in examples]
-    batches = micro_batches(list(range(len(examples))), lengths, 1, max_batch_tokens)
-    answer_pass = heldout_row_nll(model, examples, batches, pad_id)
-    full_pass = heldout_row_nll(model, examples, batches, pad_id, full_sequence=True)
+    device = next(model.parameters()).device
     sums = ExampleNlls.zeros(len(examples))
     with tqdm(total=len(examples), desc="perplexity", unit="example", disable=not progress) as bar:
-        for (rows, answer_nll, answer_tokens), (_, full_nll, full_tokens) in zip(answer_pass, full_pass):
+        for rows in micro_batches(list(range(len(examples))), lengths, 1, max_batch_tokens):
+            batch = batch_on_device(examples, rows, pad_id, device)
+            answer_nll, answer_tokens, full_nll, full_tokens = answer_and_sequence_nll(model, batch)
             for part, nll, tokens in ((sums.answer, answer_nll, answer_tokens), (sums.full, full_nll, full_tokens)):
                 part.nll[rows], part.tokens[rows] = nll.double().cpu().numpy(), tokens.double().cpu().numpy()
             bar.update(len(rows))

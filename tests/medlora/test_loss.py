@@ -8,7 +8,10 @@ import torch
 
 from data import clean_rows, collate, encode_example, load_rows
 from lora import inject_lora, lora_layers, lora_parameters
-from medlora.loss import answer_nll, plain_answer_nll, shared_prefix_length, validation_loss
+from medlora.loss import (
+    answer_and_sequence_nll, answer_nll, common_prefix_length, full_sequence_labels, plain_answer_nll, shared_prefix_length,
+    validation_loss,
+)
 from tests.conftest import make_tiny_model
 
 
@@ -47,6 +50,25 @@ def test_optimized_loss_and_gradients_equal_the_plain_definition(examples, token
 def test_shared_prefix_stops_before_the_first_target(examples, tokenizer):
     batch = collate([examples[0], examples[0]], tokenizer.pad_token_id)  # identical rows share everything
     assert shared_prefix_length(batch) == examples[0].prompt_length - 1
+
+
+def test_one_pass_gives_each_rows_answer_and_full_sequence_nll(examples, tokenizer):
+    # Evaluation's single pass against the definition, row by row: plain_answer_nll on the row's own
+    # labels, and on full_sequence_labels (every non-pad token after the first is a target).
+    batch = collate(examples[:5], tokenizer.pad_token_id)
+    assert common_prefix_length(batch) > 30 and len(set(batch["attention_mask"].sum(dim=1).tolist())) > 1  # shared, padded
+    model = lora_model_with_random_B().eval()
+    answer, answer_count, full, full_count = answer_and_sequence_nll(model, batch)
+    with torch.no_grad():
+        for row in range(5):
+            one = {name: tensor[row : row + 1] for name, tensor in batch.items()}
+            for (nll, count), (ours, our_count) in (
+                (plain_answer_nll(model, one), (answer[row], answer_count[row])),
+                (plain_answer_nll(model, full_sequence_labels(one)), (full[row], full_count[row])),
+            ):
+                assert our_count == count
+                assert ours.item() == pytest.approx(nll.item(), rel=1e-5)
+    assert full_count.tolist() == [len(e.input_ids) - 1 for e in examples[:5]]
 
 
 def test_validation_loss_pools_the_split_however_it_is_batched(examples, tokenizer):
