@@ -4,8 +4,9 @@
     python -m bench.generation_speed --new-tokens 128 --repeats 5
     python -m bench.generation_speed --batched                # evaluate.py's batches vs one at a time
 
-Each prompt is answered on its own (batch 1, as in chat) with the KV cache, and every answer is
-forced to exactly --new-tokens tokens (min_new_tokens = max_new_tokens), so all variants do the
+Each prompt is answered on its own (batch 1, as in chat) with the KV cache by transformers'
+`generate`, and every answer is forced to exactly --new-tokens tokens (min_new_tokens =
+max_new_tokens, which the project's own loop has no use for), so all variants do the
 same work; the variants take turns within each timed pass. The adapter (q_proj and v_proj, r=16,
 alpha=32) gets random non-zero B, so it really changes the model. Merged, it is folded into the
 base weights and should cost nothing; the unmerged row shows what merging saves (two extra small
@@ -30,7 +31,7 @@ import torch
 from data.format import prompt_ids
 from data import prepare_data
 from lora import inject_lora, lora_layers, merge_lora, unmerge_lora
-from medlora.generation import GENERATION_BATCH_SIZE, GenerationSettings, generate_answers, generation_kwargs
+from medlora.generation import GENERATION_BATCH_SIZE, GenerationSettings, generate_answers, stop_token_ids
 from medlora.model import PRECISIONS, TORCH_DTYPES, load_model_and_tokenizer, resolve_precision
 
 PROMPTS = [
@@ -42,11 +43,13 @@ PROMPTS = [
 
 def generate(model, tokenizer, ids: list[int], new_tokens: int) -> torch.Tensor:
     """Exactly `new_tokens` greedy tokens after the prompt `ids`, as a 1-D tensor."""
-    kwargs = generation_kwargs(model, tokenizer, GenerationSettings(max_new_tokens=new_tokens))
+    settings = GenerationSettings(max_new_tokens=new_tokens)  # greedy, chat.py's repetition penalty
     input_ids = torch.tensor([ids])  # [1, prompt]
     with torch.no_grad():
         output = model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), min_new_tokens=new_tokens, **kwargs
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, repetition_penalty=settings.repetition_penalty,
+            eos_token_id=stop_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
         )
     generated = output[0, input_ids.shape[1]:]
     assert generated.numel() == new_tokens, "min_new_tokens did not hold the length"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -25,10 +24,7 @@ from transformers import (
     LogitsProcessorList,
     NoBadWordsLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
-    StoppingCriteria,
-    StoppingCriteriaList,
     TemperatureLogitsWarper,
-    TextIteratorStreamer,
     TopPLogitsWarper,
 )
 
@@ -139,28 +135,6 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return sorted(set(ids))
-
-
-def generation_kwargs(model, tokenizer, settings: GenerationSettings, bad_words_ids: Sequence[Sequence[int]] | None = None) -> dict:
-    """Keyword arguments for `model.generate` that carry out `settings` (shared by batch and stream).
-
-    `bad_words_ids`: token sequences the answer may not contain (the answer path bans decline phrases with it).
-    """
-    kwargs = {
-        "max_new_tokens": settings.max_new_tokens,
-        "repetition_penalty": settings.repetition_penalty,
-        "eos_token_id": stop_token_ids(model, tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "use_cache": True,  # keep each layer's keys/values: every new token costs one position, not the whole text
-    }
-    if bad_words_ids:
-        kwargs["bad_words_ids"] = [list(ids) for ids in bad_words_ids]
-    if settings.greedy:
-        kwargs["do_sample"] = False
-    else:
-        # top_k=0 turns off transformers' default top-k of 50: temperature and top_p are the only knobs.
-        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
-    return kwargs
 
 
 def context_budget(model, settings: GenerationSettings, max_context_tokens: int | None = None) -> int:
@@ -287,8 +261,9 @@ def generate_answers(
             batch = order[start : start + batch_size]
             input_ids, attention_mask = prefix_then_left_pad([prompts[index] for index in batch], shared, tokenizer.pad_token_id)
             cache = None if prefix is None else expanded_cache(prefix, len(batch))
-            new_tokens = decode(model, tokenizer, input_ids.to(model.device), attention_mask.to(model.device), settings, cache,
-                                bad_words_ids, stop_after_sentences)
+            for new_tokens in decode(model, tokenizer, input_ids.to(model.device), attention_mask.to(model.device), settings,
+                                     cache, bad_words_ids, stop_after_sentences):
+                pass  # every step grows the same lists: after the last, each row's whole answer
             for index, row in zip(batch, new_tokens):
                 answer = tokenizer.decode(row, skip_special_tokens=True).strip()
                 answers[index] = answer if stop_after_sentences is None else first_sentences(answer, stop_after_sentences)
@@ -322,8 +297,9 @@ def decode(
     cache=None,
     bad_words_ids: Sequence[Sequence[int]] | None = None,
     stop_after_sentences: int | None = None,
-) -> list[list[int]]:
-    """The new tokens of each row of a padded batch of prompts (end of turn left out), one token per step.
+) -> Iterator[list[list[int]]]:
+    """Decode a padded batch of prompts one token per step; after each step, yield every row's new tokens
+    so far (end of turn left out). The project's one decoding loop: batched answers and chat's stream.
 
     A row leaves the batch as soon as it ends: at an end-of-turn token, at the end of its
     `stop_after_sentences`-th sentence, or after settings.max_new_tokens. `model.generate` keeps
@@ -355,6 +331,7 @@ def decode(
         for row, token, end in zip(rows, tokens.tolist(), ended):
             if not end:
                 generated[row].append(token)
+        yield generated
         if stop_after_sentences is not None:
             texts = tokenizer.batch_decode([generated[row] for row in rows], skip_special_tokens=True)
             ended = [end or len(SENTENCE_END.findall(text)) >= stop_after_sentences for end, text in zip(ended, texts)]
@@ -366,17 +343,6 @@ def decode(
             rows, sequences, mask, tokens = [rows[live] for live in keep], sequences[index], mask[index], tokens[index]
             cache.batch_select_indices(index)
         step_ids, step_positions = tokens[:, None], mask.sum(-1, keepdim=True) - 1
-    return generated
-
-
-class _StopWhenSet(StoppingCriteria):
-    """Ends generation at the next token once `event` is set (the reader stopped listening)."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def stream_answer(
@@ -394,45 +360,19 @@ def stream_answer(
     Turns that do not fit the context budget (see `context_budget`) are dropped oldest first;
     callers that want to tell the user call `fit_history` with the same budget beforehand.
 
-    `model.generate` runs in a worker thread and hands decoded text to this generator through
-    transformers' TextIteratorStreamer. When the reader stops early (Ctrl-C, a closed page), the
-    worker stops at its next token; an error in the worker is raised here.
+    The answer comes from `decode`, the loop evaluate.py's answers come from (one row, no
+    shared prefix), so a greedy streamed answer is the batched one. After each token the new text
+    is yielded; a character whose bytes span tokens waits for its last byte. When the reader stops
+    early (Ctrl-C, a closed page), decoding stops with it: nothing runs in the background.
     """
     budget = context_budget(model, settings, max_context_tokens)
     kept, _ = fit_history(tokenizer, question, history, budget)
     input_ids = torch.tensor([prompt_ids(tokenizer, question, kept)], device=model.device)  # [1, prompt]
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    reader_left = threading.Event()
-    worker_errors: list[BaseException] = []
-
-    def generate_in_worker() -> None:
-        try:
-            with torch.no_grad():
-                model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(reader_left)]),
-                    **generation_kwargs(model, tokenizer, settings, bad_words_ids),
-                )
-        except BaseException as error:  # handed over to the reader, which raises it
-            worker_errors.append(error)
-            streamer.end()
-
     if not settings.greedy and settings.seed is not None:
         torch.manual_seed(settings.seed)
-    worker = threading.Thread(target=generate_in_worker, daemon=True)
-    worker.start()
-    started = False
-    try:
-        for piece in streamer:
-            if not started:
-                piece = piece.lstrip()
-                started = bool(piece)
-            if piece:
-                yield piece
-    finally:
-        reader_left.set()
-        worker.join()
-    if worker_errors:
-        raise worker_errors[0]
+    shown = ""
+    for (new_tokens,) in decode(model, tokenizer, input_ids, torch.ones_like(input_ids), settings, None, bad_words_ids):
+        text = tokenizer.decode(new_tokens, skip_special_tokens=True).lstrip()
+        if len(text) > len(shown) and not text.endswith("\ufffd"):  # U+FFFD: a character still missing bytes
+            yield text[len(shown) :]
+            shown = text

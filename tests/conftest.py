@@ -109,16 +109,36 @@ def tiny_adapter_dir(tmp_path_factory, chatty_model_dir):
 
 
 def record_prompts(model, tokenizer, monkeypatch) -> list[str]:
-    """Wrap `model.generate` so every prompt it is given is decoded into the returned list."""
+    """Record every prompt the model is asked to answer (a decoding loop's first call), decoded."""
     prompts: list[str] = []
-    real_generate = model.generate
+    real_forward = model.forward
 
-    def recording_generate(**kwargs):
-        prompts.append(tokenizer.decode(kwargs["input_ids"][0]))
-        return real_generate(**kwargs)
+    def recording_forward(*args, **kwargs):
+        if kwargs.get("cache") is None:  # the prompt's own pass; the steps after it carry the cache
+            prompts.append(tokenizer.decode(kwargs["input_ids"][0]))
+        return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", recording_generate)
+    monkeypatch.setattr(model, "forward", recording_forward)
     return prompts
+
+
+def generate_kwargs(model, tokenizer, settings, bad_words_ids=None) -> dict:
+    """Keyword arguments that make transformers' `model.generate` decode as `settings` say: the
+    reference medlora.generation.decode is compared against."""
+    from medlora.generation import stop_token_ids
+
+    kwargs = {
+        "max_new_tokens": settings.max_new_tokens,
+        "repetition_penalty": settings.repetition_penalty,
+        "eos_token_id": stop_token_ids(model, tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "use_cache": True,
+    }
+    if bad_words_ids:
+        kwargs["bad_words_ids"] = [list(ids) for ids in bad_words_ids]
+    if settings.greedy:
+        return {**kwargs, "do_sample": False}
+    return {**kwargs, "do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
 
 
 def save_run_folder(folder, model_dir):

@@ -19,7 +19,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import export
 from data import load_rows, prepare_data
 from data.format import SYSTEM_PROMPT, build_messages, prompt_ids, prompt_text
-from medlora.generation import GenerationSettings, generate_answers, generation_kwargs, left_pad, load_for_inference
+from medlora.generation import GenerationSettings, generate_answers, left_pad, load_for_inference
 from lora import inject_lora, lora_layers, save_adapter
 from medlora.export import (
     ExportError,
@@ -37,7 +37,7 @@ from medlora.export import (
 )
 from medlora.export import formats
 from medlora.export.gguf_tokenizer import KNOWN_VOCABULARIES, vocabulary_fingerprint
-from tests.conftest import chatty_tiny_model, make_tiny_model
+from tests.conftest import chatty_tiny_model, generate_kwargs, make_tiny_model
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 T = gguf.GGUFValueType
@@ -462,7 +462,7 @@ def merged_answers(embedded_export) -> list[list[int]]:
     for start in range(0, len(prompts), 16):  # as generate_answers batches, keeping the ids
         input_ids, attention_mask = left_pad(prompts[start : start + 16], tokenizer.pad_token_id)
         with torch.no_grad():
-            output = merged.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs(merged, tokenizer, settings))
+            output = merged.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs(merged, tokenizer, settings))
         for row in output[:, input_ids.shape[1]:].tolist():
             answers.append(row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row)
     return answers

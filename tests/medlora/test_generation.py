@@ -1,7 +1,5 @@
 """medlora/generation.py: batched and streamed generation, history fitting, loading with a merged adapter."""
 
-import threading
-
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -16,13 +14,12 @@ from medlora.generation import (
     first_sentences,
     fit_history,
     generate_answers,
-    generation_kwargs,
     left_pad,
     load_for_inference,
     stop_token_ids,
     stream_answer,
 )
-from tests.conftest import chatty_tiny_model, record_prompts, save_tiny_adapter
+from tests.conftest import chatty_tiny_model, generate_kwargs, record_prompts, save_tiny_adapter
 
 QUESTIONS = [
     "What is the mechanism of action of metformin?",
@@ -98,7 +95,7 @@ def answers_of_generate(model, tokenizer, questions, settings, bad_words_ids=Non
     input_ids, attention_mask = left_pad([prompt_ids(tokenizer, q) for q in questions], tokenizer.pad_token_id)
     with torch.no_grad():
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                **generation_kwargs(model, tokenizer, settings, bad_words_ids))
+                                **generate_kwargs(model, tokenizer, settings, bad_words_ids))
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in output[:, input_ids.shape[1]:]]
 
 
@@ -162,23 +159,34 @@ def test_history_goes_into_the_prompt(tokenizer, monkeypatch):
     assert "What is metformin?" in prompts[0] and "hepatic glucose output" in prompts[0]
 
 
-def test_reader_leaving_early_stops_the_worker(tokenizer):
-    before = threading.active_count()
-    stream = stream_answer(chatty_tiny_model(), tokenizer, QUESTIONS[0], [], GenerationSettings(max_new_tokens=500))
+def test_reader_leaving_early_stops_decoding(tokenizer):
+    model = chatty_tiny_model()
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    stream = stream_answer(model, tokenizer, QUESTIONS[0], [], GenerationSettings(max_new_tokens=500))
     next(stream)
+    made = len(calls)
     stream.close()
-    assert threading.active_count() == before
+    assert made < 500 and len(calls) == made  # no step runs after the reader leaves
 
 
-def test_worker_error_is_raised_to_the_reader(tokenizer, monkeypatch):
+def test_error_while_decoding_reaches_the_reader(tokenizer, monkeypatch):
     model = chatty_tiny_model()
 
-    def broken_generate(**kwargs):
+    def broken_forward(**kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(model, "generate", broken_generate)
+    monkeypatch.setattr(model, "forward", broken_forward)
     with pytest.raises(RuntimeError, match="out of memory"):
         list(stream_answer(model, tokenizer, QUESTIONS[0], [], SHORT))
+
+
+def test_streamed_greedy_answer_equals_generate(tokenizer):
+    model = ending_tiny_model()
+    settings = GenerationSettings(max_new_tokens=12)
+    for question in QUESTIONS[:3]:
+        streamed = "".join(stream_answer(model, tokenizer, question, [], settings)).strip()
+        assert streamed == answers_of_generate(model, tokenizer, [question], settings)[0]
 
 
 def test_context_budget_leaves_room_for_the_answer():
@@ -206,13 +214,14 @@ def test_fit_history_refuses_a_question_that_alone_is_too_long(tokenizer):
 def test_stream_drops_old_turns_to_fit_the_context(tokenizer, monkeypatch):
     model = chatty_tiny_model()
     prompt_lengths = []
-    real_generate = model.generate
+    real_forward = model.forward
 
-    def recording_generate(**kwargs):
-        prompt_lengths.append(kwargs["input_ids"].shape[1])
-        return real_generate(**kwargs)
+    def recording_forward(**kwargs):
+        if kwargs.get("cache") is None:  # the prompt's own pass
+            prompt_lengths.append(kwargs["input_ids"].shape[1])
+        return real_forward(**kwargs)
 
-    monkeypatch.setattr(model, "generate", recording_generate)
+    monkeypatch.setattr(model, "forward", recording_forward)
     history = [(f"Question number {i}?", f"Answer number {i}.") for i in range(20)]
     budget = len(prompt_ids(tokenizer, "And now?", history[-3:]))
     "".join(stream_answer(model, tokenizer, "And now?", history, SHORT, max_context_tokens=budget))
