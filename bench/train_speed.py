@@ -114,6 +114,7 @@ class OursSettings:
     compile: str = "off"  # torch.compile: "off", "layers" (each decoder layer) or "mlp+norms"; compile time is on the clock
     threads: int | None = None  # torch threads (intra-op); None = torch's default, one per core
     grad_checkpointing: bool = False  # recompute each decoder layer in backward (train.py --grad-checkpointing)
+    lora_dropout: float = DROPOUT  # dropout on the LoRA branch's input; 0.0 draws no masks
 
     def describe(self, attention: str) -> str:
         """The settings in words; `attention` is the kernel the model really ran."""
@@ -131,7 +132,8 @@ class OursSettings:
             self.precision,
         ] + ([f"torch.compile({self.compile})"] if self.compile != "off" else [])
           + ([f"{self.threads} thread(s)"] if self.threads else [])
-          + (["gradient checkpointing"] if self.grad_checkpointing else []))
+          + (["gradient checkpointing"] if self.grad_checkpointing else [])
+          + ([f"LoRA dropout {self.lora_dropout}"] if self.lora_dropout != DROPOUT else []))
 
 
 # One row per lever: (lever, what it is switched to, the OursSettings fields that change).
@@ -152,6 +154,7 @@ LEVERS = [
     ("micro-batches", "token budget 2048", {"max_batch_tokens": 2048}),
     ("threads", "1 thread", {"threads": 1}),
     ("gradient checkpointing", "on: each decoder layer recomputed in backward", {"grad_checkpointing": True}),
+    ("LoRA dropout", "off (0.0): what drawing the dropout masks costs (a change of recipe, not a lever)", {"lora_dropout": 0.0}),
 ]  # with --lever, a row whose settings equal the baseline's is left out
 
 
@@ -279,7 +282,7 @@ def train_ours(model, tokenizer, examples, settings: OursSettings) -> dict:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(SEED)
-    inject_lora(model, TARGETS, RANK, ALPHA, DROPOUT)
+    inject_lora(model, TARGETS, RANK, ALPHA, settings.lora_dropout)
     if settings.grad_checkpointing:  # as train.py does it
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -461,6 +464,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all jobs; each row is its median run (default: 1)")
     parser.add_argument("--lever", action="store_true", help="measure ours with each speed lever toggled, instead of the peers")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="--lever: the baseline's precision (default: fp32)")
+    parser.add_argument("--only", help="--lever: comma-separated lever names to run (as the table's first column; default: all)")
     parser.add_argument("--output", help=f"results JSON (default: {DEFAULT_OUTPUT}, or {DEFAULT_LEVER_OUTPUT} with --lever)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one job, spec as JSON
     args = parser.parse_args(argv)
@@ -471,6 +475,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not peers:
         parser.error(f"--peers {args.peers!r}: unknown {unknown or 'empty list'}; choose from {','.join(PEERS)}")
     args.peers = [peer for peer in PEERS if peer in peers]
+    args.only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    unknown = [name for name in args.only or [] if name not in {lever for lever, _, _ in LEVERS}]
+    if unknown:
+        parser.error(f"--only {unknown}: no such lever; choose from {sorted({lever for lever, _, _ in LEVERS})}")
     if args.examples <= 0:
         parser.error(f"--examples must be positive, got {args.examples}")
     if args.repeats <= 0:
@@ -521,7 +529,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.lever:
         jobs = [("baseline", "ours", ours, None)] + [
             (lever, "ours", dataclasses.replace(ours, **change), setting) for lever, setting, change in LEVERS
-            if dataclasses.replace(ours, **change) != ours
+            if dataclasses.replace(ours, **change) != ours and (args.only is None or lever in args.only)
         ]
     else:
         settings = {"ours": ours, "ours-ckpt": dataclasses.replace(ours, grad_checkpointing=True),

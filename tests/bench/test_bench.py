@@ -108,3 +108,29 @@ def test_t4_step_without_a_gpu_says_so_in_one_line(capsys):
         t4_step.main([])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_only_names_levers_that_exist(capsys):
+    args = train_speed.parse_args(["--data", "data/medical_flashcards.jsonl", "--lever", "--only", "LoRA dropout, AdamW"])
+    assert args.only == ["LoRA dropout", "AdamW"]
+    with pytest.raises(SystemExit):
+        train_speed.parse_args(["--data", "data/medical_flashcards.jsonl", "--lever", "--only", "warp drive"])
+    assert "no such lever" in capsys.readouterr().err
+
+
+def test_activation_memory_puts_what_backward_keeps_on_the_module_saving_it(tokenizer):
+    from bench.activation_memory import saved_bytes_by_module
+    from data import clean_rows, collate, encode_example, load_rows
+    from lora import inject_lora
+    from tests.conftest import make_tiny_model
+
+    pairs, _ = clean_rows(load_rows(None).rows[:10], "embedded")
+    batch = collate([encode_example(tokenizer, p.question, p.answer, 512) for p in pairs[:3]], tokenizer.pad_token_id)
+    saved = {}
+    for dropout in (0.05, 0.0):
+        model = make_tiny_model()
+        inject_lora(model, dropout=dropout)
+        saved[dropout] = saved_bytes_by_module(model.train(), batch)
+    assert {"LlamaMLP", "LlamaAttention", "LoRALinear", "Dropout"} <= set(saved[0.05])
+    assert "Dropout" not in saved[0.0]  # no dropout, no mask kept
+    assert all(size > 0 for size in saved[0.05].values())
