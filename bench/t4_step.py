@@ -40,7 +40,6 @@ from pathlib import Path
 import torch
 
 from bench.train_speed import (
-    GRAD_ACCUM,
     MICRO_BATCH,
     SEED,
     STEP_EXAMPLES,

@@ -22,7 +22,6 @@ from data.format import SYSTEM_PROMPT, build_messages, prompt_ids, prompt_text
 from medlora.generation import GenerationSettings, generate_answers, left_pad, load_for_inference
 from lora import inject_lora, lora_layers, save_adapter
 from medlora.export import (
-    ExportError,
     NotLlamaError,
     UnknownTokenizerError,
     check_llama,

@@ -1,7 +1,6 @@
 """bench/train_speed.py: the arithmetic behind its table, and one real end-to-end run."""
 
 import json
-import re
 
 import pytest
 
