@@ -22,7 +22,7 @@ import torch
 
 from data import IGNORE_INDEX, EncodedExample, collate, micro_batches
 from medlora.distributed import SINGLE_PROCESS, World
-from medlora.model import expanded_cache
+from medlora.model import expanded_cache, shared_prefix_length as prompts_prefix_length
 
 
 def plain_answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -46,14 +46,13 @@ def batch_on_device(examples: Sequence[EncodedExample], rows: Sequence[int], pad
 
 
 def common_prefix_length(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens every row of the batch starts with, leaving at least one real token of each row after them.
+    """Tokens every row of the batch starts with, leaving at least one real token of each row after them
+    (medlora.model.shared_prefix_length on the rows' real tokens).
 
     Every example starts with the same system prompt (and chat-template header), so rows share a prefix.
     """
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    same_as_first = (ids == ids[:1]).all(dim=0)  # [seq]
-    common = int(same_as_first.int().cumprod(dim=0).sum())
-    return max(0, min(common, int(mask.sum(dim=1).min()) - 1))
+    lengths = batch["attention_mask"].sum(dim=1).tolist()  # right-padded: a row's real tokens come first
+    return prompts_prefix_length([row[:length] for row, length in zip(batch["input_ids"].tolist(), lengths)])
 
 
 def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
