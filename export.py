@@ -24,7 +24,7 @@ import time
 
 from transformers.utils.logging import disable_progress_bar
 
-from medlora.errors import EXIT_INTERRUPTED, USER_FAILURES, TrainingStopped, report_failure
+from medlora.errors import USER_FAILURES, Interrupted, report_failure
 from medlora.export import FORMATS, GGUF_DTYPES, export_adapter, scope_note
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_FAILURES as error:  # bad flags, adapter, model or output: one line
         return report_failure(error)
     except KeyboardInterrupt:
-        return report_failure(TrainingStopped("interrupted; nothing was written under --out", EXIT_INTERRUPTED))
+        return report_failure(Interrupted("interrupted; nothing was written under --out"))
     print(f"exported {args.adapter} on {result.base_model} as {args.format} to {result.path} ({time.perf_counter() - started:.1f} s)")
     for name in result.files:
         print(f"  {result.path / name}")

@@ -6,7 +6,7 @@ import pytest
 
 from data import DataError
 from lora import AdapterError
-from medlora.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, USER_FAILURES, TrainingStopped, report_failure
+from medlora.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED, USER_FAILURES, Interrupted, TrainingStopped, report_failure
 from medlora.model import ModelLoadError
 
 
@@ -20,6 +20,7 @@ from medlora.model import ModelLoadError
         (OSError(errno.ENOSPC, "No space left on device", "runs/cpu/x"), EXIT_BAD_INPUT, "error: No space left on device (runs/cpu/x)"),
         (TrainingStopped("loss was NaN", EXIT_DIVERGED), 3, "stopped: loss was NaN"),
         (TrainingStopped("interrupted: checkpoint saved", EXIT_INTERRUPTED), 130, "stopped: interrupted: checkpoint saved"),
+        (Interrupted("interrupted; nothing was written under --out"), 130, "stopped: interrupted; nothing was written under --out"),
     ],
 )
 def test_each_failure_is_one_line_and_its_exit_code(error, code, line, capsys):
