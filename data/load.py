@@ -97,7 +97,8 @@ def _parse_json_lines(path: Path, text: str, skip_bad_rows: bool) -> RawRows:
             reason = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
             if not skip_bad_rows:
                 raise DataError(
-                    f"{path}: line {number}: invalid JSON row ({reason}); fix it or pass --skip-bad-rows"
+                    f"{path}: line {number}: invalid JSON row ({reason}); fix it "
+                    f"(python -m data --data {path} --skip-bad-rows counts the bad lines)"
                 ) from None
             result.bad_rows += 1
             if len(result.bad_row_examples) < 3:
