@@ -37,8 +37,9 @@ from medlora.errors import USER_FAILURES, report_failure
 from medlora.evaluation.report import markdown_table, save_evaluation
 from medlora.evaluation.run import run_evaluation
 from medlora.evaluation.scores import BOOTSTRAP_RESAMPLES
-from medlora.evaluation.settings import SPLITS, resolve_settings
+from medlora.evaluation.settings import SAMPLING_DEFAULTS, SCOPE_MAX_NEW_TOKENS, SPLITS, resolve_settings
 from medlora.flags import add_shared_flags
+from medlora.generation import GENERATION_BATCH_SIZE, GenerationSettings
 
 FLAGS_SET_BY_EACH_EXPERIMENT = ("model", "adapter", "data", "num_examples", "seed", "max_length", "compare_base")
 
@@ -62,11 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--split", choices=SPLITS, help="split to evaluate (default: test)")
     add("--limit", type=int, help="evaluate only the first N examples of the split, and at most N held-out scope prompts, "
         "taken in turn from each kind (default: all)")
-    add("--batch-size", type=int, help="questions per generation batch (default: 128)")
-    add("--max-new-tokens", type=int, help="most tokens generated per answer (default: 200)")
+    add("--batch-size", type=int, help=f"questions per generation batch (default: {GENERATION_BATCH_SIZE})")
+    add("--max-new-tokens", type=int, help=f"most tokens generated per answer (default: {GenerationSettings.max_new_tokens})")
     add("--sample", action="store_true", help="sample instead of greedy decoding")
-    add("--temperature", type=float, help="with --sample: softmax temperature (default: 0.7)")
-    add("--top-p", type=float, help="with --sample: nucleus probability mass (default: 0.9)")
+    add("--temperature", type=float, help=f"with --sample: softmax temperature (default: {SAMPLING_DEFAULTS['temperature']})")
+    add("--top-p", type=float, help=f"with --sample: nucleus probability mass (default: {SAMPLING_DEFAULTS['top_p']})")
     add("--sample-seed", type=int, help="with --sample: seed of the sampler (default: --seed)")
     add("--no-cache", action="store_true", help="evaluate the base model again instead of reusing its cached results "
         "(~/.cache/medlora/eval, keyed by model, data, split, generation settings and code version)")
@@ -75,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "training flashcards in the prompt, and the top card's answer alone; docs/sources.md)")
     add("--no-scope-gate", action="store_true", help="leave out the third column: the fine-tuned model's answers through its scope gate")
     add("--scope-set", help="held-out scope prompts, JSON lines {question, kind, category, wording} "
-        "(default: data/scope_heldout.jsonl); answered with at most 64 new tokens for the three scope rates")
+        f"(default: data/scope_heldout.jsonl); answered with at most {SCOPE_MAX_NEW_TOKENS} new tokens for the scope rates")
     add("--output", help="report .json (default: RUN/eval.json next to the adapter's run folder, else eval.json; "
         "with --experiments: runs/experiments/<file name>.json)")
     add("--experiments", help="JSON list of training configs: train each, evaluate each, write the experiment table")
