@@ -27,6 +27,12 @@ get a card) from its out-of-domain questions (they should not). Data without out
 borrows those of the embedded flashcards as the questions that should get none. A further card is
 shown when it reaches the threshold too, or holds every query word the best card matched
 (`FlashcardIndex.search`).
+
+The emergency route's follow-up line comes from the same training rows (medlora.answer): the
+safety rows whose answer opens with an emergency referral (medlora.scope), indexed by BM25 over
+their questions alone (`Sources.nearest_emergency_row`). A message nearest "I want to kill myself
+tonight." gets that row's crisis line, whatever words it uses; one that shares no word with any of
+these questions gets none.
 """
 
 from __future__ import annotations
@@ -45,10 +51,12 @@ from data import DataError, QAPair, clean_rows, load_rows, sample_and_split
 from data.load import EMBEDDED_DATASET
 from medlora.config import TrainConfig
 from medlora.run_folder import read_config, run_folder_of
+from medlora.scope import is_emergency_referral
 
 logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its own logger to DEBUG: one line per index built
 
 NOT_A_SOURCE_TOPIC = "out_of_domain"  # rows whose answer declines the question: never shown as a source
+SAFETY_TOPIC = "safety"  # rows for emergencies and personal doses; those that open with an emergency referral give its follow-up
 STOP_WORDS = "en_plus"  # bm25s' copy of nltk's 179 English stop words: "how", "does", "the" would match every card
 _STEMMER = PorterStemmer()
 
@@ -73,14 +81,14 @@ def stem_words(text_words: list[str]) -> list[str]:
 
 
 class FlashcardIndex:
-    """BM25 over flashcards (question + answer of each), with a minimum score for a card to be shown."""
+    """BM25 over flashcards (question + answer of each, or the questions alone), with a minimum score for a card to be shown."""
 
-    def __init__(self, cards: list[QAPair], min_score: float = 0.0) -> None:
+    def __init__(self, cards: list[QAPair], min_score: float = 0.0, questions_only: bool = False) -> None:
         if not cards:
             raise ValueError("a flashcard index needs at least one card, got none")
         self.cards = cards
         self.min_score = min_score
-        card_words = words([f"{card.question} {card.answer}" for card in cards])
+        card_words = words([card.question if questions_only else f"{card.question} {card.answer}" for card in cards])
         self.card_words = [frozenset(ws) for ws in card_words]
         self.retriever = bm25s.BM25()  # Lucene's BM25, k1 = 1.5, b = 0.75
         self.retriever.index(card_words, show_progress=False)
@@ -152,10 +160,16 @@ class Sources:
     notice: str  # one line: what the sources are, or why there are none
     build_seconds: float = 0.0  # time to read the data, index the cards and fit the threshold
     threshold_fit: dict = field(default_factory=dict)  # validation counts and rates behind the threshold
+    emergency_rows: FlashcardIndex | None = None  # the training safety rows that open with an emergency referral, by question
 
     def search(self, question: str, k: int) -> list[Card]:
         """Up to `k` cards for `question`, best first; none when there is no index."""
         return self.index.search(question, k) if self.index is not None else []
+
+    def nearest_emergency_row(self, question: str) -> Card | None:
+        """The training emergency row whose question is nearest `question` by BM25; None when none shares a word."""
+        found = self.emergency_rows.search(question, 1) if self.emergency_rows is not None else []
+        return found[0] if found else None
 
 
 def build_sources(data: str | None = None, num_examples: int | None = None, seed: int = 42) -> Sources:
@@ -175,6 +189,7 @@ def build_sources(data: str | None = None, num_examples: int | None = None, seed
     if not cards:
         return Sources(None, f"no sources: {raw.source} has no medical training rows (only {NOT_A_SOURCE_TOPIC} ones)")
     index = FlashcardIndex(cards)
+    emergency = [pair for pair in cards if pair.topic == SAFETY_TOPIC and is_emergency_referral(pair.answer)]
     medical = [pair.question for pair in splits.validation if pair.topic != NOT_A_SOURCE_TOPIC]
     declined = [pair.question for pair in splits.validation if pair.topic == NOT_A_SOURCE_TOPIC]
     declined_source = "validation"
@@ -196,9 +211,10 @@ def build_sources(data: str | None = None, num_examples: int | None = None, seed
     notice = (
         f"sources: {len(cards)} training flashcards of {raw.source}; a card is shown from BM25 score "
         f"{index.min_score:.2f} (fitted on {len(medical)} medical and {len(declined)} out-of-domain "
-        f"{declined_source} questions)"
+        f"{declined_source} questions); {len(emergency)} emergency rows give the emergency route's follow-up"
     )
-    return Sources(index, notice, time.perf_counter() - started, fit)
+    emergency_rows = FlashcardIndex(emergency, questions_only=True) if emergency else None
+    return Sources(index, notice, time.perf_counter() - started, fit, emergency_rows)
 
 
 def embedded_out_of_domain_questions() -> list[str]:

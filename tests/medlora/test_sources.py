@@ -11,6 +11,7 @@ from data import QAPair, build_messages
 from medlora.sources import (
     Card,
     FlashcardIndex,
+    Sources,
     build_sources,
     cards_text,
     fit_threshold,
@@ -128,6 +129,28 @@ def test_embedded_sources_are_training_rows_without_out_of_domain(tmp_path):
     assert fit["medical_questions"] + fit["out_of_domain_questions"] == len(splits.validation)
     held_out = {pair.question for pair in splits.validation + splits.test}
     assert not held_out & {card.question for card in sources.index.cards}
+
+
+def test_emergency_rows_are_the_training_safety_rows_that_open_with_a_referral():
+    from data import clean_rows, load_rows, sample_and_split
+    from medlora.scope import is_emergency_referral
+
+    sources = build_sources(None)
+    rows = sources.emergency_rows.cards
+    pairs, _ = clean_rows(load_rows(None).rows, "embedded")
+    train = sample_and_split(pairs, None, 42).train
+    assert rows == [pair for pair in train if pair.topic == "safety" and is_emergency_referral(pair.answer)]
+    assert sum("crisis line" in row.answer for row in rows) >= 2  # the self-harm rows are among them
+    assert not any(row.answer.startswith("For adults") for row in rows)  # dose rows refer to a clinician, not here
+
+
+def test_nearest_emergency_row_is_found_by_its_question_alone():
+    rows = [QAPair("heparin overdose", "Call 911 now. antithrombin", "safety"), QAPair("insulin", "Call 911. heparin", "safety")]
+    sources = Sources(FlashcardIndex(rows), "test cards", emergency_rows=FlashcardIndex(rows, questions_only=True))
+    assert sources.nearest_emergency_row("heparin").question == "heparin overdose"  # the second row's answer says heparin, unindexed
+    assert sources.nearest_emergency_row("antithrombin") is None  # only in an answer
+    assert sources.search("antithrombin", 1)[0].question == "heparin overdose"  # the cards index answers too
+    assert Sources(None, "no sources").nearest_emergency_row("heparin") is None
 
 
 @pytest.mark.parametrize("question", ["What is the mechanism of action of heparin?", "How does heparin work?"])
