@@ -42,11 +42,19 @@ def command_lines(path: Path) -> list[str]:
     lines += INLINE.findall(FENCE.sub("", text))
     commands = []
     for line in lines:
-        line = line.split(" #")[0].strip()  # a trailing comment
-        for part in re.split(r"\s*(?:&&|;|\|)\s*", line):
-            words = part.replace("…", "...").split()
-            if words and words[0] in LAUNCHERS and set(words[1:]) - {"..."}:  # not a bare `python ...`
-                commands.append(" ".join(word for word in words if word != "..."))
+        if line.split(" ", 1)[0] not in LAUNCHERS:
+            continue
+        lexer = shlex.shlex(line.replace("…", "..."), posix=True, punctuation_chars=";&|")
+        lexer.commenters = "#"  # a trailing comment
+        lexer.wordchars += "~-./:=,[]{}@*"
+        words: list[str] = []
+        for token in [*lexer, ";"]:
+            if token and set(token) <= set(";&|"):  # between two commands (&&, ;, |)
+                if words and words[0] in LAUNCHERS and set(words[1:]) - {"..."}:  # not a bare `python ...`
+                    commands.append(shlex.join(word for word in words if word != "..."))
+                words = []
+            else:
+                words.append(token)
     return commands
 
 
