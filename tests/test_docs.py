@@ -42,6 +42,7 @@ def command_lines(path: Path) -> list[str]:
     lines += INLINE.findall(FENCE.sub("", text))
     commands = []
     for line in lines:
+        line = re.sub(r"^(?:[A-Z_]+=\S*\s+)+", "", line.strip())  # OMP_NUM_THREADS=1 python ...
         if line.split(" ", 1)[0] not in LAUNCHERS:
             continue
         lexer = shlex.shlex(line.replace("…", "..."), posix=True, punctuation_chars=";&|")
