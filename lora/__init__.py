@@ -4,8 +4,9 @@
     summary = inject_lora(model, targets=("q_proj", "v_proj"), rank=16, alpha=32, dropout=0.05, variant="lora")
     print(summary)  # trainable params: ... of ... (...%)
 
-`variant` is "lora" (LoRALinear), "rslora" (LoRALinear scaled by alpha/sqrt(r)) or "dora"
-(DoRALinear: a learned magnitude per output row). `python -m lora.inspect ADAPTER` shows what a trained adapter learned.
+`variant` is "lora" (LoRALinear), "rslora" (LoRALinear scaled by alpha/sqrt(r)), "dora"
+(DoRALinear: a learned magnitude per output row) or "pissa" (PiSSALinear: A and B start from W0's
+top singular directions, saved as a plain rank-2r LoRA of the original base). `python -m lora.inspect ADAPTER` shows what a trained adapter learned.
 
 This package imports only torch, safetensors and json: it knows nothing of transformers.
 """
@@ -22,7 +23,7 @@ from lora.inject import (
     unload_lora,
     unmerge_lora,
 )
-from lora.layer import VARIANTS, DoRALinear, LoRALinear, check_hyperparameters
+from lora.layer import VARIANTS, DoRALinear, LoRALinear, PiSSALinear, check_hyperparameters
 
 __all__ = [
     "AdapterError",
@@ -30,6 +31,7 @@ __all__ = [
     "DoRALinear",
     "LoRALinear",
     "LoRASummary",
+    "PiSSALinear",
     "VARIANTS",
     "check_hyperparameters",
     "count_parameters",

@@ -3,7 +3,9 @@
 Keys are PEFT's: `base_model.model.<module name>.lora_A.weight` ([r, in]), `.lora_B.weight`
 ([out, r]) and, for DoRA, `.lora_magnitude_vector` ([out]); the config's `use_rslora` and
 `use_dora` name the variant. So `peft.PeftModel.from_pretrained` reads what `save_adapter` writes
-and `load_adapter` reads what PEFT writes. Only safetensors and JSON are read: nothing is ever
+and `load_adapter` reads what PEFT writes. A PiSSA adapter is written as the plain LoRA of rank 2r
+of the original base that computes the same function (lora.layer.PiSSALinear), so that PEFT, export
+and llama.cpp read it without knowing PiSSA. Only safetensors and JSON are read: nothing is ever
 unpickled.
 """
 
@@ -21,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lora.inject import inject_lora, lora_layers
-from lora.layer import LoRALinear
+from lora.layer import LoRALinear, PiSSALinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -35,6 +37,9 @@ UNSUPPORTED_OPTIONS = (
     "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "use_qalora", "use_bdlora",
     "arrow_config", "kasa_config", "monteclora_config", "velora_config", "megatron_config",
 )
+# PEFT initialisations that change the base weight: a file saved after them without PEFT's conversion
+# (save_pretrained(path_initial_model_for_weight_conversion=...)) is relative to that changed base.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 PARTS = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight", "lora_magnitude_vector": ".lora_magnitude_vector"}
 
 
@@ -42,20 +47,32 @@ class AdapterError(ValueError):
     """An adapter folder that cannot be used with this model; the message names the file."""
 
 
-def peft_keys(name: str, layer: LoRALinear) -> dict[str, nn.Parameter]:
-    """PEFT's file key for each trained tensor of the layer named `name` (A, B, and DoRA's m)."""
-    parameters = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
+def saved_as(layer: LoRALinear) -> tuple[str, int, float]:
+    """(variant, r, lora_alpha) of `layer` in a file: its own, except that a PiSSA layer of rank r
+    is saved as the plain LoRA of rank 2r with alpha 2 alpha (the same scale alpha / r)."""
+    if isinstance(layer, PiSSALinear):
+        return "lora", 2 * layer.rank, 2 * layer.alpha
+    return layer.variant, layer.rank, layer.alpha
+
+
+def peft_keys(name: str, layer: LoRALinear) -> dict[str, torch.Tensor]:
+    """PEFT's file key for each tensor the layer named `name` saves: A, B, and DoRA's m (the
+    parameters themselves), or a PiSSA layer's rank-2r A' and B' (computed from A, B, A0, B0)."""
+    if isinstance(layer, PiSSALinear):
+        tensors = dict(zip(("lora_A", "lora_B"), layer.plain_lora_factors()))
+    else:
+        tensors = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
     if layer.variant == "dora":
-        parameters["lora_magnitude_vector"] = layer.lora_magnitude_vector
-    return {f"{KEY_PREFIX}{name}{PARTS[part]}": parameter for part, parameter in parameters.items()}
+        tensors["lora_magnitude_vector"] = layer.lora_magnitude_vector
+    return {f"{KEY_PREFIX}{name}{PARTS[part]}": tensor for part, tensor in tensors.items()}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT-named trained tensors of every LoRA layer in `model` (contiguous CPU copies)."""
+    """PEFT-named tensors of every LoRA layer in `model` (contiguous CPU copies)."""
     return {
-        key: parameter.detach().cpu().contiguous().clone()
+        key: tensor.detach().cpu().contiguous().clone()
         for name, layer in lora_layers(model)
-        for key, parameter in peft_keys(name, layer).items()
+        for key, tensor in peft_keys(name, layer).items()
     }
 
 
@@ -79,20 +96,21 @@ def adapter_config(model: nn.Module, base_model: str) -> dict:
     if not layers:
         raise ValueError("model has no LoRA layers: call inject_lora first")
     first = layers[0][1]
+    variant, rank, alpha = saved_as(first)
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "r": first.rank,
-        "lora_alpha": first.alpha,
+        "r": rank,
+        "lora_alpha": alpha,
         "lora_dropout": dropout,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in layers}),
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
-        "use_rslora": first.variant == "rslora",
-        "use_dora": first.variant == "dora",
+        "use_rslora": variant == "rslora",
+        "use_dora": variant == "dora",
         "modules_to_save": None,
         "base_model_name_or_path": base_model,
     }
@@ -169,12 +187,21 @@ def adapter_variant(config: dict, file: Path) -> str:
 
     Raises:
         AdapterError: if a flag is not a boolean, both are set, or the config turns on a PEFT
-            option that changes the computation and is not implemented here (see UNSUPPORTED_OPTIONS).
+            option that changes the computation and is not implemented here (see UNSUPPORTED_OPTIONS),
+            or init_lora_weights names an initialisation that changed the base weight
+            (BASE_CHANGING_INITS): such a file is only usable after PEFT's conversion to the
+            original base, which sets init_lora_weights back to true.
     """
     supported = "supported variants are lora, rslora (use_rslora) and dora (use_dora)"
     for key in UNSUPPORTED_OPTIONS:
         if config.get(key):
             raise AdapterError(f"{file}: {key}={config[key]!r} is a PEFT option this project does not implement; {supported}")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise AdapterError(
+            f"{file}: init_lora_weights={init!r}: the adapter is relative to the base weight that {init} changed, not the "
+            "original; save it from PEFT with path_initial_model_for_weight_conversion (a LoRA of rank 2r of the original base)"
+        )
     flags = {key: config.get(key, False) for key in ("use_rslora", "use_dora")}
     for key, value in flags.items():
         if not isinstance(value, bool):
@@ -250,8 +277,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, dict[str, tor
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
     """Load a PEFT-format LoRA, rsLoRA or DoRA adapter into `model`, injecting layers first if needed.
 
-    Every check happens before any weight is touched: variant, rank, targets, the file, then every
-    key and shape.
+    A model without LoRA layers gets the layers the file describes: a saved PiSSA adapter becomes
+    the plain LoRA of rank 2r on the original base that it is. A model whose layers are PiSSA of
+    rank r takes a LoRA of rank 2r with alpha 2 alpha (what its save wrote) back into A, B, A0 and
+    B0 (PiSSALinear.load_plain_lora), so training resumes as PiSSA.
+
+    Every check happens before any weight is touched: variant, rank, alpha, targets, the file, then
+    every key and shape.
 
     Returns:
         The validated adapter config (with "variant" added).
@@ -273,14 +305,18 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
     elif any(layer.merged for layer in layers.values()):
         raise ValueError("cannot load an adapter into merged LoRA layers: call unmerge_lora first")
     else:
-        have = (sorted({layer.variant for layer in layers.values()}), sorted({layer.rank for layer in layers.values()}))
+        wanted = {saved_as(layer) for layer in layers.values()}
         targets = sorted({name.rsplit(".", 1)[-1] for name in layers})
-        if have != ([config["variant"]], [config["r"]]) or targets != config["target_modules"]:
+        if wanted != {(config["variant"], config["r"], config["lora_alpha"])} or targets != config["target_modules"]:
+            have = (sorted({layer.variant for layer in layers.values()}), sorted({layer.rank for layer in layers.values()}))
+            pissa = " (a PiSSA layer of rank r reads a lora file of rank 2r and alpha 2 alpha)" if "pissa" in have[0] else ""
             raise AdapterError(
                 f"{Path(path) / CONFIG_NAME}: adapter is {config['variant']} with r={config['r']} on "
-                f"{config['target_modules']}, model has {have[0]} with r={have[1]} on {targets}"
+                f"{config['target_modules']}, model has {have[0]} with r={have[1]} on {targets}; lora_alpha "
+                f"{config['lora_alpha']} in the adapter, {sorted({layer.alpha for layer in layers.values()})} in the model{pissa}"
             )
-    expected = {key: parameter for name, layer in layers.items() for key, parameter in peft_keys(name, layer).items()}
+    layer_keys = {name: peft_keys(name, layer) for name, layer in layers.items()}
+    expected = {key: tensor for keys in layer_keys.values() for key, tensor in keys.items()}
     tensors = read_adapter_weights(path)
     for key, tensor in tensors.items():
         if key not in expected:
@@ -294,6 +330,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict:
     if missing:
         raise AdapterError(f"{weights}: missing key {missing[0]} ({len(missing)} missing in all)")
     with torch.no_grad():
-        for key, tensor in tensors.items():
-            expected[key].copy_(tensor.to(expected[key].dtype))
+        for name, keys in layer_keys.items():
+            layer = layers[name]
+            if isinstance(layer, PiSSALinear):
+                layer.load_plain_lora(*(tensors[key] for key in keys))  # A', B'
+            else:
+                for key, parameter in keys.items():
+                    parameter.copy_(tensors[key].to(parameter.dtype))
     return config

@@ -67,8 +67,9 @@ def inject_lora(
     """Replace every `nn.Linear` whose name ends with a target by a LoRALinear; freeze the rest.
 
     A module matches a target when its qualified name is the target or ends with "." + target,
-    so "q_proj" matches "model.layers.0.self_attn.q_proj". `variant` is "lora", "rslora" or
-    "dora" (see lora.layer: LoRALinear, DoRALinear). DoRA's m is taken from the weights at injection: inject after loading.
+    so "q_proj" matches "model.layers.0.self_attn.q_proj". `variant` is "lora", "rslora",
+    "dora" or "pissa" (see lora.layer: LoRALinear, DoRALinear, PiSSALinear). DoRA's m and PiSSA's
+    A, B and residual are taken from the weights at injection: inject after loading.
 
     Raises:
         ValueError: if the model already holds LoRA layers, no linear layer matches, a
@@ -93,7 +94,7 @@ def inject_lora(
         )
     check_hyperparameters(rank, alpha, dropout, variant)
     for name in matches:
-        check_rank_fits(model.get_submodule(name), rank, name)
+        check_rank_fits(model.get_submodule(name), rank, name, variant)
     model.requires_grad_(False)
     for name in matches:
         parent_name, _, child = name.rpartition(".")

@@ -1,4 +1,4 @@
-"""The LoRA layer, and DoRA as a subclass that overrides what differs: the whole idea in one module."""
+"""The LoRA layer, and DoRA and PiSSA as subclasses that override what differs: the whole idea in one module."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-VARIANTS = ("lora", "rslora", "dora")
+VARIANTS = ("lora", "rslora", "dora", "pissa")
 
 
 def check_hyperparameters(rank: int, alpha: float, dropout: float, variant: str = "lora") -> None:
@@ -27,13 +27,22 @@ def check_hyperparameters(rank: int, alpha: float, dropout: float, variant: str 
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
 
 
-def check_rank_fits(base: nn.Linear, rank: int, name: str = "layer") -> None:
-    """Raise ValueError if `rank` exceeds min(in, out) of `base`: B A could not have that rank."""
+def check_rank_fits(base: nn.Linear, rank: int, name: str = "layer", variant: str = "lora") -> None:
+    """Raise ValueError if `rank` exceeds min(in, out) of `base`: B A could not have that rank.
+
+    PiSSA needs 2r <= min(in, out): its adapter file is a LoRA of rank 2r (PiSSALinear), which
+    `load_adapter` injects as such.
+    """
     largest = min(base.in_features, base.out_features)
     if rank > largest:
         raise ValueError(
             f"rank {rank} is too large for {name} ({base.in_features} -> {base.out_features}): "
             f"B A has rank at most min(in, out) = {largest}"
+        )
+    if variant == "pissa" and 2 * rank > largest:
+        raise ValueError(
+            f"rank {rank} is too large for PiSSA on {name} ({base.in_features} -> {base.out_features}): "
+            f"its adapter file is a LoRA of rank 2r = {2 * rank}, at most min(in, out) = {largest}"
         )
 
 
@@ -91,7 +100,7 @@ class LoRALinear(nn.Module):
 
     @property
     def variant(self) -> str:
-        """"lora" or "rslora" (as adapter files name it)."""
+        """"lora" or "rslora" (as adapter files name it); the subclasses return "dora" and "pissa"."""
         return "rslora" if self.rslora else "lora"
 
     def adapter_parameters(self) -> tuple[nn.Parameter, ...]:
@@ -200,9 +209,78 @@ class DoRALinear(LoRALinear):
         return restored
 
 
+class PiSSALinear(LoRALinear):
+    """PiSSA (Meng et al., 2024): A and B start as the top-r singular directions of W0, and the
+    frozen weight becomes the residual, what is left of W0 without them:
+
+        W0 = U S V^T (SVD, S descending),   s = alpha / r
+        B0 = U_r sqrt(S_r / s)   [out, r],    A0 = sqrt(S_r / s) V_r^T   [r, in]
+        W_res = W0 - s B0 A0                                (frozen, in W0's dtype)
+        h = W_res x + s B A dropout(x),   A = A0 and B = B0 at step 0
+
+    At step 0 (without dropout) h = W0 x, up to the rounding of W_res in W0's dtype; but the
+    trained factors now hold W0's principal part instead of zero. S is divided by s before the
+    sqrt split, as PEFT's init_lora_weights="pissa" does, so that s B0 A0 = U_r S_r V_r^T whatever
+    alpha is.
+
+    What changes on disk: W_res is no model anyone else has, so the layer is saved as a plain LoRA
+    of the ORIGINAL W0 that computes the same function (`plain_lora_factors`):
+
+        W_res + s B A = W0 + s (B A - B0 A0) = W0 + s B' A',   A' = [A; A0] [2r, in],  B' = [B, -B0] [out, 2r]
+
+    a LoRA of rank 2r with alpha' = 2 alpha, so that alpha' / 2r = alpha / r = s: what PEFT's
+    save_pretrained(path_initial_model_for_weight_conversion=...) writes. B0 and A0 stay in the layer
+    as buffers for it; `load_plain_lora` reads such a file back. Merging folds s B A into W_res,
+    which gives W0 + s B' A': the same merged model as the plain LoRA of the file.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__(base, rank, alpha, dropout)
+        check_rank_fits(base, rank, variant="pissa")
+        weight = base.weight.detach().float()  # [out, in]
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)  # [out, k], [k], [k, in]; k = min(in, out)
+        root = torch.sqrt(S[:rank] / self.scaling)  # [r]
+        with torch.no_grad():
+            self.lora_A.copy_(root[:, None] * Vh[:rank])  # A0 = sqrt(S_r / s) V_r^T
+            self.lora_B.copy_(U[:, :rank] * root)  # B0 = U_r sqrt(S_r / s)
+            self.base.weight.copy_((weight - self.delta_weight()).to(base.weight.dtype))  # W_res
+        self.register_buffer("lora_A0", self.lora_A.detach().clone(), persistent=False)
+        self.register_buffer("lora_B0", self.lora_B.detach().clone(), persistent=False)
+
+    @property
+    def variant(self) -> str:
+        return "pissa"
+
+    def plain_lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A', B') = ([A; A0] [2r, in], [B, -B0] [out, 2r]): the plain LoRA of the original W0, with
+        the same scale s, that this layer computes (s B' A' = s B A - s B0 A0)."""
+        return torch.cat([self.lora_A, self.lora_A0]), torch.cat([self.lora_B, -self.lora_B0], dim=1)
+
+    @torch.no_grad()
+    def load_plain_lora(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """Set A, B, A0 and B0 from a plain rank-2r LoRA ([2r, in], [out, 2r], same scale s), as
+        `plain_lora_factors` gives it: A = A'[:r], A0 = A'[r:], B = B'[:, :r], B0 = -B'[:, r:].
+
+        When its A0, B0 are not this layer's (another SVD, or any other rank-2r LoRA), the residual
+        is rebuilt for them, W_res <- W_res + s B0 A0 - s B0' A0', so the layer computes
+        W0 + s B' A' either way. Only valid while unmerged.
+        """
+        new_A0, new_B0 = lora_A[self.rank :].float(), -lora_B[:, self.rank :].float()
+        if not (torch.equal(new_A0, self.lora_A0) and torch.equal(new_B0, self.lora_B0)):
+            old_part, new_part = self.lora_B0 @ self.lora_A0, new_B0 @ new_A0  # [out, in] each
+            weight = self.base.weight.float() + self.scaling * (old_part - new_part)
+            self.base.weight.copy_(weight.to(self.base.weight.dtype))
+            self.lora_A0.copy_(new_A0)
+            self.lora_B0.copy_(new_B0)
+        self.lora_A.copy_(lora_A[: self.rank])
+        self.lora_B.copy_(lora_B[:, : self.rank])
+
+
 def lora_layer(base: nn.Linear, rank: int, alpha: float, dropout: float, variant: str) -> LoRALinear:
-    """The layer for `variant`: LoRALinear ("lora"), LoRALinear with rsLoRA's scale, or DoRALinear."""
+    """The layer for `variant`: LoRALinear ("lora"), LoRALinear with rsLoRA's scale, DoRALinear or PiSSALinear."""
     check_hyperparameters(rank, alpha, dropout, variant)
     if variant == "dora":
         return DoRALinear(base, rank, alpha, dropout)
+    if variant == "pissa":
+        return PiSSALinear(base, rank, alpha, dropout)
     return LoRALinear(base, rank, alpha, dropout, rslora=variant == "rslora")

@@ -1,4 +1,5 @@
-"""lora/layer.py variants: rsLoRA's scale, DoRALinear's magnitude and direction, merging, dtypes, refusals."""
+"""lora/layer.py variants: rsLoRA's scale, DoRALinear's magnitude and direction, merging, dtypes, refusals
+(PiSSALinear's own tests: test_pissa.py)."""
 
 import math
 
@@ -77,7 +78,7 @@ def test_dora_row_norm_is_a_constant_to_autograd():
     assert torch.allclose(layer.lora_B.grad, torch.tensor([[1.0], [1 / math.sqrt(2)]]), atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora", "pissa"])
 def test_merge_then_unmerge_round_trips(variant):
     torch.manual_seed(0)
     layer = randomized(lora_layer(nn.Linear(16, 12), rank=4, alpha=8.0, dropout=0.0, variant=variant))
@@ -95,7 +96,7 @@ def test_merge_then_unmerge_round_trips(variant):
     assert torch.allclose(layer(x), unmerged, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["rslora", "dora"])
+@pytest.mark.parametrize("variant", ["rslora", "dora", "pissa"])
 def test_adapter_stays_float32_under_bf16_autocast(variant):
     torch.manual_seed(0)
     layer = randomized(lora_layer(nn.Linear(8, 6).to(torch.bfloat16), rank=2, alpha=4.0, dropout=0.0, variant=variant))
@@ -125,7 +126,7 @@ def test_dora_trains_A_B_and_m_and_nothing_else():
 
 
 def test_unknown_variant_is_refused_by_the_check_and_injection():
-    with pytest.raises(ValueError, match=r"variant must be one of lora, rslora, dora; got 'qlora'"):
+    with pytest.raises(ValueError, match=r"variant must be one of lora, rslora, dora, pissa; got 'qlora'"):
         check_hyperparameters(2, 4.0, 0.0, "qlora")
     model = make_tiny_model()
     with pytest.raises(ValueError, match=r"got 'DoRA'"):

@@ -20,7 +20,7 @@ from medlora.config import PRESETS, TrainConfig, config_from_preset, resumed_con
         ({"precision": "fp8"}, "--precision must be one of auto, fp32, fp16, bf16, got 'fp8'"),
         ({"preset": "gpu"}, r"--preset must be one of \['cpu', 't4'\], got 'gpu'"),
         ({"targets": ()}, "--targets must name at least one module"),
-        ({"lora_variant": "qlora"}, "variant must be one of lora, rslora, dora; got 'qlora'"),  # likewise
+        ({"lora_variant": "qlora"}, "variant must be one of lora, rslora, dora, pissa; got 'qlora'"),  # likewise
     ],
 )
 def test_invalid_settings_are_refused(change, message):
