@@ -189,12 +189,15 @@ def read_summary(run_dir: Path) -> dict:
 
 
 def finished_run_summary(config: TrainConfig) -> dict | None:
-    """summary.json of a finished run of exactly this config in its output_dir, or None."""
+    """summary.json of a finished run of exactly this config in its output_dir, or None.
+
+    The saved config is read as a TrainConfig, so a setting added since the run (absent from its
+    config.json) counts as its default.
+    """
     run_dir = Path(config.output_dir)
     try:
-        saved = json.loads((run_dir / CONFIG).read_text())
+        saved = TrainConfig.from_json(json.loads((run_dir / CONFIG).read_text()))
         summary = read_summary(run_dir)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, TypeError):  # json.JSONDecodeError is a ValueError
         return None
-    same = saved == json.loads(json.dumps(config.to_json()))
-    return summary if same and (run_dir / ADAPTER).is_dir() else None
+    return summary if saved == config and (run_dir / ADAPTER).is_dir() else None

@@ -1,5 +1,6 @@
 """medlora/run_folder.py: creating or refusing a run folder, its config, metrics and summary files."""
 
+import dataclasses
 import json
 
 import pytest
@@ -62,6 +63,11 @@ def test_a_finished_run_is_recognised_only_for_the_same_config(tmp_path):
     (tmp_path / "adapter").mkdir()
     assert finished_run_summary(config) == {"steps": 4}
     assert finished_run_summary(TrainConfig(output_dir=str(tmp_path), rank=16)) is None
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["scope_repeats"]  # a run made before this setting existed: it had the default
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert finished_run_summary(config) == {"steps": 4}
+    assert finished_run_summary(dataclasses.replace(config, scope_repeats=2)) is None
 
 
 def test_centred_moving_average_by_hand():
