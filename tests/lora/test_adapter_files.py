@@ -88,6 +88,15 @@ def test_rank_or_target_mismatch_with_injected_model(saved_adapter):
         load_adapter(model, folder)
 
 
+def test_alpha_mismatch_with_injected_model_is_refused(saved_adapter):
+    """Another alpha is another scale s = alpha / r: the adapter would compute something else."""
+    _, folder = saved_adapter
+    model = make_tiny_model()
+    inject_lora(model, rank=4, alpha=16)
+    with pytest.raises(AdapterError, match=r"model has \['lora'\] with r=\[4\] .*; lora_alpha 8 in the adapter, \[16\] in the model$"):
+        load_adapter(model, folder)
+
+
 def test_refuses_to_load_into_merged_layers(saved_adapter):
     model, folder = saved_adapter
     merge_lora(model)
