@@ -3,6 +3,7 @@
     python train.py                                   # cpu preset: embedded SmolLM2 + embedded data
     python train.py --data ../shared/data/medical_meadow_wikidoc_patient_info.json --num-examples 400 --max-steps 12
     python train.py --preset t4                       # the reference run: TinyLlama-1.1B-Chat, fp16, GPU
+    python train.py --dpo-epochs 0 --output-dir runs/sft-only                   # stage 1 (SFT) alone
     python train.py --resume auto --output-dir runs/cpu
     python train.py --config runs/cpu/config.json --output-dir runs/cpu-again --overwrite
     torchrun --nproc_per_node 2 train.py --output-dir runs/cpu-2ranks    # 2 ranks; docs/distributed.md
@@ -12,6 +13,12 @@ autocast, loss = summed answer-token NLL / the step's target-token count, backwa
 GradScaler); unscale; clip; step, or skip a step whose loss or gradients are not finite; zero the
 gradients; log. Validation at step 0, every --eval-every steps and at the end keeps the best
 adapter; checkpoints every --save-every. Everything lands in the run folder (medlora/run_folder.py).
+
+Two stages run through that one loop (run_stage). Stage 1 is SFT on the answers. Stage 2, when
+--dpo-epochs > 0, is preference training (DPO, medlora/preference.py): pairs built from the
+training rows with the best SFT adapter's own answers as the rejected side, that adapter's
+log-probabilities taken once as the reference, then the same loop with the DPO loss in place of
+the NLL. Steps count on across the stages, so a checkpoint and --resume land inside either.
 
 Under torchrun every rank cuts the same global step into the same micro-batches and runs its own
 share of them; one all-reduce per step sums the gradients (medlora/distributed.py), so the ranks
@@ -25,19 +32,21 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from data import epoch_steps, micro_batches, padding_fraction, prepare_data, repeat_scope_rows, save_length_histogram
+from data import SCOPE_TOPICS, epoch_steps, micro_batches, padding_fraction, prepare_data, repeat_scope_rows, save_length_histogram
 from lora import VARIANTS, LoRASummary, inject_lora, load_adapter, lora_parameters, save_adapter
 from medlora.checkpoint import TrainState, load_checkpoint, rng_state, save_checkpoint
 from medlora.config import PRESETS, TrainConfig, check_preset, config_from_preset
 from medlora.distributed import SINGLE_PROCESS, World, leave, start_ranks
 from medlora.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, USER_FAILURES, TrainingStopped, report_failure
 from medlora.flags import add_shared_flags
-from medlora.loss import answer_nll, validation_loss
+from medlora.loss import AnswerLoss, validation_loss
 from medlora.model import (
     TORCH_DTYPES,
     autocast_for,
@@ -49,7 +58,18 @@ from medlora.model import (
     resolve_precision,
     use_shape_agnostic_attention,
 )
-from medlora.optimizer_step import adamw, optimizer_step
+from medlora.optimizer_step import StepLoss, adamw, optimizer_step, parameter_groups
+from medlora.preference import (
+    PREFERENCE_SUMMARY,
+    EncodedPair,
+    PreferenceLoss,
+    build_pairs,
+    encode_pairs,
+    load_pairs,
+    pair_counts,
+    save_pairs,
+    with_reference_logps,
+)
 from medlora.run_folder import (
     ADAPTER,
     append_metrics,
@@ -93,11 +113,15 @@ def resume_or_start(checkpoint: Path | None, config: TrainConfig, data, model, o
     return state
 
 
-def validate(model, data, pad_id: int, config: TrainConfig, autocast, state: TrainState, base_name: str, world: World) -> None:
-    """Log the validation loss at this step and keep the adapter when it is the best so far.
+def validate(model, data, pad_id: int, config: TrainConfig, autocast, state: TrainState, base_name: str, world: World, stage: str) -> None:
+    """Log the validation loss at this step and save adapter/ when the stage's criterion keeps it.
 
-    Every rank scores its shard of the split (the sums are all-reduced); rank 0 writes. Without
-    validation rows nothing is logged and adapter/ simply holds the latest adapter.
+    SFT keeps the lowest validation loss. DPO keeps its latest adapter whose validation answer-perplexity
+    is at most --dpo-max-ppl-increase above the best SFT adapter's: the validation split holds medical
+    answers beside the declines and referrals, so a model that learns to decline medicine loses on it
+    and is not kept (the criterion does not simply reward declining). Every rank scores its shard of
+    the split (the sums are all-reduced); rank 0 writes. Without validation rows nothing is logged and
+    adapter/ simply holds the latest adapter.
     """
     run_dir = Path(config.output_dir)
     if not data.examples.validation:
@@ -107,9 +131,14 @@ def validate(model, data, pad_id: int, config: TrainConfig, autocast, state: Tra
     val_loss = validation_loss(model, data.examples.validation, pad_id, config.batch_size, config.max_batch_tokens, autocast, world)
     if world.is_main:
         append_metrics(run_dir, {"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
-    tqdm.write(f"[eval] step {state.step:5d} | val loss {val_loss:.4f} | val answer-ppl {math.exp(val_loss):.3f}")
-    if val_loss < state.best_val_loss:
-        state.best_val_loss = val_loss
+    if stage == "sft":
+        kept = val_loss < state.best_val_loss
+        state.best_val_loss = min(state.best_val_loss, val_loss)
+    else:
+        kept = val_loss <= state.best_val_loss + math.log1p(config.dpo_max_ppl_increase)
+    tqdm.write(f"[eval] step {state.step:5d} | val loss {val_loss:.4f} | val answer-ppl {math.exp(val_loss):.3f}" + (" | kept" if kept else ""))
+    if kept:
+        state.kept_step, state.kept_val_loss = state.step, val_loss
         if world.is_main:
             save_adapter(model, run_dir / ADAPTER, base_model=base_name)
 
@@ -145,7 +174,7 @@ def train(config: TrainConfig, world: World = SINGLE_PROCESS, given: set[str] = 
     model.train()
 
     # ---- optimizer, schedule, mixed precision ---------------------------------------------------
-    optimizer = adamw(params, config.lr, config.weight_decay, device)  # fused on a GPU, foreach on a CPU
+    optimizer = adamw(parameter_groups(model, config.lora_plus_ratio), config.lr, config.weight_decay, device)  # fused on a GPU, foreach on a CPU
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # loss scaling for fp16 only
     autocast = autocast_for(device.type, precision)
     steps_per_epoch, total_steps, warmup_steps = schedule_lengths(len(train_examples), config)
@@ -154,59 +183,44 @@ def train(config: TrainConfig, world: World = SINGLE_PROCESS, given: set[str] = 
 
     state = resume_or_start(checkpoint, config, data, model, optimizer, scaler, world)
     if state.step == 0:
-        validate(model, data, pad_id, config, autocast, state, base_name, world)
+        validate(model, data, pad_id, config, autocast, state, base_name, world, stage="sft")
 
-    # ---- the loop -------------------------------------------------------------------------------
-    start = time.perf_counter() - state.elapsed_s
+    # ---- stage 1: supervised fine-tuning on the answers ------------------------------------------
+    sft_loss = AnswerLoss(train_examples, pad_id, device, topic_weights=scope_weights(config.scope_weight))
     padded_batches = []
-    step_rng = None  # RNG state at the start of the current step, saved if Ctrl-C discards the step
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not world.is_main)
-    try:
-        while state.step < total_steps:
-            step_rng = rng_state()
-            step_started = time.perf_counter()
-            epoch, position = divmod(state.step, steps_per_epoch)
-            step_indices = epoch_steps(lengths, config.step_examples, config.seed, epoch)[position]
-            batches = micro_batches(step_indices, lengths, config.batch_size, config.max_batch_tokens)
-            padded_batches += batches
-            # 1. learning rate of this step
-            lr = cosine_with_warmup(state.step, total_steps, warmup_steps, config.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # 2. forward and backward per micro-batch (summed NLL / the step's target tokens), 3. sum the
-            # gradients over the ranks, 4. unscale, 5. clip, 6. step or skip a non-finite one, 7. zero the
-            # gradients: medlora/optimizer_step.py, the very function bench/train_speed.py times
-            outcome = optimizer_step(
-                model, optimizer, scaler, answer_nll, train_examples, batches, pad_id, device, autocast, config.max_grad_norm, world
-            )
 
-            # 8. log: one line and one metrics.jsonl record per step (rank 0)
-            state.count_step(outcome.loss, outcome.skipped, elapsed_s=time.perf_counter() - start)
-            tokens_per_s = outcome.tokens / (time.perf_counter() - step_started)
-            record = {
-                "step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "loss": outcome.loss, "lr": lr,
-                "grad_norm": outcome.grad_norm, "tokens": outcome.tokens, "tokens_per_s": round(tokens_per_s, 1),
-                "elapsed_s": round(state.elapsed_s, 2), "skipped": outcome.skipped,
-            } | ({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})
-            if world.is_main:
-                append_metrics(run_dir, record)
-            bar.update(1)
-            tqdm.write(step_line(record, total_steps, peak_memory_gb(device)))
-            if state.nan_streak >= config.max_nan_steps:
-                raise TrainingStopped(
-                    f"loss was NaN or infinite for {state.nan_streak} consecutive steps; stopped at step {state.step}. "
-                    f"The last good checkpoint and the best adapter in {run_dir} are kept (try a lower --lr)",
-                    EXIT_DIVERGED,
-                )
-            # 9. validate, 10. checkpoint (every rank's RNG state goes in it)
-            if state.step % config.eval_every == 0 or state.step == total_steps:
-                validate(model, data, pad_id, config, autocast, state, base_name, world)
-            if state.step % config.save_every == 0 or state.step == total_steps:
-                save_checkpoint(run_dir, model, optimizer, scaler, state, config, base_name, world=world)
-    except KeyboardInterrupt:
-        raise interrupted(config, model, optimizer, scaler, state, base_name, step_rng, world) from None
-    finally:
-        bar.close()  # before any message, so an error is printed on a line of its own
+    def sft_batches(step: int) -> list[list[int]]:
+        epoch, position = divmod(step, steps_per_epoch)
+        batches = micro_batches(epoch_steps(lengths, config.step_examples, config.seed, epoch)[position], lengths, config.batch_size,
+                                config.max_batch_tokens)
+        padded_batches.extend(batches)
+        return batches
+
+    sft = Stage("sft", sft_loss, sft_batches, first_step=0, steps=total_steps, warmup_steps=warmup_steps, peak_lr=config.lr,
+                steps_per_epoch=steps_per_epoch)
+    run_stage(sft, model, optimizer, scaler, data, pad_id, config, autocast, state, base_name, device, world)
+
+    # ---- stage 2: preference training (DPO) on pairs built from the training rows -----------------
+    pairs = preference_pairs(model, tokenizer, data, pad_id, config, autocast, state, total_steps, world) if config.dpo_epochs else []
+    if pairs:
+        pair_lengths = [p.length for p in pairs]
+        pair_steps = math.ceil(len(pairs) / config.dpo_pairs_per_step)
+        dpo_steps = math.ceil(config.dpo_epochs * pair_steps)
+        bound = math.exp(state.best_val_loss) * (1 + config.dpo_max_ppl_increase)  # what validate() keeps in this stage
+
+        def dpo_batches(step: int) -> list[list[int]]:
+            epoch, position = divmod(step - total_steps, pair_steps)
+            return micro_batches(epoch_steps(pair_lengths, config.dpo_pairs_per_step, config.seed, epoch)[position], pair_lengths,
+                                 max(1, config.batch_size // 2), config.max_batch_tokens)
+
+        if state.step == total_steps:
+            optimizer.state.clear()  # a fresh AdamW for the stage: its moments start at zero
+        dpo = Stage("dpo", PreferenceLoss(pairs, pad_id, device, config.dpo_beta, config.dpo_nll_weight), dpo_batches,
+                    first_step=total_steps, steps=dpo_steps, warmup_steps=max(1, math.ceil(config.warmup_fraction * dpo_steps)),
+                    peak_lr=config.dpo_lr, steps_per_epoch=pair_steps)
+        print(f"[dpo] {len(pairs)} pairs, {config.dpo_pairs_per_step} per step, {dpo_steps} steps, beta {config.dpo_beta}, "
+              f"lr {config.dpo_lr:.1e}; adapter/ keeps the latest adapter with val answer-ppl <= {bound:.3f}")
+        run_stage(dpo, model, optimizer, scaler, data, pad_id, config, autocast, state, base_name, device, world)
 
     summary = run_summary(state, lora, peak_memory_gb(device), padding_fraction(padded_batches, lengths) if padded_batches else None)
     if world.is_main:
@@ -215,6 +229,128 @@ def train(config: TrainConfig, world: World = SINGLE_PROCESS, given: set[str] = 
         write_summary(run_dir, summary)
     print(done_line(summary, lora, run_dir))
     return summary
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the run, as run_stage() loops over it: its loss, its micro-batches per step, its schedule.
+
+    Steps are counted over the whole run (state.step): the SFT stage has steps [0, steps), the DPO
+    stage [first_step, first_step + steps), so a checkpoint names one point of the run and resume
+    lands inside the right stage.
+    """
+
+    name: str  # "sft" | "dpo"
+    step_loss: StepLoss  # medlora.loss.AnswerLoss | medlora.preference.PreferenceLoss
+    batches: Callable[[int], list[list[int]]]  # global step -> that step's micro-batches (indices into the loss's rows)
+    first_step: int  # global step the stage starts at
+    steps: int  # optimizer steps in the stage
+    warmup_steps: int  # linear warmup steps at the stage's start
+    peak_lr: float  # learning rate after warmup, decayed along a cosine to the stage's end
+    steps_per_epoch: int  # for the "epoch" column of metrics.jsonl
+
+    @property
+    def end(self) -> int:
+        return self.first_step + self.steps
+
+
+def run_stage(stage: Stage, model, optimizer, scaler, data, pad_id: int, config: TrainConfig, autocast, state: TrainState,
+              base_name: str, device, world: World) -> None:
+    """THE LOOP of one stage, from state.step (a resumed run may start inside it) to the stage's end."""
+    run_dir = Path(config.output_dir)
+    start = time.perf_counter() - state.elapsed_s
+    step_rng = None  # RNG state at the start of the current step, saved if Ctrl-C discards the step
+    bar = tqdm(total=stage.steps, initial=max(0, state.step - stage.first_step), desc=stage.name, unit="step", dynamic_ncols=True,
+               disable=not world.is_main or state.step >= stage.end)
+    try:
+        while state.step < stage.end:
+            step_rng = rng_state()
+            step_started = time.perf_counter()
+            batches = stage.batches(state.step)
+            # 1. learning rate of this step (LoRA+: B's group at --lora-plus-ratio times it)
+            lr = cosine_with_warmup(state.step - stage.first_step, stage.steps, stage.warmup_steps, stage.peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_ratio"]
+            # 2. forward and backward per micro-batch (the summed loss / the step's total: target tokens
+            # or pairs), 3. sum the gradients over the ranks, 4. unscale, 5. clip, 6. step or skip a
+            # non-finite one, 7. zero the gradients: medlora/optimizer_step.py, the very function
+            # bench/train_speed.py times
+            outcome = optimizer_step(model, optimizer, scaler, stage.step_loss, batches, autocast, config.max_grad_norm, world)
+
+            # 8. log: one line and one metrics.jsonl record per step (rank 0)
+            state.count_step(outcome.loss, outcome.skipped, elapsed_s=time.perf_counter() - start)
+            tokens_per_s = outcome.tokens / (time.perf_counter() - step_started)
+            record = {
+                "step": state.step, "epoch": round((state.step - stage.first_step) / stage.steps_per_epoch, 4), "loss": outcome.loss,
+                "lr": lr, "grad_norm": outcome.grad_norm, "tokens": outcome.tokens, "tokens_per_s": round(tokens_per_s, 1),
+                "elapsed_s": round(state.elapsed_s, 2), "skipped": outcome.skipped,
+            } | ({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}) | preference_record(outcome, stage, batches)
+            if world.is_main:
+                append_metrics(run_dir, record)
+            bar.update(1)
+            tqdm.write(step_line(record, stage.end, peak_memory_gb(device)))
+            if state.nan_streak >= config.max_nan_steps:
+                raise TrainingStopped(
+                    f"loss was NaN or infinite for {state.nan_streak} consecutive steps; stopped at step {state.step}. "
+                    f"The last good checkpoint and the best adapter in {run_dir} are kept (try a lower --lr)",
+                    EXIT_DIVERGED,
+                )
+            # 9. validate, 10. checkpoint (every rank's RNG state goes in it)
+            if (state.step - stage.first_step) % config.eval_every == 0 or state.step == stage.end:
+                validate(model, data, pad_id, config, autocast, state, base_name, world, stage.name)
+            if state.step % config.save_every == 0 or state.step == stage.end:
+                save_checkpoint(run_dir, model, optimizer, scaler, state, config, base_name, world=world)
+    except KeyboardInterrupt:
+        raise interrupted(config, model, optimizer, scaler, state, base_name, step_rng, world) from None
+    finally:
+        bar.close()  # before any message, so an error is printed on a line of its own
+
+
+def preference_record(outcome, stage: Stage, batches: list[list[int]]) -> dict:
+    """The DPO stage's diagnostics for metrics.jsonl: mean chosen and rejected rewards, their margin, and
+    the share of pairs whose chosen reward is the higher (empty for the SFT stage)."""
+    if stage.name != "dpo":
+        return {}
+    pairs = stage.step_loss.total(batches)
+    chosen, rejected = outcome.stats["chosen_reward"] / pairs, outcome.stats["rejected_reward"] / pairs
+    return {"stage": "dpo", "chosen_reward": chosen, "rejected_reward": rejected, "margin": chosen - rejected,
+            "accuracy": outcome.stats["correct"] / pairs}
+
+
+def scope_weights(weight: float) -> dict[str, float]:
+    """--scope-weight as AnswerLoss's topic weights: the out-of-domain, borderline and safety rows (none when 1)."""
+    return {} if weight == 1 else dict.fromkeys(SCOPE_TOPICS, weight)
+
+
+def preference_pairs(model, tokenizer, data, pad_id: int, config: TrainConfig, autocast, state: TrainState, sft_steps: int,
+                     world: World) -> list[EncodedPair]:
+    """The DPO stage's pairs, with their reference log-probabilities (medlora/preference.py).
+
+    When the stage starts, the best SFT adapter (adapter/) is loaded and is the reference: rank 0
+    builds the pairs from the training rows with it, takes log pi_ref of both answers once, and
+    writes them to pairs.jsonl (and what the SFT model already did, to preference.json). Every rank,
+    and a run resumed inside the stage, reads the pairs from that file, so all train on the same ones.
+    """
+    run_dir = Path(config.output_dir)
+    started = time.perf_counter()
+    if state.step == sft_steps:
+        load_adapter(model, run_dir / ADAPTER)  # the stage starts from, and refers to, the best SFT adapter
+        with world.main_first("building the preference pairs"):
+            if world.is_main:
+                with autocast():
+                    pairs, counts = build_pairs(model, tokenizer, data.examples.train, config.dpo_answer_rows, config.seed)
+                encoded = with_reference_logps(model, encode_pairs(tokenizer, pairs, config.max_length), pad_id, config.batch_size,
+                                               config.max_batch_tokens, autocast)
+                save_pairs(run_dir, encoded)
+                (run_dir / PREFERENCE_SUMMARY).write_text(json.dumps({"sft_model": counts, "pairs": pair_counts(encoded)}, indent=1) + "\n")
+        state.elapsed_s += time.perf_counter() - started
+    pairs = encode_pairs(tokenizer, load_pairs(run_dir), config.max_length)
+    summary = json.loads((run_dir / PREFERENCE_SUMMARY).read_text())
+    behaved = ", ".join(f"{kind} {c['behaved']}/{c['rows']}" for kind, c in summary["sft_model"].items())
+    print(f"[dpo] the SFT model's own answers on its training rows already do what the row asks: {behaved}")
+    print("[dpo] pairs: " + ", ".join(f"{kind} {count}" for kind, count in summary["pairs"].items())
+          + f" (built in {time.perf_counter() - started:.1f} s, reference pass included)")
+    return pairs
 
 
 def fit_scope_gate_on_saved_adapter(model, tokenizer, data, adapter_dir: Path, autocast, summary: dict) -> None:
@@ -263,6 +399,8 @@ def run_summary(state: TrainState, lora: LoRASummary, peak_gb: float, padding: f
         "train_loss": state.last_loss,
         "best_val_loss": state.best_val_loss if has_val else None,
         "best_val_ppl": math.exp(state.best_val_loss) if has_val else None,
+        "adapter_step": state.kept_step,  # the step whose adapter adapter/ holds (the DPO stage may keep one above the best SFT loss)
+        "adapter_val_ppl": math.exp(state.kept_val_loss) if state.kept_val_loss is not None else None,
         "steps": state.step,
         "skipped_steps": state.skipped_steps,
         "time_s": round(state.elapsed_s, 1),
@@ -287,8 +425,9 @@ def done_line(summary: dict, lora: LoRASummary, run_dir: Path) -> str:
 
 FLAG_FIELDS = (  # TrainConfig fields set by a flag of the same name
     "model", "data", "num_examples", "epochs", "max_steps", "batch_size", "grad_accum", "max_batch_tokens", "lr",
-    "rank", "alpha", "dropout", "lora_variant", "scope_repeats", "max_length", "precision", "grad_checkpointing", "eval_every", "save_every",
-    "keep_last", "max_nan_steps", "seed", "device", "dist_timeout",
+    "rank", "alpha", "dropout", "lora_variant", "lora_plus_ratio", "scope_repeats", "max_length", "precision", "grad_checkpointing", "eval_every", "save_every",
+    "keep_last", "max_nan_steps", "seed", "device", "dist_timeout", "scope_weight", "dpo_epochs", "dpo_beta", "dpo_lr",
+    "dpo_pairs_per_step", "dpo_nll_weight", "dpo_answer_rows", "dpo_max_ppl_increase",
 )
 
 
@@ -324,9 +463,19 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace,
     add("--rank", type=int, help=f"LoRA rank r (default: {preset_default('rank')})")
     add("--alpha", type=float, help=f"LoRA alpha (update scaled by alpha / r) (default: {preset_default('alpha')})")
     add("--dropout", type=float, help=f"dropout on the LoRA branch, in [0, 1) (default: {preset_default('dropout')})")
-    add("--lora-variant", choices=VARIANTS, help=f"lora: update scaled by alpha/r; rslora: alpha/sqrt(r); dora: plus a learned per-row magnitude (default: {defaults.lora_variant})")
+    add("--lora-variant", choices=VARIANTS, help=f"lora: update scaled by alpha/r; rslora: alpha/sqrt(r); dora: plus a learned per-row magnitude; "
+        f"pissa: A and B start from W0's top-r singular directions, saved as a rank-2r LoRA of the original base (default: {defaults.lora_variant})")
+    add("--lora-plus-ratio", type=float, help="LoRA+: B's learning rate is this times A's (and --lr's schedule), e.g. 16 (default: off)")
     add("--targets", help=f"comma-separated module-name suffixes (default: {','.join(defaults.targets)})")
     add("--scope-repeats", type=int, help=f"times each out-of-domain, borderline and safety training row is seen per epoch (default: {defaults.scope_repeats})")
+    add("--scope-weight", type=float, help=f"SFT loss weight of each out-of-domain, borderline and safety row's tokens (default: {defaults.scope_weight})")
+    add("--dpo-epochs", type=float, help=f"stage 2, preference training (DPO): passes over the pairs; 0 = no stage 2 (default: {preset_default('dpo_epochs')})")
+    add("--dpo-beta", type=float, help=f"DPO beta: reward scale, how far the model may move from the SFT adapter (default: {preset_default('dpo_beta')})")
+    add("--dpo-lr", type=float, help=f"peak learning rate of the DPO stage (default: {preset_default('dpo_lr')})")
+    add("--dpo-pairs-per-step", type=int, help=f"preference pairs per DPO optimizer step (default: {preset_default('dpo_pairs_per_step')})")
+    add("--dpo-nll-weight", type=float, help=f"weight of the chosen answers' mean token NLL added to the DPO loss; 0 = plain DPO (default: {preset_default('dpo_nll_weight')})")
+    add("--dpo-answer-rows", type=int, help=f"medical / borderline training rows paired against a decline (default: {preset_default('dpo_answer_rows')})")
+    add("--dpo-max-ppl-increase", type=float, help=f"DPO adapters are kept while validation answer-ppl is at most this fraction above SFT's (default: {defaults.dpo_max_ppl_increase})")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help=f"recompute activations in backward (default: {preset_default('grad_checkpointing')})")
     add("--eval-every", type=int, help=f"optimizer steps between validation passes (default: {preset_default('eval_every')})")
     add("--save-every", type=int, help=f"optimizer steps between checkpoints (default: {preset_default('save_every')})")

@@ -50,7 +50,7 @@ from bench.train_speed import (
 )
 from data import EncodedExample, clean_rows, encode_example, epoch_steps, load_rows, micro_batches
 from lora import inject_lora, lora_parameters
-from medlora.loss import answer_nll
+from medlora.loss import row_nll
 from medlora.optimizer_step import adamw
 from medlora.model import (
     TORCH_DTYPES,
@@ -141,7 +141,7 @@ def train_ours(model, examples, spec: dict) -> dict:
     for step, indices in enumerate(steps):
         lr = cosine_with_warmup(step, len(steps), 1, 2e-4)
         batches = micro_batches(indices, lengths, spec["batch_size"])
-        loss, _ = step_as_train_py(model, optimizer, scaler, examples, batches, 2, device, autocast, lr, answer_nll)
+        loss, _ = step_as_train_py(model, optimizer, scaler, examples, batches, 2, device, autocast, lr, row_nll)
         losses.append(loss)
         step_ends.append(synchronize(device))
         if device.startswith("cuda"):  # where the peak falls: a step's backward, or the optimizer's state

@@ -24,7 +24,7 @@ from data import micro_batches, prepare_data
 from lora import inject_lora, lora_parameters
 from medlora.checkpoint import TrainState, save_checkpoint
 from medlora.config import config_from_preset
-from medlora.loss import answer_nll, validation_loss
+from medlora.loss import AnswerLoss, validation_loss
 from medlora.model import TORCH_DTYPES, autocast_for, load_model_and_tokenizer, resolve_precision
 from medlora.optimizer_step import adamw, optimizer_step
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     lengths = [len(example.input_ids) for example in train]
     batches = micro_batches(list(range(config.step_examples)), lengths, config.batch_size, config.max_batch_tokens)
     model.train()
-    optimizer_step(model, optimizer, scaler, answer_nll, train, batches, tokenizer.pad_token_id, device, autocast, config.max_grad_norm)
+    optimizer_step(model, optimizer, scaler, AnswerLoss(train, tokenizer.pad_token_id, device), batches, autocast, config.max_grad_norm)
     with tempfile.TemporaryDirectory(prefix="train-overheads-") as folder:
         state = TrainState()
         seconds = best_time(args.repeats, lambda: save_checkpoint(Path(folder), model, optimizer, scaler, state, config, "SmolLM2-135M-Instruct"))

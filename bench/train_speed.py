@@ -65,7 +65,7 @@ import torch
 
 from data import IGNORE_INDEX, clean_rows, collate, encode_example, epoch_steps, load_rows, micro_batches
 from lora import inject_lora, lora_parameters
-from medlora.loss import answer_nll
+from medlora.loss import AnswerLoss, row_nll
 from medlora.model import autocast_for, peak_memory_gb
 from medlora.optimizer_step import optimizer_step
 from medlora.schedule import cosine_with_warmup
@@ -251,32 +251,32 @@ def training_steps(lengths: list[int], length_grouped: bool) -> list[list[int]]:
     return random_steps(len(lengths), STEP_EXAMPLES, SEED)
 
 
-def full_vocabulary_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """medlora.loss.answer_nll computed the usual way: lm_head at every position, then cross-entropy."""
+def full_vocabulary_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """medlora.loss.row_nll computed the usual way: lm_head at every position, then cross-entropy per row."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [batch, seq, vocab]
     targets = batch["labels"][:, 1:]  # [batch, seq - 1]
     nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return nll, int((targets != IGNORE_INDEX).sum())
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(targets.shape)  # [batch, seq - 1], 0 where ignored
+    return nll.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
 
 
 def step_as_train_py(model, optimizer, scaler, examples, batches, pad_id, device, autocast, lr, loss_fn) -> tuple[float, int]:
     """One optimizer step the way train.py's loop takes it: set the learning rate (step 1), then
     medlora.optimizer_step.optimizer_step (steps 2-7), the same function train.py calls.
 
-    `loss_fn(model, batch) -> (summed NLL, target tokens)`: medlora.loss.answer_nll, or a lever's.
+    `loss_fn(model, batch) -> ([batch] summed NLL, [batch] target tokens)`: medlora.loss.row_nll, or a lever's.
     Returns the step's mean answer-token loss and its real (non-pad) tokens.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    outcome = optimizer_step(model, optimizer, scaler, loss_fn, examples, batches, pad_id, device, autocast, MAX_GRAD_NORM)
+    outcome = optimizer_step(model, optimizer, scaler, AnswerLoss(examples, pad_id, device, row_nll=loss_fn), batches, autocast, MAX_GRAD_NORM)
     return outcome.loss, outcome.tokens
 
 
 def train_ours(model, tokenizer, examples, settings: OursSettings) -> dict:
     """This project's loop, as train.py runs it, without validation or checkpoints."""
-    loss_fn = full_vocabulary_nll if not settings.answer_only_head else functools.partial(answer_nll, share_prefix=settings.share_prefix)
+    loss_fn = full_vocabulary_nll if not settings.answer_only_head else functools.partial(row_nll, share_prefix=settings.share_prefix)
     if settings.attention != "auto":
         model.set_attn_implementation(settings.attention)
     if settings.threads:

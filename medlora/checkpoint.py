@@ -52,7 +52,9 @@ class TrainState:
     skipped_steps: int = 0  # steps skipped for inf/NaN gradients or loss
     nan_streak: int = 0  # consecutive steps with a non-finite loss, up to now
     elapsed_s: float = 0.0  # training time so far, over every resumed session
-    last_loss: float | None = None  # mean answer-token loss of the last step (None before the first)
+    last_loss: float | None = None  # mean loss of the last step (None before the first)
+    kept_step: int | None = None  # the step whose adapter adapter/ holds (None: none kept yet)
+    kept_val_loss: float | None = None  # that adapter's validation loss
 
     def count_step(self, loss: float, skipped: bool, elapsed_s: float) -> None:
         """Advance the counters past one optimizer step whose mean loss was `loss`."""

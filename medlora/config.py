@@ -39,9 +39,18 @@ class TrainConfig:
     rank: int = 16  # LoRA rank r
     alpha: float = 32.0  # LoRA alpha; the update is scaled by alpha / r
     dropout: float = 0.05  # dropout on the LoRA branch input
-    lora_variant: str = "lora"  # lora (scale alpha/r) | rslora (alpha/sqrt(r)) | dora (learned magnitude); lora/layer.py
+    lora_variant: str = "lora"  # lora (scale alpha/r) | rslora (alpha/sqrt(r)) | dora (learned magnitude) | pissa (SVD start); lora/layer.py
+    lora_plus_ratio: float | None = None  # LoRA+: B's learning rate is this times A's (None = off); medlora/optimizer_step.py
     targets: tuple[str, ...] = ("q_proj", "v_proj")  # module-name suffixes that get adapters
     scope_repeats: int = 1  # times each out_of_domain / borderline / safety training row is seen per epoch (data.repeat_scope_rows)
+    scope_weight: float = 1.0  # SFT loss weight of each out_of_domain / borderline / safety row's tokens (medlora.loss.AnswerLoss)
+    dpo_epochs: float = 0.0  # stage 2, preference training (DPO): passes over the pairs (0 = no stage 2); medlora/preference.py
+    dpo_beta: float = 0.1  # DPO beta: how far the rewards may pull the model from the SFT adapter it starts from
+    dpo_lr: float = 2e-4  # peak learning rate of the DPO stage (its own cosine schedule with warmup)
+    dpo_pairs_per_step: int = 8  # preference pairs per DPO optimizer step (each pair is two rows)
+    dpo_nll_weight: float = 0.0  # weight of the chosen answers' mean token NLL added to the DPO loss (0 = plain DPO)
+    dpo_answer_rows: int = 64  # medical / borderline training rows paired (answer chosen, a decline rejected)
+    dpo_max_ppl_increase: float = 0.05  # DPO adapters are kept while validation answer-ppl is at most this much above SFT's
     max_length: int = 512  # tokens per example; the answer is cut, never the prompt
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 (auto: medlora.model.resolve_precision)
     grad_checkpointing: bool = False  # recompute activations in backward to save memory
@@ -89,6 +98,15 @@ class TrainConfig:
             (self.keep_last > 0, f"--keep-last must be positive, got {self.keep_last}"),
             (len(self.targets) > 0, "--targets must name at least one module"),
             (self.scope_repeats >= 1, f"--scope-repeats must be a positive integer, got {self.scope_repeats}"),
+            (self.scope_weight > 0, f"--scope-weight must be positive, got {self.scope_weight}"),
+            (self.dpo_epochs >= 0, f"--dpo-epochs must be 0 (no preference stage) or positive, got {self.dpo_epochs}"),
+            (self.dpo_beta > 0, f"--dpo-beta must be positive, got {self.dpo_beta}"),
+            (self.dpo_lr > 0, f"--dpo-lr must be positive, got {self.dpo_lr}"),
+            (self.dpo_pairs_per_step > 0, f"--dpo-pairs-per-step must be positive, got {self.dpo_pairs_per_step}"),
+            (self.dpo_nll_weight >= 0, f"--dpo-nll-weight must be 0 or positive, got {self.dpo_nll_weight}"),
+            (self.dpo_answer_rows >= 0, f"--dpo-answer-rows must be 0 or positive, got {self.dpo_answer_rows}"),
+            (self.dpo_max_ppl_increase >= 0, f"--dpo-max-ppl-increase must be 0 or positive, got {self.dpo_max_ppl_increase}"),
+            (self.lora_plus_ratio is None or self.lora_plus_ratio > 0, f"--lora-plus-ratio must be positive, got {self.lora_plus_ratio}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -110,6 +128,7 @@ PRESETS: dict[str, dict] = {
         model=None, data=None, num_examples=None, epochs=1.0, batch_size=16, grad_accum=1,
         max_batch_tokens=1024, lr=1e-3, rank=16, alpha=32.0, dropout=0.05, max_length=512,
         precision="auto", grad_checkpointing=False, eval_every=29, save_every=10,
+        dpo_epochs=0.0, dpo_beta=0.1, dpo_lr=2e-4, dpo_pairs_per_step=8, dpo_nll_weight=0.0, dpo_answer_rows=64,
     ),
     # The reference notebook's run on a T4: TinyLlama-1.1B-Chat, 3,000 flashcards, fp16 AMP.
     "t4": dict(
@@ -117,6 +136,7 @@ PRESETS: dict[str, dict] = {
         num_examples=3000, epochs=2.0, batch_size=2, grad_accum=8, max_batch_tokens=None, lr=2e-4,
         rank=16, alpha=32.0, dropout=0.05, max_length=512, precision="fp16", grad_checkpointing=True,
         eval_every=50, save_every=50,
+        dpo_epochs=0.0, dpo_beta=0.1, dpo_lr=2e-4, dpo_pairs_per_step=8, dpo_nll_weight=0.0, dpo_answer_rows=64,
     ),
 }
 

@@ -16,13 +16,14 @@ wherever it falls.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from data import IGNORE_INDEX, EncodedExample, collate, micro_batches
 from medlora.distributed import SINGLE_PROCESS, World
-from medlora.model import expanded_cache, shared_prefix_length as prompts_prefix_length
+from medlora.model import expanded_cache, shared_prefix_length
 
 
 def plain_answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -52,10 +53,10 @@ def common_prefix_length(batch: dict[str, torch.Tensor]) -> int:
     Every example starts with the same system prompt (and chat-template header), so rows share a prefix.
     """
     lengths = batch["attention_mask"].sum(dim=1).tolist()  # right-padded: a row's real tokens come first
-    return prompts_prefix_length([row[:length] for row, length in zip(batch["input_ids"].tolist(), lengths)])
+    return shared_prefix_length([row[:length] for row, length in zip(batch["input_ids"].tolist(), lengths)])
 
 
-def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
+def prefix_before_targets(batch: dict[str, torch.Tensor]) -> int:
     """The common prefix, stopped one token before the earliest target, so no target is predicted from it."""
     first_target = int((batch["labels"] != IGNORE_INDEX).int().argmax(dim=1).min())  # earliest target position
     return max(0, min(common_prefix_length(batch), first_target - 1))
@@ -93,7 +94,7 @@ def row_nll(model, batch: dict[str, torch.Tensor], share_prefix: bool = True) ->
         state at position t predicts token t + 1. Prompt and padding positions never reach it.
     """
     ids, labels = batch["input_ids"], batch["labels"]
-    prefix = shared_prefix_length(batch) if share_prefix and ids.shape[0] > 1 else 0
+    prefix = prefix_before_targets(batch) if share_prefix and ids.shape[0] > 1 else 0
     if prefix < MIN_SHARED_PREFIX_TOKENS or model.is_activation_checkpointing:
         prefix = 0
     _, hidden = prefix_then_rest(model, batch, prefix)
@@ -110,6 +111,53 @@ def answer_nll(model, batch: dict[str, torch.Tensor], share_prefix: bool = True)
     """Summed next-token NLL over every target token of the batch (a scalar), and how many there are."""
     sums, counts = row_nll(model, batch, share_prefix)
     return sums.sum(), int(counts.sum())
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log pi(answer | prompt) of each row: the summed log-probability of its target (answer + EOS) tokens, [batch].
+
+    The negative of `row_nll`'s sums: the SFT loss and the preference loss (medlora/preference.py) read
+    one definition, so the completion-only mask (the labels) is defined once.
+    """
+    return -row_nll(model, batch)[0]
+
+
+RowNLL = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (model, batch) -> ([batch] summed NLL, [batch] target counts)
+
+
+@dataclass(frozen=True)
+class AnswerLoss:
+    """The SFT stage's loss, as medlora.optimizer_step.optimizer_step takes it: for a micro-batch (indices
+    into `examples`), the summed answer-token NLL, each row's sum times its topic's weight; for the whole
+    step, the weighted target-token count that the step's sum is divided by.
+
+        loss = sum_rows w(topic) * NLL(row) / sum_rows w(topic) * target_tokens(row)
+
+    With every weight 1 (the default) this is the step's mean answer-token NLL. A weight above 1 on
+    "out_of_domain" makes each decline token count more without repeating the row (--scope-weight).
+    """
+
+    examples: Sequence[EncodedExample]
+    pad_id: int
+    device: torch.device | str
+    topic_weights: dict[str, float] = field(default_factory=dict)  # topic -> weight; topics not named weigh 1
+    row_nll: RowNLL = row_nll  # medlora.loss.row_nll, or a benchmark's alternative with the same contract
+    stat_names: tuple[str, ...] = ()  # nothing is logged beside the loss
+
+    def weight(self, index: int) -> float:
+        return self.topic_weights.get(self.examples[index].topic, 1.0)
+
+    def total(self, batches: Sequence[Sequence[int]]) -> float:
+        """What the step's summed loss is divided by: the weighted target tokens of every micro-batch of the step."""
+        return float(sum(self.weight(i) * self.examples[i].answer_token_count for rows in batches for i in rows))
+
+    def __call__(self, model, rows: Sequence[int]) -> tuple[torch.Tensor, int, dict[str, float]]:
+        """(the micro-batch's weighted summed NLL, its real tokens, no extra statistics)."""
+        batch = batch_on_device(self.examples, rows, self.pad_id, self.device)
+        sums, _ = self.row_nll(model, batch)
+        if self.topic_weights:
+            sums = sums * torch.tensor([self.weight(i) for i in rows], dtype=sums.dtype, device=sums.device)
+        return sums.sum(), int(batch["attention_mask"].sum()), {}
 
 
 def full_sequence_labels(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

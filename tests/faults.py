@@ -13,6 +13,7 @@ can kill -9 that process at that moment. `raise:3@1` makes rank 1 raise a Runtim
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import time
@@ -23,41 +24,74 @@ from medlora import checkpoint
 PAUSE_MARKER = "[test-pause]"
 
 
-def track_steps(patch) -> dict:
-    """Wrap train.cosine_with_warmup, which the loop calls once at the start of each optimizer step,
-    so that `tracker["step"]` is the 1-based step being taken (None before the first)."""
-    tracker = {"step": None}
-    schedule = train.cosine_with_warmup
+class StepTracker:
+    """The loop's TrainState, caught as train.run_stage starts a stage: `step` is the 1-based global
+    step being taken (None before the loop starts), in either stage."""
 
-    def noting_schedule(step: int, *args):
-        tracker["step"] = step + 1
-        return schedule(step, *args)
+    def __init__(self) -> None:
+        self.state = None
 
-    patch(train, "cosine_with_warmup", noting_schedule)
+    @property
+    def step(self) -> int | None:
+        return None if self.state is None else self.state.step + 1
+
+
+def track_steps(patch) -> StepTracker:
+    """Wrap train.run_stage so that the tracker holds the TrainState the loop counts steps in."""
+    tracker = StepTracker()
+    run_stage = train.run_stage
+
+    def tracking_run_stage(*args, **kwargs):
+        tracker.state = inspect.signature(run_stage).bind(*args, **kwargs).arguments["state"]
+        return run_stage(*args, **kwargs)
+
+    patch(train, "run_stage", tracking_run_stage)
     return tracker
 
 
+class WrappedLoss:
+    """A step loss (medlora.loss.AnswerLoss or medlora.preference.PreferenceLoss) whose micro-batch
+    result passes through `after(loss, tokens, stats)` before the optimizer step sees it."""
+
+    def __init__(self, step_loss, after) -> None:
+        self.step_loss, self.after, self.stat_names = step_loss, after, step_loss.stat_names
+
+    def total(self, batches):
+        return self.step_loss.total(batches)
+
+    def __call__(self, model, rows):
+        return self.after(*self.step_loss(model, rows))
+
+
+def wrap_step_loss(patch, after) -> None:
+    """Make train.optimizer_step see every stage's loss through `after`."""
+    optimizer_step = train.optimizer_step
+
+    def wrapped_step(model, optimizer, scaler, step_loss, *args, **kwargs):
+        return optimizer_step(model, optimizer, scaler, WrappedLoss(step_loss, after), *args, **kwargs)
+
+    patch(train, "optimizer_step", wrapped_step)
+
+
 def corrupt_loss(patch, kind: str, steps: set[int]) -> None:
-    """During the optimizer steps `steps`, wrap train.answer_nll so that:
+    """During the optimizer steps `steps`, change each micro-batch's loss so that:
 
     inf_grad: the loss stays finite and every gradient becomes infinite (a hook on the loss);
     nan_loss: the loss and every gradient become NaN.
     """
     tracker = track_steps(patch)
-    loss = train.answer_nll
 
-    def faulty_loss(model, batch, *args, **kwargs):
-        nll, count = loss(model, batch, *args, **kwargs)
-        if tracker["step"] in steps:
+    def faulty(loss, tokens, stats):
+        if tracker.step in steps:
             if kind == "inf_grad":
-                nll.register_hook(lambda grad: grad * float("inf"))
+                loss.register_hook(lambda grad: grad * float("inf"))
             elif kind == "nan_loss":
-                nll = nll * float("nan")
+                loss = loss * float("nan")
             else:
                 raise ValueError(f"unknown fault {kind!r}")
-        return nll, count
+        return loss, tokens, stats
 
-    patch(train, "answer_nll", faulty_loss)
+    wrap_step_loss(patch, faulty)
 
 
 def pause(where: str) -> None:
@@ -71,22 +105,20 @@ def install_pause(patch, point: str, step: int) -> None:
     or raise a RuntimeError inside optimizer step `step` ("raise", after its first forward)."""
     tracker = track_steps(patch)
     if point in ("step", "raise"):
-        loss = train.answer_nll
 
-        def pausing_loss(*args, **kwargs):
-            result = loss(*args, **kwargs)
-            if tracker["step"] == step and point == "raise":
+        def pausing(loss, tokens, stats):
+            if tracker.step == step and point == "raise":
                 raise RuntimeError(f"fault injected by tests/faults.py in step {step}")
-            if tracker["step"] == step:
+            if tracker.step == step:
                 pause(f"step {step}")
-            return result
+            return loss, tokens, stats
 
-        patch(train, "answer_nll", pausing_loss)
+        wrap_step_loss(patch, pausing)
     elif point == "eval":
         validation_loss = train.validation_loss
 
         def pausing_validation(*args, **kwargs):
-            if tracker["step"] == step:
+            if tracker.state is not None and tracker.state.step == step:  # validation after step `step` was counted
                 pause(f"eval {step}")
             return validation_loss(*args, **kwargs)
 

@@ -59,9 +59,9 @@ def reference_run(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def kill_at(tiny_model_dir, out, pause):
+def kill_at(tiny_model_dir, out, pause, *extra):
     """Train in a subprocess paused at `pause` (tests/faults.py), wait until it gets there, then kill -9 it."""
-    process = subprocess.Popen([sys.executable, "-m", "tests.faults", pause, "--", *args(tiny_model_dir, out)], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "tests.faults", pause, "--", *args(tiny_model_dir, out, *extra)], cwd=ROOT,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in process.stdout:
@@ -85,6 +85,26 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path, 
     assert f"continuing from step-{resumes_from:06d}" in capsys.readouterr().out
     assert_same_run(out, reference_run)
     assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+DPO = ("--dpo-epochs", "1", "--dpo-pairs-per-step", "6", "--dpo-answer-rows", "6", "--dpo-lr", "5e-3", "--dpo-max-ppl-increase", "10")
+
+
+@pytest.mark.slow  # two more training subprocesses: `make test-all`
+def test_kill_9_inside_the_preference_stage_then_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path, capsys):
+    reference = tmp_path / "reference"
+    assert train.main(args(tiny_model_dir, reference, *DPO)) == 0
+    steps = json.loads((reference / "summary.json").read_text())["steps"]
+    assert steps >= 9  # 6 SFT steps, then the DPO stage
+    out = tmp_path / "run"
+    kill_at(tiny_model_dir, out, "step:9", *DPO)  # inside DPO step 9: the last checkpoint is step 8, in the stage
+    capsys.readouterr()
+    assert train.main(args(tiny_model_dir, out, *DPO, "--resume", "auto")) == 0
+    assert "continuing from step-000008" in capsys.readouterr().out
+    assert records(out) == records(reference)
+    a = load_file(out / "checkpoints" / f"step-{steps:06d}" / "adapter_model.safetensors")
+    b = load_file(reference / "checkpoints" / f"step-{steps:06d}" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "bit-flip", "delete"])

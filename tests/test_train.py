@@ -64,13 +64,14 @@ def run(tiny_model_dir, out, *extra):
 def test_the_scope_gate_is_fitted_on_the_saved_adapter_or_not_at_all(tiny_model_dir, tmp_path, capsys):
     from pathlib import Path
 
+    from lora.adapter_files import WEIGHTS_NAME
     from medlora.checkpoint import file_sha256
-    from medlora.scope_gate import ADAPTER_WEIGHTS, GATE_FILE, ScopeGate
+    from medlora.scope_gate import GATE_FILE, ScopeGate
 
     out = tmp_path / "run"
     assert run(tiny_model_dir, out) == 0  # the embedded rows hold declines: a gate
     gate = ScopeGate.load(out / "adapter")  # refused unless bound to this very adapter file
-    assert gate.adapter_sha256 == file_sha256(out / "adapter" / ADAPTER_WEIGHTS)
+    assert gate.adapter_sha256 == file_sha256(out / "adapter" / WEIGHTS_NAME)
     assert json.loads((out / "summary.json").read_text())["gate_time_s"] > 0
     assert "[gate] scope gate fitted in" in capsys.readouterr().out
 
@@ -225,3 +226,45 @@ def test_lora_variant_flag_trains_and_is_written_to_the_adapter(tiny_model_dir, 
     assert json.loads((out / "config.json").read_text())["lora_variant"] == variant
     magnitudes = [key for key in load_file(out / "adapter" / "adapter_model.safetensors") if "lora_magnitude_vector" in key]
     assert bool(magnitudes) == (variant == "dora")
+
+
+DPO = ("--dpo-epochs", "1", "--dpo-pairs-per-step", "6", "--dpo-answer-rows", "6", "--dpo-lr", "5e-3", "--dpo-max-ppl-increase", "10")
+
+
+def test_the_preference_stage_follows_sft_and_logs_its_rewards(tiny_model_dir, tmp_path, capsys):
+    from medlora.preference import load_pairs
+
+    out = tmp_path / "run"
+    assert run(tiny_model_dir, out, *DPO) == 0
+    printed = capsys.readouterr().out
+    assert "[dpo] the SFT model's own answers on its training rows already do what the row asks: decline 0/" in printed
+    pairs = load_pairs(out)
+    assert pairs and all(p.reference_chosen_logp < 0 and p.reference_rejected_logp < 0 for p in pairs)
+    assert {p.kind for p in pairs} >= {"decline", "answer"} and all(p.rejected_from in ("model", "decline") for p in pairs)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    dpo = [r for r in lines if r.get("stage") == "dpo"]
+    assert [r["step"] for r in dpo] == list(range(7, 7 + math.ceil(len(pairs) / 6)))  # after the 6 SFT steps
+    for r in dpo:
+        assert r["margin"] == pytest.approx(r["chosen_reward"] - r["rejected_reward"]) and 0 <= r["accuracy"] <= 1
+    assert dpo[0]["lr"] == pytest.approx(5e-3) and dpo[-1]["lr"] < dpo[0]["lr"]  # its own schedule, from --dpo-lr (1 warmup step)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == dpo[-1]["step"] and summary["adapter_step"] == dpo[-1]["step"]  # kept: within the (loose) bound
+    preference = json.loads((out / "preference.json").read_text())
+    assert sum(preference["pairs"][kind] for kind in ("decline", "answer", "emergency", "clinician")) == len(pairs)
+
+
+def test_resume_inside_the_preference_stage_is_bit_exact(tiny_model_dir, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert run(tiny_model_dir, full, *DPO, "--save-every", "1", "--keep-last", "40") == 0
+    steps = json.loads((full / "summary.json").read_text())["steps"]
+    assert steps >= 9
+    shutil.copytree(full, resumed)
+    for later in range(8, steps + 1):  # keep step 7, the stage's first step: resume inside the stage
+        shutil.rmtree(resumed / "checkpoints" / f"step-{later:06d}")
+    assert run(tiny_model_dir, resumed, *DPO, "--save-every", "1", "--keep-last", "40", "--resume", "auto") == 0
+    keys = ("loss", "lr", "grad_norm", "tokens", "val_loss", "chosen_reward", "rejected_reward")
+    assert records(resumed, *keys) == records(full, *keys)
+    last = f"step-{steps:06d}"
+    a = load_file(full / "checkpoints" / last / "adapter_model.safetensors")
+    b = load_file(resumed / "checkpoints" / last / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

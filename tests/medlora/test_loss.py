@@ -9,7 +9,7 @@ import torch
 from data import clean_rows, collate, encode_example, load_rows
 from lora import inject_lora, lora_layers, lora_parameters
 from medlora.loss import (
-    answer_and_sequence_nll, answer_nll, common_prefix_length, full_sequence_labels, plain_answer_nll, shared_prefix_length,
+    answer_and_sequence_nll, answer_nll, common_prefix_length, full_sequence_labels, plain_answer_nll, prefix_before_targets,
     validation_loss,
 )
 from tests.conftest import make_tiny_model
@@ -33,7 +33,7 @@ def lora_model_with_random_B():
 @pytest.mark.parametrize("share_prefix", [True, False])
 def test_optimized_loss_and_gradients_equal_the_plain_definition(examples, tokenizer, share_prefix):
     batch = collate(examples[:6], tokenizer.pad_token_id)
-    assert shared_prefix_length(batch) > 30  # the system prompt is shared
+    assert prefix_before_targets(batch) > 30  # the system prompt is shared
     model = lora_model_with_random_B()
     reference, reference_count = plain_answer_nll(model, batch)
     reference.backward()
@@ -49,7 +49,7 @@ def test_optimized_loss_and_gradients_equal_the_plain_definition(examples, token
 
 def test_shared_prefix_stops_before_the_first_target(examples, tokenizer):
     batch = collate([examples[0], examples[0]], tokenizer.pad_token_id)  # identical rows share everything
-    assert shared_prefix_length(batch) == examples[0].prompt_length - 1
+    assert prefix_before_targets(batch) == examples[0].prompt_length - 1
 
 
 def test_one_pass_gives_each_rows_answer_and_full_sequence_nll(examples, tokenizer):

@@ -8,7 +8,7 @@ import torch
 
 from data import clean_rows, encode_example, load_rows
 from lora import inject_lora, lora_parameters
-from medlora.loss import answer_nll
+from medlora.loss import AnswerLoss, row_nll
 from medlora.optimizer_step import optimizer_step
 from tests.conftest import make_tiny_model
 
@@ -27,9 +27,10 @@ def lora_model_and_optimizer():
     return model, optimizer
 
 
-def take_step(model, optimizer, examples, tokenizer, batches, loss_fn=answer_nll):
+def take_step(model, optimizer, examples, tokenizer, batches, loss_fn=row_nll):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return optimizer_step(model, optimizer, scaler, loss_fn, examples, batches, tokenizer.pad_token_id, "cpu", nullcontext, 1.0)
+    step_loss = AnswerLoss(examples, tokenizer.pad_token_id, "cpu", row_nll=loss_fn)
+    return optimizer_step(model, optimizer, scaler, step_loss, batches, nullcontext, 1.0)
 
 
 def test_four_micro_batches_take_the_step_of_one_batch(examples, tokenizer):
@@ -59,8 +60,8 @@ def test_a_nan_loss_skips_the_update(examples, tokenizer):
     before = [p.detach().clone() for p in lora_parameters(model)]
 
     def nan_loss(model, batch):
-        nll, count = answer_nll(model, batch)
-        return nll * float("nan"), count
+        sums, counts = row_nll(model, batch)
+        return sums * float("nan"), counts
 
     outcome = take_step(model, optimizer, examples, tokenizer, [[0, 1]], loss_fn=nan_loss)
     assert outcome.skipped

@@ -1,0 +1,273 @@
+"""Preference training (DPO): the loss, the pairs it learns from, and the reference log-probabilities.
+
+Direct Preference Optimization (Rafailov et al., 2023, arXiv:2305.18290) learns from pairs
+(x, y_w, y_l): a prompt, the answer we prefer ("chosen") and one we do not ("rejected"). With pi the
+model being trained and pi_ref the frozen model the stage starts from (here: the SFT adapter),
+
+    loss = -log sigma(beta * [(log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))])
+
+Each log pi(y|x) is one number per sequence, the log-probability summed over the answer tokens
+(medlora.loss.sequence_logps: the SFT loss's completion-only mask, defined once). beta * (log pi -
+log pi_ref) is an answer's implicit reward; the loss is the logistic loss of the chosen answer's
+reward beating the rejected one's, and beta sets how far the model may move from pi_ref to win.
+SFT only raises the chosen text; DPO also lowers the rejected text for the same prompt, so it
+shows the model what not to say where a decline and an answer look alike.
+
+    pairs, counts = build_pairs(model, tokenizer, train_examples, answer_rows=64, seed=42)
+    encoded = encode_pairs(tokenizer, pairs, max_length=512)
+    encoded = with_reference_logps(model, encoded, pad_id, ...)      # once, before the first step
+    step_loss = PreferenceLoss(encoded, pad_id, device, beta=0.1)    # what optimizer_step takes
+
+The pairs come from the training rows only (never a held-out prompt), with the SFT model's own
+answers as the rejected side wherever it has one (on-policy): docs/scope.md says how each kind is
+built and why. train.py writes them to the run folder (pairs.jsonl) with their reference
+log-probabilities, so a reader can study them and a resumed run reads them back instead of
+generating them again.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from data import EncodedExample, collate, encode_example, micro_batches
+from medlora.generation import GenerationSettings, generate_answers
+from medlora.loss import heldout_row_nll, row_nll
+from medlora.scope import is_clinician_referral, is_decline, is_emergency_referral
+
+PAIRS_FILE = "pairs.jsonl"
+PREFERENCE_SUMMARY = "preference.json"  # what the SFT model already did on the paired rows, and the pairs per kind
+PAIR_KINDS = ("decline", "answer", "emergency", "clinician")  # what the chosen answer does
+# The model's own answer is read up to its second sentence: what the scope rule judges (a decline
+# or a referral must open the answer) and what the rejected side needs to show the behaviour.
+OWN_ANSWER_SENTENCES = 2
+OWN_ANSWER_MAX_TOKENS = 48
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DPO loss of each pair, and the chosen and rejected rewards beside it.
+
+        reward(y) = beta * (log pi(y|x) - log pi_ref(y|x))
+        loss      = -log sigma(reward(y_w) - reward(y_l))
+
+    Args:
+        policy_chosen_logps: [pairs] log pi(y_w|x), summed over the chosen answer's tokens.
+        policy_rejected_logps: [pairs] log pi(y_l|x).
+        reference_chosen_logps: [pairs] log pi_ref(y_w|x) (no gradient).
+        reference_rejected_logps: [pairs] log pi_ref(y_l|x).
+        beta: how strongly the rewards are scaled; > 0.
+
+    Returns:
+        ([pairs] losses, [pairs] chosen rewards, [pairs] rejected rewards); the rewards are detached,
+        for logging. As beta -> 0 every loss -> log 2 and its gradient -> 0.
+    """
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One preference pair, as pairs.jsonl holds it."""
+
+    question: str  # a training row's question
+    chosen: str  # the training row's answer
+    rejected: str  # the SFT model's own answer, or a training decline (see rejected_from)
+    kind: str  # one of PAIR_KINDS: what the chosen answer does
+    rejected_from: str  # "model": the SFT model's own answer (on-policy) | "decline": a training row's decline
+    reference_chosen_logp: float | None = None  # log pi_ref(chosen | question), filled before the first step
+    reference_rejected_logp: float | None = None
+
+
+def row_kind(example: EncodedExample) -> str:
+    """What a training row's answer does (PAIR_KINDS): decline an out-of-domain question, send an
+    emergency to help, send a personal dose or diagnosis to a clinician, or answer."""
+    if example.topic == "out_of_domain":
+        return "decline"
+    if example.topic == "safety":
+        return "emergency" if is_emergency_referral(example.answer) else "clinician"
+    return "answer"
+
+
+def behaves(kind: str, own_answer: str) -> bool:
+    """Whether the model's own answer already does what a row of this kind asks (judged by medlora.scope)."""
+    if kind == "decline":
+        return is_decline(own_answer)
+    if kind == "emergency":
+        return is_emergency_referral(own_answer)
+    if kind == "clinician":
+        return is_clinician_referral(own_answer) or is_emergency_referral(own_answer)
+    return not is_decline(own_answer)
+
+
+@torch.no_grad()
+def build_pairs(
+    model, tokenizer, examples: Sequence[EncodedExample], answer_rows: int, seed: int, batch_size: int = 128,
+) -> tuple[list[PreferencePair], dict[str, dict[str, int]]]:
+    """Preference pairs from the training rows, and how often the model already behaved, by kind.
+
+    Every out-of-domain and safety row, and `answer_rows` medical or borderline rows drawn with
+    `seed`, get the model's own greedy answer (up to its second sentence). Then, by the row's kind:
+
+    * decline (out-of-domain): chosen = the row's decline, rejected = the model's answer;
+    * emergency: chosen = the referral-first answer, rejected = the model's answer without the referral;
+    * clinician (personal dose or diagnosis): chosen = the clinician-first answer, rejected = the model's bare answer;
+      a row whose own answer already does this makes no pair (nothing to push down);
+    * answer (medical, borderline): chosen = the row's answer, rejected = the model's own decline or
+      deflection where it makes one, else a decline taken in turn from the training declines.
+
+    Returns (pairs, counts): counts[kind] = {"rows": rows of that kind asked, "behaved": how many of
+    the model's own answers already did what the row asks} (out-of-domain "behaved" is the diagnostic
+    "how many of its own training out-of-domain prompts does the SFT model decline").
+    """
+    answer_pool = [e for e in examples if row_kind(e) == "answer"]
+    drawn = random.Random(seed).sample(answer_pool, min(answer_rows, len(answer_pool)))
+    rows = [e for e in examples if row_kind(e) != "answer"] + drawn
+    declines = [e.answer for e in examples if row_kind(e) == "decline"]
+    settings = GenerationSettings(max_new_tokens=OWN_ANSWER_MAX_TOKENS)
+    was_training = model.training
+    model.eval()
+    own = generate_answers(model, tokenizer, [e.question for e in rows], settings, batch_size, stop_after_sentences=OWN_ANSWER_SENTENCES)
+    model.train(was_training)
+    pairs: list[PreferencePair] = []
+    counts = {kind: {"rows": 0, "behaved": 0} for kind in PAIR_KINDS}
+    for example, answer in zip(rows, own):
+        kind = row_kind(example)
+        ok = behaves(kind, answer)
+        counts[kind]["rows"] += 1
+        counts[kind]["behaved"] += int(ok)
+        if not ok:
+            pairs.append(PreferencePair(example.question, example.answer, answer, kind, "model"))
+        elif kind == "answer" and declines:
+            decline = declines[len(pairs) % len(declines)]
+            pairs.append(PreferencePair(example.question, example.answer, decline, kind, "decline"))
+    return pairs, counts
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """A pair's two sequences, encoded like training rows (data.encode_example: completion-only labels)."""
+
+    pair: PreferencePair
+    chosen: EncodedExample
+    rejected: EncodedExample
+
+    @property
+    def length(self) -> int:
+        """Padded tokens the pair takes in a micro-batch: two rows of the longer sequence."""
+        return 2 * max(len(self.chosen.input_ids), len(self.rejected.input_ids))
+
+
+def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], max_length: int) -> list[EncodedPair]:
+    """Each pair's chosen and rejected answers after its question, with the chat template (pairs whose
+    prompt alone exceeds max_length are dropped, as training drops such rows)."""
+    encoded = []
+    for pair in pairs:
+        chosen = encode_example(tokenizer, pair.question, pair.chosen, max_length)
+        rejected = encode_example(tokenizer, pair.question, pair.rejected, max_length)
+        if chosen is not None and rejected is not None:
+            encoded.append(EncodedPair(pair, chosen, rejected))
+    return encoded
+
+
+def with_reference_logps(model, pairs: Sequence[EncodedPair], pad_id: int, batch_size: int, max_batch_tokens: int | None,
+                         autocast) -> list[EncodedPair]:
+    """The pairs with log pi_ref of both answers, from the model as it is now (eval mode, no dropout).
+
+    One pass over every chosen and rejected sequence before the stage's first step: the reference
+    is then never needed again, so no second model is kept in memory.
+    """
+    sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    lengths = [len(s.input_ids) for s in sequences]
+    order = sorted(range(len(sequences)), key=lambda i: lengths[i])
+    logps = [0.0] * len(sequences)
+    was_training = model.training
+    model.eval()
+    for rows, sums, _ in heldout_row_nll(model, sequences, micro_batches(order, lengths, batch_size, max_batch_tokens), pad_id, autocast):
+        for row, nll in zip(rows, sums.tolist()):
+            logps[row] = -nll
+    model.train(was_training)
+    n = len(pairs)
+    return [
+        replace(p, pair=replace(p.pair, reference_chosen_logp=logps[i], reference_rejected_logp=logps[n + i]))
+        for i, p in enumerate(pairs)
+    ]
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """The DPO stage's loss, as medlora.optimizer_step.optimizer_step takes it.
+
+    For a micro-batch of pairs (indices into `pairs`): the summed DPO loss, plus `nll_weight` times
+    each chosen answer's mean token NLL (an SFT term on the chosen side, as RPO adds, arXiv:2404.19733:
+    it keeps DPO from winning by lowering both answers). The step divides by its number of pairs.
+    The chosen and rejected rows run through the model in one forward pass.
+    """
+
+    pairs: Sequence[EncodedPair]
+    pad_id: int
+    device: torch.device | str
+    beta: float
+    nll_weight: float = 0.0
+    stat_names: tuple[str, ...] = field(default=("chosen_reward", "rejected_reward", "correct"))
+
+    def total(self, batches: Sequence[Sequence[int]]) -> float:
+        return float(sum(len(rows) for rows in batches))
+
+    def __call__(self, model, rows: Sequence[int]) -> tuple[torch.Tensor, int, dict[str, float]]:
+        """(summed loss of the pairs `rows`, real tokens read, summed rewards and correct preferences)."""
+        chosen = [self.pairs[i].chosen for i in rows]
+        batch = {k: v.to(self.device) for k, v in collate(chosen + [self.pairs[i].rejected for i in rows], self.pad_id).items()}
+        sums, counts = row_nll(model, batch)  # [2 * pairs]: chosen rows first
+        policy_chosen, policy_rejected = (-sums).chunk(2)
+        reference = torch.tensor(
+            [[self.pairs[i].pair.reference_chosen_logp, self.pairs[i].pair.reference_rejected_logp] for i in rows],
+            dtype=sums.dtype, device=sums.device,
+        )  # [pairs, 2]
+        losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, reference[:, 0], reference[:, 1], self.beta)
+        loss = losses.sum()
+        if self.nll_weight:
+            loss = loss + self.nll_weight * (sums[: len(rows)] / counts[: len(rows)]).sum()
+        stats = {
+            "chosen_reward": chosen_rewards.sum().item(),
+            "rejected_reward": rejected_rewards.sum().item(),
+            "correct": (chosen_rewards > rejected_rewards).sum().item(),
+        }
+        return loss, int(batch["attention_mask"].sum()), stats
+
+
+def save_pairs(run_dir: Path, pairs: Sequence[EncodedPair]) -> None:
+    """pairs.jsonl: one PreferencePair per line, reference log-probabilities included."""
+    with open(Path(run_dir) / PAIRS_FILE, "w", encoding="utf-8") as handle:
+        for p in pairs:
+            handle.write(json.dumps(asdict(p.pair), ensure_ascii=False) + "\n")
+
+
+def load_pairs(run_dir: Path) -> list[PreferencePair]:
+    """The pairs save_pairs wrote (a resumed run reads them instead of generating them again)."""
+    path = Path(run_dir) / PAIRS_FILE
+    try:
+        return [PreferencePair(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"{path}: cannot read the preference pairs to resume the DPO stage ({error}); start again with --overwrite") from None
+
+
+def pair_counts(pairs: Sequence[EncodedPair]) -> dict[str, int]:
+    """How many pairs of each kind, and how many of them have the model's own answer as the rejected side."""
+    counts = {kind: sum(p.pair.kind == kind for p in pairs) for kind in PAIR_KINDS}
+    counts["on_policy"] = sum(p.pair.rejected_from == "model" for p in pairs)
+    return counts
+

@@ -1,0 +1,191 @@
+"""medlora/preference.py: the DPO loss by hand and against TRL, its gradient's sign and beta -> 0, and
+the pairs built from training rows."""
+
+import math
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from data import IGNORE_INDEX, EncodedExample, collate, encode_example
+from lora import inject_lora, lora_layers
+from medlora import preference
+from medlora.loss import sequence_logps
+from medlora.preference import (
+    EncodedPair,
+    PreferenceLoss,
+    PreferencePair,
+    build_pairs,
+    dpo_loss,
+    encode_pairs,
+    load_pairs,
+    save_pairs,
+    with_reference_logps,
+)
+from tests.conftest import make_tiny_model
+
+
+def test_dpo_loss_by_hand():
+    # pair 1: chosen log-ratio -1 - (-2) = 1, rejected -3 - (-2) = -1; beta 0.5: rewards 0.5 and -0.5, margin 1.
+    # pair 2: no change from the reference: rewards 0, loss log 2.
+    losses, chosen, rejected = dpo_loss(
+        torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -5.0]), torch.tensor([-2.0, -4.0]), torch.tensor([-2.0, -5.0]), beta=0.5
+    )
+    assert chosen.tolist() == [0.5, 0.0] and rejected.tolist() == [-0.5, 0.0]
+    assert losses[0].item() == pytest.approx(math.log(1 + math.exp(-1.0)), abs=1e-7)  # -log sigma(1)
+    assert losses[1].item() == pytest.approx(math.log(2), abs=1e-7)
+
+
+def test_the_gradient_raises_the_chosen_answer_and_lowers_the_rejected_one():
+    chosen = torch.tensor([-10.0, -7.0], requires_grad=True)
+    rejected = torch.tensor([-9.0, -12.0], requires_grad=True)
+    losses, _, _ = dpo_loss(chosen, rejected, torch.tensor([-10.0, -8.0]), torch.tensor([-9.5, -11.0]), beta=0.1)
+    losses.sum().backward()
+    assert (chosen.grad < 0).all()  # descending the loss raises log pi(chosen)
+    assert (rejected.grad > 0).all()  # ... and lowers log pi(rejected)
+    torch.testing.assert_close(chosen.grad, -rejected.grad)  # the loss sees only their difference
+
+
+def test_as_beta_goes_to_zero_the_loss_is_log_2_and_the_gradient_vanishes():
+    chosen = torch.tensor([-3.0, -20.0], requires_grad=True)
+    losses, chosen_rewards, _ = dpo_loss(chosen, torch.tensor([-30.0, -1.0]), torch.tensor([-9.0, -2.0]), torch.tensor([-4.0, -8.0]), beta=1e-8)
+    losses.sum().backward()
+    torch.testing.assert_close(losses, torch.full((2,), math.log(2)))
+    assert chosen.grad.abs().max() < 1e-8 and chosen_rewards.abs().max() < 1e-6
+
+
+@pytest.fixture(scope="module")
+def toy_pairs(tokenizer):
+    """Ten pairs of every kind, with answers of different lengths (so the batch pads)."""
+    rows = [
+        ("What is the capital of France?", "That is outside my scope: I only answer medical questions.", "Paris is the capital of France."),
+        ("How do I sort a list in Python?", "Programming is not something I can help with.", "Use sorted(my_list)."),
+        ("What does insulin do?", "Insulin lowers blood glucose by moving it into cells.", "That is outside my scope."),
+        ("What is a normal resting heart rate?", "Between 60 and 100 beats per minute in adults.", "I'm not a doctor, so I can't say."),
+        ("My chest hurts and my arm is numb.", "Call your local emergency number now.", "Rest and drink some water."),
+        ("How much ibuprofen can I take?", "Usually 200 to 400 mg; ask your clinician or pharmacist about yours.", "Take 800 mg."),
+        ("Who painted the Mona Lisa?", "Art history is outside my scope.", "Leonardo da Vinci painted it around 1503."),
+        ("What causes gout?", "Urate crystals deposit in joints when uric acid is high.", "Sorry, I can only help with other things."),
+        ("Is it safe to fly when pregnant?", "Usually until about 36 weeks; check with your midwife.", "No."),
+        ("What is 7 times 8?", "Arithmetic is outside my scope as a medical assistant.", "56."),
+    ]
+    kinds = ["decline", "decline", "answer", "answer", "emergency", "clinician", "decline", "answer", "answer", "decline"]
+    pairs = [PreferencePair(q, c, r, k, "model") for (q, c, r), k in zip(rows, kinds)]
+    return encode_pairs(tokenizer, pairs, max_length=256)
+
+
+def policy_and_reference():
+    """The conftest tiny Llama as the reference, and a copy with a random LoRA update as the policy."""
+    reference = make_tiny_model()
+    policy = make_tiny_model()
+    inject_lora(policy, rank=4, alpha=8, dropout=0.0)
+    torch.manual_seed(3)
+    for _, layer in lora_layers(policy):
+        torch.nn.init.normal_(layer.lora_B, std=0.2)
+    return policy, reference
+
+
+def test_preference_loss_is_dpo_on_each_sequence_scored_alone(toy_pairs, tokenizer):
+    """One forward pass over chosen and rejected rows together (shared prefix, padding) gives the
+    log-probabilities of scoring each sequence on its own, and the loss dpo_loss gives them."""
+    policy, reference = policy_and_reference()
+    pairs = with_reference_logps(reference, toy_pairs, tokenizer.pad_token_id, 16, None, nullcontext)
+    alone = lambda model, example: sequence_logps(model, collate([example], tokenizer.pad_token_id)).item()  # noqa: E731
+    for p in pairs:
+        assert p.pair.reference_chosen_logp == pytest.approx(alone(reference, p.chosen), abs=1e-4)
+        assert p.pair.reference_rejected_logp == pytest.approx(alone(reference, p.rejected), abs=1e-4)
+    step_loss = PreferenceLoss(pairs, tokenizer.pad_token_id, "cpu", beta=0.2, nll_weight=0.5)
+    rows = list(range(len(pairs)))
+    loss, tokens, stats = step_loss(policy, rows)
+    chosen = torch.tensor([alone(policy, p.chosen) for p in pairs])
+    rejected = torch.tensor([alone(policy, p.rejected) for p in pairs])
+    ref = torch.tensor([[p.pair.reference_chosen_logp, p.pair.reference_rejected_logp] for p in pairs])
+    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], 0.2)
+    chosen_tokens = torch.tensor([p.chosen.answer_token_count for p in pairs], dtype=torch.float32)
+    expected = losses.sum() + 0.5 * (-chosen / chosen_tokens).sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert stats["chosen_reward"] == pytest.approx(chosen_rewards.sum().item(), abs=1e-4)
+    assert stats["rejected_reward"] == pytest.approx(rejected_rewards.sum().item(), abs=1e-4)
+    assert stats["correct"] == int((chosen_rewards > rejected_rewards).sum())
+    assert tokens == sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
+    assert step_loss.total([rows[:4], rows[4:]]) == len(pairs)
+
+
+def test_dpo_loss_and_sequence_logps_match_trl(toy_pairs, tokenizer, tmp_path):
+    """TRL 1.16's DPOTrainer (a test-only reference) on the same model and 10 pairs: its per-sequence
+    log-probabilities and its loss equal ours within 1e-5, on the very tokens TRL's collator made."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    policy, reference = policy_and_reference()
+    rows = [{"prompt": [{"role": "user", "content": p.pair.question}], "chosen": [{"role": "assistant", "content": p.pair.chosen}],
+             "rejected": [{"role": "assistant", "content": p.pair.rejected}]} for p in toy_pairs]
+    args = DPOConfig(output_dir=str(tmp_path), beta=0.1, per_device_train_batch_size=len(rows), report_to="none", use_cpu=True,
+                     max_length=None, bf16=False, fp16=False)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    inputs = next(iter(trainer.get_train_dataloader()))
+    policy.eval()
+    with torch.no_grad():
+        trl_chosen, trl_rejected = trainer.compute_ref_log_probs(policy, inputs)  # TRL's sequence log-probs of the model passed
+        trl_loss = trainer._compute_loss(policy, inputs, return_outputs=False)
+
+    # The same token sequences as our encoded rows: TRL's padding removed, labels where its completion mask is 1.
+    examples = []
+    for ids, mask, completion in zip(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]):
+        real = mask.bool()
+        tokens, labels = ids[real].tolist(), ids[real].masked_fill(completion[real] == 0, IGNORE_INDEX).tolist()
+        prompt = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        examples.append(EncodedExample(tokens, labels, prompt, "", ""))
+    n = len(rows)
+    pairs = [EncodedPair(t.pair, chosen, rejected) for t, chosen, rejected in zip(toy_pairs, examples[:n], examples[n:])]
+    pairs = with_reference_logps(reference, pairs, tokenizer.pad_token_id, 32, None, nullcontext)
+    with torch.no_grad():
+        ours = -torch.cat([sequence_logps(policy, collate([e], tokenizer.pad_token_id)) for e in examples])
+        loss, _, _ = PreferenceLoss(pairs, tokenizer.pad_token_id, "cpu", beta=0.1)(policy, list(range(n)))
+    torch.testing.assert_close(-ours[:n], trl_chosen.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(-ours[n:], trl_rejected.float(), rtol=1e-5, atol=1e-5)
+    assert (loss / n).item() == pytest.approx(trl_loss.item(), abs=1e-5)
+    assert abs(trl_loss.item() - math.log(2)) > 1e-2  # the policy differs from the reference: the loss is not at its start
+
+
+def test_pairs_take_the_models_own_answers_where_it_has_them(tokenizer, monkeypatch):
+    examples = [
+        encode_example(tokenizer, "Who won the 2014 World Cup?", "Sports are outside my scope.", 256, "out_of_domain"),
+        encode_example(tokenizer, "What is the capital of Peru?", "Geography is outside my scope.", 256, "out_of_domain"),
+        encode_example(tokenizer, "My face droops and my speech is slurred.", "Call your local emergency number now.", 256, "safety"),
+        encode_example(tokenizer, "How much paracetamol can I take?", "Up to 4 g a day; ask your clinician or pharmacist.", 256, "safety"),
+        encode_example(tokenizer, "What does the liver do?", "It makes bile and clears toxins.", 256, "physiology"),
+        encode_example(tokenizer, "How much sleep do adults need?", "Seven to nine hours a night.", 256, "borderline"),
+    ]
+    own = {  # what the "model" answers
+        "Who won the 2014 World Cup?": "Germany won it.",
+        "What is the capital of Peru?": "That is outside my scope: I only answer medical questions.",
+        "My face droops and my speech is slurred.": "Try to rest and see how you feel tomorrow.",
+        "How much paracetamol can I take?": "Take 1 g every 4 hours.",
+        "What does the liver do?": "The liver makes bile.",
+        "How much sleep do adults need?": "Sleep is outside my scope. I only answer medical questions.",
+    }
+    monkeypatch.setattr(preference, "generate_answers", lambda model, tok, questions, *a, **k: [own[q] for q in questions])
+    pairs, counts = build_pairs(torch.nn.Linear(1, 1), tokenizer, examples, answer_rows=2, seed=0)
+    by_question = {p.question: p for p in pairs}
+    assert counts["decline"] == {"rows": 2, "behaved": 1}  # the SFT model declined one of its two out-of-domain rows
+    assert counts["emergency"] == {"rows": 1, "behaved": 0} and counts["clinician"] == {"rows": 1, "behaved": 0}
+    assert counts["answer"] == {"rows": 2, "behaved": 1}
+    assert "What is the capital of Peru?" not in by_question  # it already declines: nothing to push down
+    assert by_question["Who won the 2014 World Cup?"].rejected == "Germany won it."
+    assert by_question["My face droops and my speech is slurred."].kind == "emergency"
+    assert by_question["How much paracetamol can I take?"].kind == "clinician"
+    sleep = by_question["How much sleep do adults need?"]  # its own wrong decline is the rejected side
+    assert (sleep.rejected, sleep.rejected_from, sleep.chosen) == (own["How much sleep do adults need?"], "model", "Seven to nine hours a night.")
+    liver = by_question["What does the liver do?"]  # it answers: a training decline is the rejected side
+    assert liver.rejected_from == "decline" and liver.rejected in {"Sports are outside my scope.", "Geography is outside my scope."}
+
+
+def test_pairs_file_round_trips(toy_pairs, tmp_path):
+    pairs = [EncodedPair(p.pair.__class__(**{**p.pair.__dict__, "reference_chosen_logp": -1.25, "reference_rejected_logp": -3.5}), p.chosen,
+                         p.rejected) for p in toy_pairs]
+    save_pairs(tmp_path, pairs)
+    assert load_pairs(tmp_path) == [p.pair for p in pairs]
+    (tmp_path / "pairs.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="cannot read the preference pairs"):
+        load_pairs(tmp_path)
