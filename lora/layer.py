@@ -265,7 +265,8 @@ class PiSSALinear(LoRALinear):
         is rebuilt for them, W_res <- W_res + s B0 A0 - s B0' A0', so the layer computes
         W0 + s B' A' either way. Only valid while unmerged.
         """
-        new_A0, new_B0 = lora_A[self.rank :].float(), -lora_B[:, self.rank :].float()
+        lora_A, lora_B = (t.to(self.lora_A.device, torch.float32) for t in (lora_A, lora_B))  # a file's are on the CPU
+        new_A0, new_B0 = lora_A[self.rank :], -lora_B[:, self.rank :]
         if not (torch.equal(new_A0, self.lora_A0) and torch.equal(new_B0, self.lora_B0)):
             old_part, new_part = self.lora_B0 @ self.lora_A0, new_B0 @ new_A0  # [out, in] each
             weight = self.base.weight.float() + self.scaling * (old_part - new_part)
