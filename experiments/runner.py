@@ -37,7 +37,7 @@ TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 
 EXPERIMENT_KEYS = ("name", "description")  # allowed in an experiment besides TrainConfig fields
 EXPERIMENT_COLUMNS = {  # row key -> column title, in table order
-    "name": "Experiment", "r": "r", "variant": "Variant", "seed": "Seed", "lr": "LR", "epochs": "Epochs",
+    "name": "Experiment", "r": "r", "variant": "Variant", "lora_plus_ratio": "LoRA+ λ", "seed": "Seed", "lr": "LR", "epochs": "Epochs",
     "train_loss": "Train loss", "val_ppl": "Val ppl", "perplexity": "Test ppl", "rouge1": "ROUGE-1",
     "rougeL": "ROUGE-L", "bleu": "BLEU", "s_per_step": "s/step", "trainable_params": "Trainable",
     "stable_rank": "Stable rank", "relative_norm": "|dW|/|W0|", "magnitude_change": "|dm|/|m0|",
@@ -173,7 +173,8 @@ def run_experiments(experiments: list[tuple[str, TrainConfig]], eval_flags: dict
             print(f"[experiments] {name}: reusing its evaluation (same settings) in {settings.output}")
         finetuned = report["finetuned"]
         rows.append({
-            "name": name, "r": config.rank, "variant": config.lora_variant, "seed": config.seed, "lr": config.lr,
+            "name": name, "r": config.rank, "variant": config.lora_variant, "lora_plus_ratio": config.lora_plus_ratio,
+            "seed": config.seed, "lr": config.lr,
             "epochs": config.epochs, "train_loss": summary["train_loss"], "val_ppl": summary["best_val_ppl"],
             "perplexity": finetuned["perplexity"], "rouge1": finetuned["rouge1"], "rougeL": finetuned["rougeL"],
             "bleu": finetuned["bleu"], "s_per_step": median_step_seconds(config.output_dir),
@@ -187,7 +188,7 @@ def run_experiments(experiments: list[tuple[str, TrainConfig]], eval_flags: dict
 
 def experiments_table(rows: list[dict]) -> str:
     """The experiment table as markdown, one row per experiment, with a footnote on each column's meaning."""
-    formats = {"lr": "{:.3g}", "epochs": "{:g}", "train_loss": "{:.4f}", "val_ppl": "{:.3f}", "perplexity": "{:.3f}",
+    formats = {"lora_plus_ratio": "{:g}", "lr": "{:.3g}", "epochs": "{:g}", "train_loss": "{:.4f}", "val_ppl": "{:.3f}", "perplexity": "{:.3f}",
                "rouge1": "{:.4f}", "rougeL": "{:.4f}", "bleu": "{:.4f}", "s_per_step": "{:.2f}", "trainable_params": "{:,}",
                "stable_rank": "{:.2f}", "relative_norm": "{:.4f}", "magnitude_change": "{:.4f}", "peak_memory_gb": "{:.2f}",
                "time_min": "{:.1f}"}
@@ -198,7 +199,7 @@ def experiments_table(rows: list[dict]) -> str:
     n = sorted({row["n"] for row in rows})
     lines += [
         "",
-        "Train loss: answer-token loss of the last optimizer step; val ppl: answer-token perplexity of the best "
+        "LoRA+ λ: B's learning rate over A's (n/a: one learning rate). Train loss: answer-token loss of the last optimizer step; val ppl: answer-token perplexity of the best "
         "validation pass. Test ppl (answer tokens), ROUGE-1 and ROUGE-L (mean F1) and BLEU-4 of the fine-tuned model "
         f"on {'/'.join(map(str, n))} held-out examples. s/step: the median wall time of one optimizer step "
         "(metrics.jsonl). Trainable: LoRA parameters. Stable rank (||dW||_F^2 / s_1^2), |dW|/|W0| (||dW||_F / ||W0||_F) and, "

@@ -1,5 +1,6 @@
 """experiments/runner.py: experiment files, and the table."""
 
+import dataclasses
 import json
 
 import pytest
@@ -51,14 +52,27 @@ def test_rank_study_pins_every_setting_and_repeats_one_cell_with_two_seeds():
     assert {(c.lr, c.alpha, c.dropout, c.targets, c.epochs) for _, c in experiments} == {(1e-3, 32.0, 0.05, ("q_proj", "v_proj"), 0.5)}
 
 
+def test_rank_study_round_two_pins_round_one_settings_and_adds_pissa_and_lora_plus():
+    experiments = load_experiments("experiments/rank2.json")
+    cells = {(c.rank, c.lora_variant, c.lora_plus_ratio, c.seed) for _, c in experiments}
+    r16 = {("lora", None), ("pissa", None), ("lora", 16.0), ("pissa", 16.0), ("rslora", 16.0), ("dora", 16.0)}
+    seeds = {(16, "lora", None, s) for s in (43, 44)} | {(16, "rslora", 16.0, s) for s in (43, 44)}
+    assert cells == {(16, v, lp, 42) for v, lp in r16} | {(64, "rslora", 16.0, 42)} | seeds
+    round_one = dict(load_experiments("experiments/rank.json"))["RANK-r16-lora"]
+    for name, config in experiments:
+        assert config.output_dir == f"runs/experiments/rank2/{name}"
+        same = dataclasses.replace(config, rank=16, lora_variant="lora", lora_plus_ratio=None, seed=42, output_dir=round_one.output_dir)
+        assert same == round_one, name  # everything else as round one: data, epochs, lr, alpha, fp32, ...
+
+
 def test_table_has_a_row_per_experiment_and_says_n_a_for_a_missing_value():
-    row = {"name": "EXP-01", "r": 8, "variant": "lora", "seed": 42, "lr": 0.001, "epochs": 0.1, "train_loss": 1.23456,
+    row = {"name": "EXP-01", "r": 8, "variant": "lora", "lora_plus_ratio": None, "seed": 42, "lr": 0.001, "epochs": 0.1, "train_loss": 1.23456,
            "val_ppl": None, "perplexity": 12.345, "rouge1": 0.25, "rougeL": 0.2, "bleu": 0.05, "s_per_step": 7.891,
            "trainable_params": 460800, "stable_rank": 1.234, "relative_norm": 0.01234, "magnitude_change": None,
            "peak_memory_gb": 1.5, "time_min": 2.25, "n": 20}
     lines = experiments_table([row]).splitlines()
-    assert lines[0].startswith("| Experiment | r | Variant | Seed | LR | Epochs | Train loss | Val ppl | Test ppl |")
-    assert lines[2] == ("| EXP-01 | 8 | lora | 42 | 0.001 | 0.1 | 1.2346 | n/a | 12.345 | 0.2500 | 0.2000 | 0.0500 | 7.89 | "
+    assert lines[0].startswith("| Experiment | r | Variant | LoRA+ λ | Seed | LR | Epochs | Train loss | Val ppl | Test ppl |")
+    assert lines[2] == ("| EXP-01 | 8 | lora | n/a | 42 | 0.001 | 0.1 | 1.2346 | n/a | 12.345 | 0.2500 | 0.2000 | 0.0500 | 7.89 | "
                         "460,800 | 1.23 | 0.0123 | n/a | 1.50 | 2.2 |")
     assert "on 20 held-out examples" in lines[-1]
 
