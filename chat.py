@@ -8,9 +8,12 @@
 
 In the terminal: /reset forgets the conversation, /help lists the commands, /exit (or Ctrl-D) leaves.
 `--prompt` prints only the answer on stdout (notices go to stderr), for scripts; --json prints one JSON object instead.
-Beside an answer routed as medicine, up to --sources K (default 2; 0 = off) related training flashcards,
-verbatim with their BM25 score (medlora/sources.py): under the answer in the terminal, on stderr (or in
-the JSON) with --prompt, in a "Related flashcards" panel on the web page. Declines show none.
+Every answer comes from the answer path (medlora/answer.py), which loads the model, the scope gate and
+the sources together and decides the route: answer, decline, emergency (the referral first) or clinician.
+Beside an answer, up to --sources K (default 2; 0 = off) related training flashcards, verbatim with their
+BM25 score (medlora/sources.py): under the answer in the terminal, on stderr (or in the JSON) with
+--prompt, in a "Related flashcards" panel on the web page. A clinician referral shows its cards in its
+text; declines and emergency referrals show none.
 The base model defaults to the one named in the adapter's adapter_config.json.
 For education only: the answers are not medical advice.
 """
@@ -25,11 +28,11 @@ from dataclasses import replace
 
 from transformers.utils.logging import disable_progress_bar
 
-from medlora.answer import Answer, AnswerPath, load_gate
+from medlora.answer import CARD_COUNT, AnswerPath
 from medlora.errors import USER_FAILURES, report_failure
-from medlora.generation import GenerationSettings, PromptTooLongError, context_budget, fit_history, load_for_inference
+from medlora.generation import GenerationSettings, PromptTooLongError, context_budget, fit_history
 from medlora.model import PRECISIONS, TORCH_DTYPES, choose_device, resolve_precision
-from medlora.sources import Card, Sources, cards_text, sources_for_adapter
+from medlora.sources import cards_text
 
 DISCLAIMER = (
     "For education only: this assistant is a small language model and can be wrong. "
@@ -37,7 +40,6 @@ DISCLAIMER = (
 )
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 HELP = "commands: /reset forget the conversation · /help this text · /exit leave (or Ctrl-D)"
-SOURCE_ROUTES = ("answer", "clinician")  # routes whose text is medicine; declines and emergency referrals get no cards
 EXAMPLE_QUESTIONS = [
     "What is the mechanism of action of metformin?",
     "What are the classic symptoms of diabetic ketoacidosis?",
@@ -55,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter", help="adapter folder written by train.py (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("--prompt", help="answer this one question, print only the answer and exit (the scope check's line goes to stderr)")
     parser.add_argument("--json", action="store_true", help="with --prompt: print one JSON object (answer, route, label, sources) on stdout")
-    parser.add_argument("--sources", type=int, default=2, help="related training flashcards shown beside a medical answer; 0 = none")
+    parser.add_argument("--sources", type=int, default=CARD_COUNT, help="related training flashcards beside a medical answer and in a clinician referral; 0 = none")
     parser.add_argument("--no-scope-gate", action="store_true", help="answer with the model alone, without the scope gate saved next to the adapter (for study)")
     parser.add_argument("--max-new-tokens", type=int, default=GenerationSettings.max_new_tokens, help="most tokens per answer")
     parser.add_argument("--temperature", type=float, default=GenerationSettings.temperature, help="0 = greedy (deterministic); > 0 samples")
@@ -106,33 +108,28 @@ def dropped_notice(dropped: int) -> str:
     return f"(context full: {oldest} of the conversation dropped)"
 
 
-def related_cards(sources: Sources | None, question: str, answer: Answer, k: int) -> list[Card]:
-    """Up to `k` flashcards for `question` when its answer was routed as medicine; none otherwise."""
-    return sources.search(question, k) if sources is not None and answer.route in SOURCE_ROUTES else []
+def answer_once(path: AnswerPath, args: argparse.Namespace) -> None:
+    """--prompt: print only the answer on stdout; the scope check's line and the cards beside it on stderr.
 
-
-def answer_once(path: AnswerPath, args: argparse.Namespace, sources: Sources | None) -> None:
-    """--prompt: print only the answer on stdout; the scope check's line and the cards on stderr.
-
-    With --json, stdout holds one object instead: {"answer", "route", "label", "sources": [{question, answer, score}]}.
+    With --json, stdout holds one object instead: {"answer", "route", "label", "sources": [{question, answer, score}]}
+    (a clinician referral's cards are both in its answer and in "sources").
     """
     question, notice = bounded(args.prompt, args.max_input_chars)
     if notice:
         print(notice, file=sys.stderr)
     answer = path.answer(question)
-    cards = related_cards(sources, question, answer, args.sources)
     if args.json:
-        shown = [{"question": card.question, "answer": card.answer, "score": card.score} for card in cards]
+        shown = [{"question": card.question, "answer": card.answer, "score": card.score} for card in answer.cards]
         print(json.dumps({"answer": answer.text, "route": answer.route, "label": answer.label, "sources": shown}))
         return
     if answer.label:
         print(f"[{answer.label}]", file=sys.stderr)
     print(answer.text)
-    if cards:
-        print(cards_text(cards), file=sys.stderr)
+    if answer.cards_beside:
+        print(cards_text(list(answer.cards_beside)), file=sys.stderr)
 
 
-def chat_in_terminal(path: AnswerPath, args: argparse.Namespace, sources: Sources | None) -> None:
+def chat_in_terminal(path: AnswerPath, args: argparse.Namespace) -> None:
     """Read questions from stdin, stream answers to stdout, keep the conversation as history."""
     tokenizer = path.tokenizer
     budget = context_budget(path.model, path.settings, args.max_context_tokens)
@@ -172,9 +169,8 @@ def chat_in_terminal(path: AnswerPath, args: argparse.Namespace, sources: Source
         answer = yield_to_terminal(path.stream(message, history, budget))
         if answer.label:
             print(f"  [{answer.label}]")
-        cards = related_cards(sources, message, answer, args.sources)
-        if cards:
-            print(cards_text(cards))
+        if answer.cards_beside:
+            print(cards_text(list(answer.cards_beside)))
         history.append((message, answer.text))
 
 
@@ -197,18 +193,11 @@ def as_chat_messages(history: list[tuple[str, str]]) -> list[dict]:
     ]
 
 
-def build_app(
-    path: AnswerPath,
-    description: str,
-    max_input_chars: int = 2000,
-    max_context_tokens: int | None = None,
-    sources: Sources | None = None,
-    source_count: int = 2,
-):
+def build_app(path: AnswerPath, description: str, max_input_chars: int = 2000, max_context_tokens: int | None = None):
     """The chat web page: streamed answers, multi-turn history, examples, sliders, a clear button,
     a small "scope check" label under the conversation when the guard acted on the last turn, and
-    a "Related flashcards" panel beside it with up to `source_count` cards for the last answer
-    (plain text: HTML in a card is shown, never rendered).
+    a "Related flashcards" panel beside it with the cards the answer path gave the last answer
+    (`Answer.cards_beside`; plain text: HTML in a card is shown, never rendered).
 
     The conversation fed to the model lives in a gr.State of (user, assistant) turns; the chat
     panel shows exactly those turns, so what you see is what the model is asked with.
@@ -223,7 +212,7 @@ def build_app(
             return
         if notice:
             gr.Warning(notice.strip("()"))
-        turn = path.with_settings(replace(path.settings, max_new_tokens=int(max_new_tokens), temperature=float(temperature)))
+        turn = replace(path, settings=replace(path.settings, max_new_tokens=int(max_new_tokens), temperature=float(temperature)))
         budget = context_budget(turn.model, turn.settings, max_context_tokens)
         try:
             history, dropped = fit_history(turn.tokenizer, message, history, budget)
@@ -239,9 +228,8 @@ def build_app(
                 answer = done.value
                 break
             yield as_chat_messages(history + [(message, text)]), history, "", "", ""
-        cards = related_cards(sources, message, answer, source_count)
         history = history + [(message, answer.text)]
-        yield as_chat_messages(history), history, "", f"*{answer.label}*" if answer.label else "", cards_text(cards)
+        yield as_chat_messages(history), history, "", f"*{answer.label}*" if answer.label else "", cards_text(list(answer.cards_beside))
 
     with gr.Blocks(title="Medical Q&A assistant (LoRA)", analytics_enabled=False) as app:
         gr.Markdown(f"## Medical Q&A assistant\n{description}\n\n**{DISCLAIMER}**")
@@ -306,26 +294,23 @@ def main(argv: list[str] | None = None) -> int:
         # Loading notices go to stderr, so that stdout holds only answers. A cached model loads in a
         # second: its per-weight progress bar would only bury a one-line error.
         disable_progress_bar()
-        gate, gate_notice = load_gate(args.adapter, use_gate=not args.no_scope_gate)  # a bad gate fails before the slow load
-        with contextlib.redirect_stdout(sys.stderr):
-            model, tokenizer, description = load_for_inference(args.model, args.adapter, device, dtype)
-        path = AnswerPath(model, tokenizer, gate, settings)
-        sources = sources_for_adapter(args.adapter) if args.sources else None
-        if sources is not None and args.prompt is None:
-            print(f"note: {sources.notice}")
-        elif sources is not None and sources.index is None:
-            print(sources.notice, file=sys.stderr)
+        with contextlib.redirect_stdout(sys.stderr):  # a bad gate fails before the slow load (AnswerPath.from_adapter)
+            path = AnswerPath.from_adapter(args.model, args.adapter, settings=settings, device=device, dtype=dtype,
+                                           use_gate=not args.no_scope_gate, card_count=args.sources)
         if args.prompt is not None:
-            answer_once(path, args, sources)
+            if path.sources is not None and path.sources.index is None:
+                print(path.sources.notice, file=sys.stderr)
+            answer_once(path, args)
             return 0
-        print(f"model: {description}")
-        print(f"note: {gate_notice}")
+        print(f"model: {path.description}")
+        for notice in path.notices:
+            print(f"note: {notice}")
         if args.adapter is None:
             print("note: running the base model (no --adapter): answers are not fine-tuned")
         if args.web:
-            serve(build_app(path, description, args.max_input_chars, args.max_context_tokens, sources, args.sources), args)
+            serve(build_app(path, path.description, args.max_input_chars, args.max_context_tokens), args)
         else:
-            chat_in_terminal(path, args, sources)
+            chat_in_terminal(path, args)
     except USER_FAILURES as error:  # a bad adapter, model or flag: one line, exit 2
         return report_failure(error)
     except KeyboardInterrupt:

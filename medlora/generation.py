@@ -13,7 +13,6 @@ in exactly the form it was trained on. The adapter is merged into the base weigh
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -32,6 +31,7 @@ from data.format import prompt_ids
 from lora import AdapterError, load_adapter, merge_lora, read_adapter_config
 from lora.adapter_files import WEIGHTS_NAME
 from medlora.model import expanded_cache, load_model_and_tokenizer, model_display_name, prefix_cache, shared_prefix_length
+from medlora.scope import first_sentences, sentence_ends  # the one definition of a sentence
 
 
 @dataclass(frozen=True)
@@ -64,19 +64,6 @@ class GenerationSettings:
 # finished rows leave it: evaluate.py's 296 scope prompts took 45-51 s per model at 128, 56 s at 64,
 # and 122-125 s at 16 with model.generate; the answers are the same in float32 (docs/performance.md).
 GENERATION_BATCH_SIZE = 128
-
-# A sentence ends at ".", "!" or "?" (and any closing quotes or brackets) that whitespace follows:
-# "3.5 mg" and "e.g.," do not end one; an abbreviation before a space ("e.g. aspirin") does.
-SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)")
-
-
-def first_sentences(text: str, count: int) -> str:
-    """`text` up to the end of its `count`-th sentence (SENTENCE_END), or all of it when it has fewer."""
-    for number, end in enumerate(SENTENCE_END.finditer(text), start=1):
-        if number == count:
-            return text[: end.end()]
-    return text
-
 
 def check_sentence_count(stop_after_sentences: int | None) -> None:
     """Raise ValueError unless `stop_after_sentences` is None (no limit) or a positive integer."""
@@ -233,7 +220,7 @@ def generate_answers(
     the batch's shape and so do the answers (0 of 16 equal). With temperature > 0 the sampler is
     seeded with `settings.seed` (when set).
 
-    `stop_after_sentences=N` ends each answer at the end of its N-th sentence (`first_sentences`):
+    `stop_after_sentences=N` ends each answer at the end of its N-th sentence (medlora.scope.first_sentences):
     a row stops generating once N sentence ends are followed by a space, and the batch stops when
     every row has (or has reached end of turn or max_new_tokens). Up to that cut the answer is the
     same as without the limit: the rows still running decode exactly as before.
@@ -334,7 +321,7 @@ def decode(
         yield generated
         if stop_after_sentences is not None:
             texts = tokenizer.batch_decode([generated[row] for row in rows], skip_special_tokens=True)
-            ended = [end or len(SENTENCE_END.findall(text)) >= stop_after_sentences for end, text in zip(ended, texts)]
+            ended = [end or len(sentence_ends(text)) >= stop_after_sentences for end, text in zip(ended, texts)]
         keep = [live for live, end in enumerate(ended) if not end]
         if not keep or step == settings.max_new_tokens - 1:
             break

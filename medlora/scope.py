@@ -3,7 +3,8 @@
 This module is the one place that decides, from the text of an answer alone:
 
 * :func:`is_decline` - the answer declines the question as outside the assistant's scope
-  ("Tax law is outside my scope. I only answer medical and health questions.");
+  ("Tax law is outside my scope. I only answer medical and health questions."), or deflects
+  it ("I'm not an expert in sleep, but I'll help you with other health issues.");
 * :func:`is_emergency_referral` - it tells the user to get emergency help now
   ("Call your local emergency number now.");
 * :func:`is_clinician_referral` - it sends the user to their own clinician or pharmacist
@@ -19,7 +20,8 @@ front of it in the same clause ("you do not need to call 911", "there is no need
 doctor", "there is no reason to call 911"); "don't hesitate to call 911" still counts.
 
 Where in the answer: a decline and an emergency referral must come first, in the answer's
-:func:`opening` (its first sentence, after any that only say sorry). A decline after an answer to
+:func:`opening` (its first sentence, after any that only say sorry, refuse, offer help or open
+with a disclaimer such as "I'm not a doctor"). A decline after an answer to
 the question answered it ("Canberra is the capital. That said, geography is outside my scope."),
 and so does a medical answer that mentions its scope further on; a call for emergency help that
 comes after advice ("It is probably heartburn... if it is still there tomorrow, call 911.") is
@@ -31,9 +33,20 @@ scope", "outside the scope of this assistant", "I only answer medical questions"
 I can help with"). Text about the scope of something else is medicine, not a decline:
 "a potassium level outside the normal range", "outside the cell", "beyond the scope of this
 flashcard", and "beyond the scope of primary care, refer to a specialist" (a clinical
-statement about who should treat, which a medical answer may well make). A bare refusal such as
-"I can't help with that" is not counted either: answers to personal dose requests say
-"I can't tell you your dose" and are not scope declines.
+statement about who should treat, which a medical answer may well make).
+
+Deflections are declines too (issue 31): an opening that answers nothing and offers other help
+("I'm not a doctor. I can answer medical questions.", "please ask me about something else"),
+refuses ("I can't answer questions about medicine"), or only disclaims and sends the user to a
+doctor ("I'm not an expert in ulcers. Please consult a doctor."). A refusal that goes on to answer
+in the same sentence is not ("I can't tell you your exact dose, but adults take 200 to 400 mg"),
+and neither is a disclaimer followed by an answer ("I'm not a doctor, but five hours of sleep is
+too little"). The rule reads text only, so a deflection that changes the subject with content
+("I'm not a weather forecaster, but I can tell you about climate change: ...") reads as an
+answer. Its agreement with labels read by hand on real model outputs is tested
+(tests/fixtures/judge_labels.jsonl).
+
+Sentences are defined once, here (`sentence_ends`), for this rule and for generation's cut.
 """
 
 from __future__ import annotations
@@ -53,6 +66,9 @@ _ASSISTANT = r"(?:assistant|chatbot|bot)"
 # The subject of "I only answer ..." in a decline: medicine or health, but not "general health
 # information" or "medical advice", which answers to dose questions limit themselves to.
 _SCOPE_SUBJECT = r"\b(?:medic|health)(?!\w*[- ](?:information|advice|education|facts|guidance))"
+# What a deflection offers to help with instead: "other health questions", "another topic".
+_TOPICS = r"(?:questions?|issues?|topics?|concerns?|problems?|matters?|areas?|subjects?|queries|query)\b"
+_TOPICS_AFTER_OTHER = r"(?:questions?|issues?|topics?|concerns?|problems?|matters?|areas?|subjects?|queries|query|conditions?)\b"
 # Who a clinician referral may name.
 _CLINICIAN = (
     r"(?:clinician|doctor|physician|pharmacist|gp|general practitioner|nurse|prescriber|midwife"
@@ -78,9 +94,10 @@ DECLINE_PATTERNS = tuple(
         r"\b(?:outside|beyond) (?:of )?the (?:scope of the )?(?:[\w-]+ ){0,2}(?:topics|topic|domain|areas|area|subjects|questions)"
         r" (?:that )?i (?:cover|handle|answer|can)\b",
         # "I can only help with medical", "I only answer health questions",
-        # "I'm only able to answer questions about medicine and health".
+        # "I'm only able to answer questions about medicine and health", "I can only provide
+        # information about medicine" (not "... general health information": dose answers say that).
         r"\bi(?: can| will|'m| am)? only (?:able to )?"
-        r"(?:help|answer|handle|assist|respond|cover|discuss|deal|talk)\b[^.!?]{0,40}?" + _SCOPE_SUBJECT,
+        r"(?:help|answer|handle|assist|respond|cover|discuss|deal|talk|provide)\b[^.!?]{0,40}?" + _SCOPE_SUBJECT,
         # "I'm designed to answer medical questions", "I am built only to help with health topics".
         # Not "I'm here to help with ...": answers to dose questions say that before a referral.
         r"\bi(?:'m| am) (?:designed|built|made|trained|meant) (?:only )?to (?:answer|help with|handle|discuss)"
@@ -90,6 +107,46 @@ DECLINE_PATTERNS = tuple(
         r"i(?: can|'m able to| am able to| could) (?:help|answer|assist|cover)",
         # "not my specialty", "not in my area of expertise".
         r"\bnot (?:in |within )?my (?:[\w-]+ ){0,2}(?:specialty|speciality|area|field|expertise|domain)\b",
+        # Deflections (issue 31): no answer, and an offer of other help instead. The speaker is the
+        # assistant ("I", "my"): "exercise can help with other health problems" is medicine.
+        # "I can help you with other health questions", "I'll help you with any other health-related
+        # queries", "I can help with sleep disorders or other health issues", "I'll try to help you
+        # with any questions or concerns you have", "I can tell you about my other areas of expertise".
+        r"\bi(?:'d|'ll|'m| am| can| could| will| would)?(?: be)?(?: (?:happy|glad|more than happy|here))?(?: try)?(?: to)?"
+        r" (?:help|assist|answer|support|tell you about)(?: you)?(?: with)? (?:[\w-]+ ){0,3}?(?:or |and )?"
+        r"(?:(?:any |some |my |all )?(?:other|another|different) |(?:any|all) (?:of )?(?:your |the )?)"
+        r"(?:[\w-]+ ){0,2}?(?:or [\w-]+ )?" + _TOPICS_AFTER_OTHER,
+        r"\bi (?:can|could) tell you about my other\b",
+        # What the assistant can do, said instead of an answer: "I'm not a doctor, but I can answer
+        # medical questions", "I can help with health or fitness-related questions", "I answer medical
+        # queries directly", "I'm here to help with general queries", "I'm here for medical queries only".
+        # (Said of this question's topic, "I can explain how insulin works", it is no decline.)
+        r"\bi(?: can| could|'ll| will|'m able to| am able to|'m here to| am here to)? (?:help|assist|answer)(?: you)?(?: with)? "
+        r"(?:your |any |general |specific )?(?:medical|health)[\w-]*(?: (?:and|or) [\w-]+)? " + _TOPICS,
+        r"\bi(?:'m| am) here (?:to help with|for) (?:general |medical |health[\w-]* )*(?:queries|questions)\b",
+        # "feel free to ask me about other health topics", "please ask me about something else",
+        # "just ask me!", "you might ask about a broken bone", "please ask about anything related to my role".
+        r"\b(?:please|just|you (?:can|could|may|might)|feel free to) ask (?:me )?(?:about )?"
+        r"(?:a |an |any |my |something|anything|another|other|me\b)",
+        r"\bjust ask me\b|(?:^|[.!?;] )ask me about (?:a |an |any |my |something|anything|another|other)",
+        r"\b(?:something|anything|topics?|conditions?|diseases?|questions?) (?:else )?(?:that )?you(?:'re| are) interested in\b",
+        # "My main function is to answer medical questions", "my primary focus lies in ...",
+        # "as a medical AI assistant, I specialize in ...".
+        r"\bmy (?:main |primary |only |sole )?(?:function|purpose|role|job|focus) (?:is|lies in|involves) ",
+        r"\bas an? (?:[\w-]+ ){0,3}?(?:assistant|ai|chatbot)\b[^.!?]{0,40}?\bi (?:specialize|focus|am designed|'m designed)",
+        # "my answer will be about general health advice", "my answers are for general information".
+        r"\bmy answers? (?:to [\w ]+? )?(?:will be|is|are) (?:about|for|in terms of)\b",
+        # A refusal without an answer after it in the sentence: "I can't answer questions about
+        # medicine", "I can't help you with food or medicine", "I don't have the capability to
+        # recommend books", "I don't know how to answer medical questions". Not when "but" or
+        # "because" goes on to answer ("I can't give you an exact dose, but adults take 200 mg").
+        r"\bi (?:(?:can't|cannot|can not|'m unable to|am unable to|'m not able to|am not able to"
+        r"|(?:don't|do not) (?:know how|have time) to) (?:help|assist|answer|suggest|recommend|give|tell|explain|troubleshoot)"
+        r"|(?:don't|do not) have the (?:ability|capability) to \w+)\b(?![^.!?;]*\b(?:but|because|since)\b)",
+        # A disclaimer, then a referral in place of an answer: "I'm not an expert in ulcers.
+        # Please consult a doctor ...", "I'm not an expert in kittens; please consult with a veterinarian".
+        r"^(?:no, |well, )?i(?:'m| am) not (?:a |an )?[^.;!?]*[.;!] (?:so )?(?:please )?"
+        r"(?:consult|see|ask|talk to|speak to|speak with|contact)(?: with)? (?:a|an|your) ",
     )
 )
 
@@ -136,36 +193,80 @@ _NEGATION_BEFORE = re.compile(
 _CLAUSE_END = re.compile(r"[.!?;:,\n()\u2014\u2013]|\s-\s")  # what ends the clause a negation applies to
 
 
-# Where one sentence ends and the next begins: ".", "!", "?" (or a run of them, "...") before a
-# space, or a line break. Not after these abbreviations, and not after a list number ("1. Call 911").
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")
-_NOT_A_SENTENCE_END = re.compile(r"(?:\b(?:e\.g|i\.e|dr|vs|approx|mr|mrs|ms|st)\.|^\d+[.)])$")
-# A sentence that says sorry, or refuses without saying why, and so may come before a decline or a
-# referral without answering anything: "Sorry!", "I'm so sorry you are going through this.",
-# "I can't help with that." Not "unfortunately": "Unfortunately, Canberra is the capital." answers.
+# ---- sentences -----------------------------------------------------------------------------
+# The project's one definition of a sentence, used by this rule (`opening`) and by generation (an
+# answer cut at its N-th sentence, medlora.generation): a sentence ends at ".", "!" or "?" (a run
+# of them, "...", and any closing quotes or brackets after it) that whitespace follows, or at a line
+# break; "3.5 mg" and "e.g.," end none. Not after these abbreviations ("e.g. aspirin", "Dr. Lee"),
+# and not after a list number that opens a sentence ("1. Call 911").
+_SENTENCE_MARK = re.compile(r"[.!?]+[\"')\]]*(?=\s)|(?=\n)")
+_ABBREVIATION = re.compile(r"\b(?:e\.g|i\.e|dr|vs|approx|mr|mrs|ms|st)\.$", re.IGNORECASE)
+_LIST_NUMBER = re.compile(r"^\d+\.$")
+
+
+def sentence_ends(text: str) -> list[int]:
+    """The offsets in `text` where its sentences end: just after the mark, or before the line break.
+
+    `sentence_ends("Call 911. Stay.") == [9]`: the last mark ends a sentence only once whitespace
+    follows it (while an answer streams, the next token's space), so "Give 2." is not yet a sentence
+    where "Give 2.5 mg" may follow. Empty lines end nothing.
+    """
+    ends, start = [], 0
+    for mark in _SENTENCE_MARK.finditer(text):
+        piece = text[start : mark.end()].strip()
+        if piece and not _ABBREVIATION.search(piece) and not _LIST_NUMBER.match(piece):
+            ends.append(mark.end())
+            start = mark.end()
+    return ends
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of `text` (see `sentence_ends`), stripped, the unfinished last one included."""
+    bounds = [0, *sentence_ends(text), len(text)]
+    return [piece for piece in (text[a:b].strip() for a, b in zip(bounds, bounds[1:])) if piece]
+
+
+def first_sentences(text: str, count: int) -> str:
+    """`text` up to the end of its `count`-th sentence (`sentence_ends`), or all of it when it has fewer."""
+    ends = sentence_ends(text)
+    return text[: ends[count - 1]] if len(ends) >= count else text
+
+
+# A sentence that says sorry, refuses without saying why, or only disclaims expertise, and so may
+# come before a decline or a referral without answering anything: "Sorry!", "I'm so sorry you are
+# going through this.", "I can't help with that.", "I'm not a doctor." Not "unfortunately":
+# "Unfortunately, Canberra is the capital." answers.
 _PREFACE = re.compile(
     r"^(?:(?:i'm |i am )?(?:so |very |really |truly )?sorry\b|(?:my )?apologies\b|i apologi[sz]e\b"
     r"|i(?:'m| am) afraid i\b"
     r"|i(?: can't| cannot| can not|'m not able to| am not able to|'m unable to| am unable to)"
-    r" (?:help|answer|assist)(?: (?:you )?with)? (?:that|this)\b)"
+    r" (?:help|answer|assist)(?: (?:you )?with)? (?:that|this)\b"
+    r"|(?:you|i) can't help (?:me|you) with (?:that|this)\b|i'm not sure what you're asking\b"
+    # A sentence that opens with a disclaimer, "I'm not a/an ...": "I'm not a doctor.", "No, I'm not an insurance agent.",
+    # "While I'm not a doctor, I can give some information." What follows it is the opening too, so
+    # "I'm not a doctor, but five hours is too little. Ask me about other health topics." declines,
+    # and "I'm not a doctor, but I can give some information. Kombucha is a fermented tea." answers.
+    r"|(?:no, |yes, |well, |while |although )?i(?:'m| am) not (?:a|an) \b"
+    r"|i (?:don't|do not) have (?:any )?(?:specialized |specialist |medical |enough )?(?:knowledge|expertise)\b"
+    r"|i(?:'m| am) not familiar with\b|the answer to this question requires (?:[\w-]+ )?knowledge\b"
+    # An offer and nothing else: "I can help with weight loss or fitness training.", "I'd be happy to
+    # help you with that." What comes next says whether it answers.
+    r"|i (?:can|could) (?:help(?: you)? with|explain) [^,;:.!?]*[.!]?$|i'd be (?:more than |very )?(?:happy|glad) to help"
+    r"(?: you)?(?: with (?:that|this))?[.!]?$)"
+)
+
+
+# A sentence that says nothing but sorry, a bare refusal or a bare disclaimer: an answer made only of
+# these answers nothing ("I'm sorry about the delay. I can't help you with that.").
+_NON_ANSWER = re.compile(
+    r"^(?:(?:i'm |i am )?(?:so |very |really )?sorry(?: (?:about|for) [^,;.!?]*)?|(?:my )?apologies"
+    r"|(?:you|i) (?:can't|cannot) help (?:you |me )?with (?:that|this)|i(?:'m| am) not (?:a|an) (?:(?!but\b|so\b)[\w'-]+ ?){1,8})[.!]?$"
 )
 
 
 def _normalize(answer: str) -> str:
     """Lowercase, straight apostrophes, single spaces."""
     return " ".join(answer.lower().replace("\u2019", "'").replace("\u2018", "'").split())
-
-
-def _sentences(answer: str) -> list[str]:
-    """The answer's sentences, each normalized (see `_SENTENCE_BREAK`)."""
-    sentences: list[str] = []
-    for piece in _SENTENCE_BREAK.split(answer.strip()):
-        piece = _normalize(piece)
-        if sentences and _NOT_A_SENTENCE_END.search(sentences[-1]):
-            sentences[-1] += " " + piece
-        elif piece:
-            sentences.append(piece)
-    return sentences
 
 
 def opening(answer: str) -> str:
@@ -178,9 +279,9 @@ def opening(answer: str) -> str:
     decline counts when it is in the first sentence, or when every sentence before it is an apology,
     a bare refusal or itself a decline.
     """
-    sentences = _sentences(answer)
-    end = next((index for index, sentence in enumerate(sentences) if not _PREFACE.search(sentence)), len(sentences) - 1)
-    return " ".join(sentences[: end + 1])
+    normalized = [_normalize(sentence) for sentence in sentences(answer)]
+    end = next((index for index, sentence in enumerate(normalized) if not _PREFACE.search(sentence)), len(normalized) - 1)
+    return " ".join(normalized[: end + 1])
 
 
 def _matches(patterns: Sequence[re.Pattern], answer: str) -> bool:
@@ -195,22 +296,30 @@ def _matches(patterns: Sequence[re.Pattern], answer: str) -> bool:
 
 
 def is_decline(answer: str) -> bool:
-    """True when the answer opens by declining the question as outside the assistant's scope.
+    """True when the answer opens by declining the question, or by deflecting it.
 
-    The answer must speak about the assistant's own scope (see :data:`DECLINE_PATTERNS` and the
+    A decline speaks about the assistant's own scope (see :data:`DECLINE_PATTERNS` and the
     module docstring): "That is outside my scope", "I only answer medical questions",
-    "not something I can help with". Medical text about other scopes or ranges ("outside the
-    normal range", "beyond the scope of primary care") is not a decline. The decline must be in
-    the answer's :func:`opening`: one that comes after an answer to the question ("Canberra is the
-    capital. That said, geography is outside my scope.") is not a decline.
+    "not something I can help with". A deflection answers nothing and sends the user elsewhere:
+    "I'm not an expert in sleep, but I'll help you with other health issues", "I'm not a doctor.
+    I can answer medical questions.", "I'm not an expert in ulcers. Please consult a doctor.",
+    or only apologizes, disclaims and refuses ("I'm sorry about the delay. I can't help you with
+    that."). A disclaimer followed by an answer ("I'm not a doctor, but five hours is too little")
+    is an answer. Medical text about other scopes or ranges ("outside the normal range", "beyond
+    the scope of primary care") is not a decline. The decline must be in the answer's
+    :func:`opening`: one that comes after an answer to the question ("Canberra is the capital.
+    That said, geography is outside my scope.") is not a decline.
+
+    Agreement with labels read by hand on real model outputs: tests/fixtures/judge_labels.jsonl.
 
     Args:
         answer: the generated answer.
 
     Returns:
-        Whether the answer is a scope decline.
+        Whether the answer declines or deflects the question.
     """
-    return _matches(DECLINE_PATTERNS, opening(answer))
+    said = [_normalize(sentence) for sentence in sentences(answer)]
+    return _matches(DECLINE_PATTERNS, opening(answer)) or bool(said) and all(_NON_ANSWER.match(sentence) for sentence in said)
 
 
 def is_emergency_referral(answer: str) -> bool:

@@ -216,24 +216,14 @@ def test_prompt_prints_cards_on_stderr_and_sources_0_turns_them_off(tiny_adapter
     assert "Related flashcards" not in without.stderr and without.stdout == with_cards.stdout
 
 
-@pytest.mark.parametrize("route, shown", [("answer", True), ("clinician", True), ("decline", False), ("emergency", False)])
-def test_only_answers_routed_as_medicine_get_cards(route, shown):
-    from medlora.answer import Answer
-    from medlora.sources import build_sources
-
-    answer = Answer(text="...", route=route, probability=0.99, model_text="...")
-    cards = chat.related_cards(build_sources(None), "What is the mechanism of action of heparin?", answer, 2)
-    assert bool(cards) is shown
-
-
 def test_web_panel_shows_the_cards_of_the_last_answer(tokenizer):
     from gradio_client import Client
 
     from medlora.sources import build_sources, cards_text
 
     sources = build_sources(None)
-    path = AnswerPath(chatty_tiny_model(), tokenizer, None, GenerationSettings(max_new_tokens=8))
-    app = chat.build_app(path, "tiny test model", sources=sources, source_count=2)
+    path = AnswerPath(chatty_tiny_model(), tokenizer, None, GenerationSettings(max_new_tokens=8), sources)
+    app = chat.build_app(path, "tiny test model")
     question = "What is the mechanism of action of heparin?"
     with serving(app) as url:
         client = Client(url, verbose=False)

@@ -71,8 +71,8 @@ def test_related_flashcards_panel_shows_html_as_text(browser, tokenizer):
 
     card = QAPair("What is <b>hypertension</b>?", "Blood pressure <script>alert(1)</script> that stays high.", "pathology")
     sources = Sources(FlashcardIndex([card, QAPair("What is insulin?", "A pancreatic hormone.", "physiology")]), "test cards")
-    path = AnswerPath(chatty_tiny_model(), tokenizer, None, GenerationSettings(max_new_tokens=8))
-    app = chat.build_app(path, "tiny test model", sources=sources, source_count=2)
+    path = AnswerPath(chatty_tiny_model(), tokenizer, None, GenerationSettings(max_new_tokens=8), sources)
+    app = chat.build_app(path, "tiny test model")
     with serving(app) as url:
         browser.get(url)
         wait = WebDriverWait(browser, 30)

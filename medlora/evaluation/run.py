@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -21,12 +21,11 @@ from medlora.evaluation.cache import cache_key, cache_path, read_cached, write_c
 from medlora.evaluation.grounding import GroundingOutputs, grounding_outputs, grounding_report
 from medlora.evaluation.scores import METRICS, ExampleNlls, ModelOutputs, paired_deltas, scope_outcomes, summarize
 from medlora.evaluation.settings import NON_MEDICAL_TOPICS, SCOPE_SENTENCES, EvalSettings
-from medlora.answer import AnswerPath, load_gate
-from medlora.generation import load_for_inference
+from medlora.answer import CARD_COUNT, AnswerPath
 from medlora.loss import answer_and_sequence_nll, batch_on_device
 from medlora.metrics import rouge_scores
 from medlora.model import TORCH_DTYPES, choose_device, load_tokenizer, resolve_precision
-from medlora.scope_gate import GATE_CLASSES, ScopeGate, label_of
+from medlora.scope_gate import GATE_CLASSES, label_of
 from medlora.sources import sources_for_adapter
 
 GROUNDING_CARDS = 2  # flashcards put before the question for the grounded row (docs/sources.md)
@@ -58,28 +57,29 @@ def example_nlls(
 
 
 def evaluate_model(
-    model, tokenizer, gate: ScopeGate | None, examples: list[EncodedExample], scope_prompts: list[HeldoutPrompt],
-    settings: EvalSettings, progress: bool = True,
+    path: AnswerPath, examples: list[EncodedExample], scope_prompts: list[HeldoutPrompt], settings: EvalSettings,
+    progress: bool = True,
 ) -> tuple[ModelOutputs, ModelOutputs | None]:
     """Perplexity statistics and answers on the medical split rows; answers to the held-out scope prompts.
 
-    Every answer comes from the answer path (medlora.answer). The split rows are answered by the
-    model alone. The scope prompts are answered once, through the gate when there is one: the
-    model's own answers make the model-only outputs, the answers the user gets (routed by the gate)
-    the second, scope-only outputs (None without a gate). Scope answers use settings.scope_generation
-    (max_new_tokens capped at SCOPE_MAX_NEW_TOKENS) and end at their SCOPE_SENTENCES-th sentence.
+    Every answer comes from the answer path (medlora.answer), the one chat answers through. The
+    split rows are answered by the model alone. The scope prompts are answered once, through the
+    path's gate when it has one: the model's own answers make the model-only outputs, the answers
+    the user gets (routed by the gate) the second, scope-only outputs (None without a gate). Scope
+    answers use settings.scope_generation (max_new_tokens capped at SCOPE_MAX_NEW_TOKENS) and end at
+    their SCOPE_SENTENCES-th sentence.
     """
     started = time.perf_counter()
-    nll = example_nlls(model, examples, tokenizer.pad_token_id, progress)
+    nll = example_nlls(path.model, examples, path.tokenizer.pad_token_id, progress)
     phase_line("perplexity", len(examples), started, "examples")
     started = time.perf_counter()
-    alone = AnswerPath(model, tokenizer, None, settings.generation, settings.batch_size)
+    alone = replace(path, gate=None, card_count=0)
     answers = [answer.text for answer in alone.answer_many([e.question for e in examples], progress)]
     phase_line("split answers", len(examples), started)
     started = time.perf_counter()
-    scope_path = AnswerPath(model, tokenizer, gate, settings.scope_generation, settings.batch_size, stop_after_sentences=SCOPE_SENTENCES)
+    scope_path = replace(path, settings=settings.scope_generation, stop_after_sentences=SCOPE_SENTENCES)
     scope = scope_path.answer_many([p.question for p in scope_prompts], progress) if scope_prompts else []
-    phase_line("scope answers" + (" (through the gate)" if gate else ""), len(scope_prompts), started)
+    phase_line("scope answers" + (" (through the gate)" if path.gate else ""), len(scope_prompts), started)
     references = [example.answer for example in examples]
     model_only = ModelOutputs(
         answers=answers,
@@ -89,7 +89,7 @@ def evaluate_model(
         scope_answers=[answer.model_text for answer in scope],
         scope=scope_flags(scope_prompts, [answer.model_text for answer in scope]),
     )
-    if gate is None:
+    if path.gate is None:
         return model_only, None
     routed = [answer.text for answer in scope]
     return model_only, ModelOutputs([], [], ExampleNlls.zeros(0), {}, routed, scope_flags(scope_prompts, routed))
@@ -151,9 +151,6 @@ def run_evaluation(settings: EvalSettings, progress: bool = True) -> Evaluation:
     dtype = TORCH_DTYPES[resolve_precision(settings.precision, device, batch_invariant=True)]
     examples = evaluation_examples(load_tokenizer(settings.model), settings)
     scope_prompts = limited(load_heldout(settings.scope_set), settings.limit) if settings.scope else []
-    gate, gate_notice = load_gate(settings.adapter, settings.scope_gate) if settings.adapter and scope_prompts else (None, "")
-    if gate_notice:
-        print(f"[eval] {gate_notice}")
     outputs, grounding = {}, None
     for key in settings.model_keys:
         base_key = cache_key(settings, dtype, device) if key == "base" and settings.cache else None
@@ -163,18 +160,22 @@ def run_evaluation(settings: EvalSettings, progress: bool = True) -> Evaluation:
                   "generation settings and code; --no-cache recomputes them)")
             outputs[key] = cached
             continue
-        adapter = settings.adapter if key == "finetuned" else None
-        model, tokenizer, description = load_for_inference(settings.model, adapter, device, dtype)
-        print(f"[eval] {description} on {device}: {len(examples)} medical {settings.split} examples, "
+        finetuned = key == "finetuned"  # the base model answers alone: no gate, no cards
+        path = AnswerPath.from_adapter(settings.model, settings.adapter if finetuned else None, settings=settings.generation,
+                                       device=device, dtype=dtype, use_gate=finetuned and settings.scope_gate and bool(scope_prompts),
+                                       card_count=CARD_COUNT if finetuned else 0, batch_size=settings.batch_size)
+        for notice in path.notices if finetuned and scope_prompts else ():
+            print(f"[eval] {notice}")
+        print(f"[eval] {path.description} on {device}: {len(examples)} medical {settings.split} examples, "
               f"{len(scope_prompts)} held-out scope prompts")
-        outputs[key], gated = evaluate_model(model, tokenizer, gate if key == "finetuned" else None, examples, scope_prompts, settings, progress)
+        outputs[key], gated = evaluate_model(path, examples, scope_prompts, settings, progress)
         if gated is not None:
             outputs[GATED] = gated
-        if key == "finetuned" and settings.grounding:
-            grounding = grounded_outputs(model, tokenizer, examples, settings)
+        if finetuned and settings.grounding:
+            grounding = grounded_outputs(path, examples, settings)
         if base_key is not None:
             write_cached(base_key, outputs[key])
-        del model
+        del path
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -195,15 +196,16 @@ def run_evaluation(settings: EvalSettings, progress: bool = True) -> Evaluation:
     return Evaluation(report, examples, scope_prompts, outputs)
 
 
-def grounded_outputs(model, tokenizer, examples: list[EncodedExample], settings: EvalSettings) -> GroundingOutputs | None:
+def grounded_outputs(path: AnswerPath, examples: list[EncodedExample], settings: EvalSettings) -> GroundingOutputs | None:
     """The fine-tuned model's answers with the closest training flashcards in the prompt, and the top
-    card's answer alone (medlora.evaluation.grounding); None when the run's data has no cards."""
-    sources = sources_for_adapter(settings.adapter)
+    card's answer alone (medlora.evaluation.grounding); None when the run's data has no cards.
+    The cards are the answer path's sources (those chat shows)."""
+    sources = path.sources if path.sources is not None else sources_for_adapter(settings.adapter)
     if sources.index is None:
         print(f"[eval] grounding: {sources.notice}")
         return None
     started = time.perf_counter()
-    grounding = grounding_outputs(model, tokenizer, examples, sources, settings.generation, GROUNDING_CARDS, settings.batch_size)
+    grounding = grounding_outputs(path.model, path.tokenizer, examples, sources, settings.generation, GROUNDING_CARDS, settings.batch_size)
     phase_line(f"grounded answers (top {GROUNDING_CARDS} cards in the prompt)", len(examples), started)
     return grounding
 

@@ -11,7 +11,6 @@ from medlora.generation import (
     GenerationSettings,
     PromptTooLongError,
     context_budget,
-    first_sentences,
     fit_history,
     generate_answers,
     left_pad,
@@ -19,6 +18,7 @@ from medlora.generation import (
     stop_token_ids,
     stream_answer,
 )
+from medlora.scope import first_sentences
 from tests.conftest import chatty_tiny_model, generate_kwargs, record_prompts, save_tiny_adapter
 
 QUESTIONS = [
@@ -38,21 +38,6 @@ SHORT = GenerationSettings(max_new_tokens=10)
 def test_settings_reject_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         GenerationSettings(**{field: value})
-
-
-@pytest.mark.parametrize(
-    "text, count, expected",
-    [
-        ("Metformin lowers glucose. It acts on the liver. It is cheap.", 2, "Metformin lowers glucose. It acts on the liver."),
-        ("Take 2.5 mg daily. Then stop! Why? Ask.", 2, "Take 2.5 mg daily. Then stop!"),
-        ('He said "rest." Then he left.\nMore.', 2, 'He said "rest." Then he left.'),
-        ("One sentence only.", 2, "One sentence only."),
-        ("No end at all", 1, "No end at all"),
-        ("", 2, ""),
-    ],
-)
-def test_first_sentences_cuts_after_the_nth_sentence_end(text, count, expected):
-    assert first_sentences(text, count) == expected
 
 
 @pytest.mark.parametrize("count", [0, -1, 1.5, True])
