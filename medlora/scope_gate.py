@@ -37,13 +37,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from data.format import prompt_ids
+from lora.adapter_files import WEIGHTS_NAME  # the adapter file a gate is bound to
 from medlora.checkpoint import file_sha256
 from medlora.model import expanded_cache, prefix_cache, shared_prefix_length
 from medlora.scope import is_clinician_referral, is_decline, is_emergency_referral
 
 GATE_CLASSES = ("answer", "decline", "emergency", "clinician")
 GATE_FILE = "scope_gate.safetensors"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the file the gate is bound to (lora.adapter_files.WEIGHTS_NAME)
 L2_PENALTY = 1e-3  # on the standardized features' weights; small: the classes separate well
 MAX_VALIDATION_FALSE_DECLINE = 0.02  # highest share of the validation split's non-decline prompts the gate may decline
 THRESHOLD_CANDIDATES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # p(decline) thresholds tried, lowest first
@@ -160,7 +160,7 @@ class ScopeGate:
             raise ValueError(f"{path}: not a readable scope gate ({error}); refit it with train.py") from None
         if set(tensors) != {"mean", "std", "weight", "bias"} or tensors["weight"].shape[0] != len(GATE_CLASSES):
             raise ValueError(f"{path}: not a scope gate for the classes {', '.join(GATE_CLASSES)}")
-        weights = Path(folder) / ADAPTER_WEIGHTS
+        weights = Path(folder) / WEIGHTS_NAME
         if weights.is_file() and file_sha256(weights) != metadata.get("adapter_sha256"):
             raise ValueError(
                 f"{path} was fitted on other adapter weights than {weights} (sha256 differs): "
@@ -237,5 +237,5 @@ def fit_gate(model, tokenizer, train_examples, validation_examples, adapter_dir:
         routes = [decision.route for decision in gate.decide(val_features)]
         gate.info["validation_confusion"] = {"classes": list(GATE_CLASSES), "true_by_routed": confusion_matrix(val_labels, routes)}
         gate.info["validation_accuracy"] = sum(l == r for l, r in zip(val_labels, routes)) / len(val_labels)
-    gate.adapter_sha256 = file_sha256(Path(adapter_dir) / ADAPTER_WEIGHTS)
+    gate.adapter_sha256 = file_sha256(Path(adapter_dir) / WEIGHTS_NAME)
     return gate

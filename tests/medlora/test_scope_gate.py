@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from data.format import EncodedExample
+from lora.adapter_files import WEIGHTS_NAME
 from medlora.checkpoint import file_sha256
 from medlora.scope_gate import (
-    ADAPTER_WEIGHTS,
     GATE_CLASSES,
     GATE_FILE,
     ScopeGate,
@@ -97,14 +97,14 @@ def test_confusion_matrix_counts_true_class_by_route():
 
 
 def test_the_gate_is_bound_to_its_adapter_file(tmp_path):
-    (tmp_path / ADAPTER_WEIGHTS).write_bytes(b"weights one")
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"weights one")
     gate = two_class_gate(0.7)
-    gate.adapter_sha256 = file_sha256(tmp_path / ADAPTER_WEIGHTS)
+    gate.adapter_sha256 = file_sha256(tmp_path / WEIGHTS_NAME)
     gate.info = {"train_class_counts": {"answer": 3, "decline": 2}}
     gate.save(tmp_path)
     loaded = ScopeGate.load(tmp_path)
     assert loaded.decline_threshold == 0.7 and loaded.info == gate.info and loaded.adapter_sha256 == gate.adapter_sha256
-    (tmp_path / ADAPTER_WEIGHTS).write_bytes(b"weights two")
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"weights two")
     with pytest.raises(ValueError, match="fitted on other adapter weights"):
         ScopeGate.load(tmp_path)
 
@@ -120,14 +120,14 @@ def test_rows_without_declines_make_no_gate_and_cost_no_forward_pass():
 
 
 def test_fit_gate_records_counts_confusion_threshold_and_adapter(tiny_model, tokenizer, tmp_path):
-    (tmp_path / ADAPTER_WEIGHTS).write_bytes(b"adapter")
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"adapter")
     rows = [example(f"What does organ {i} do?", "It filters blood.") for i in range(6)]
     rows += [example(f"Who won match {i}?", "Sports are outside my scope; I only answer medical questions.") for i in range(6)]
     gate = fit_gate(tiny_model, tokenizer, rows, rows[:2] + rows[-2:], tmp_path)
     assert gate.info["train_class_counts"] == {"answer": 6, "decline": 6, "emergency": 0, "clinician": 0}
     assert sum(map(sum, gate.info["validation_confusion"]["true_by_routed"])) == 4
     assert gate.decline_threshold in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
-    assert gate.adapter_sha256 == file_sha256(tmp_path / ADAPTER_WEIGHTS)
+    assert gate.adapter_sha256 == file_sha256(tmp_path / WEIGHTS_NAME)
 
 
 def test_prompt_features_do_not_depend_on_the_batch(tiny_model, tokenizer):
