@@ -1,6 +1,7 @@
-"""bench/train_speed.py: the arithmetic behind its table, and one real end-to-end run."""
+"""bench/train_speed.py and bench/dpo_speed.py: the arithmetic behind their tables, and real runs on small inputs."""
 
 import json
+import math
 
 import pytest
 
@@ -133,3 +134,47 @@ def test_activation_memory_puts_what_backward_keeps_on_the_module_saving_it(toke
     assert {"LlamaMLP", "LlamaAttention", "LoRALinear", "Dropout"} <= set(saved[0.05])
     assert "Dropout" not in saved[0.0]  # no dropout, no mask kept
     assert all(size > 0 for size in saved[0.05].values())
+
+
+def test_dpo_speed_table_divides_each_peers_step_time_by_ours():
+    from bench.dpo_speed import speed_table
+
+    rows = [{"peer": peer, "setting": f"{peer} setting", "s_per_step": s, "tokens_per_s": 1000 / s, "timed_steps": 8, "peak_rss_gb": 1.0}
+            for peer, s in [("ours", 2.0), ("trl", 5.0)]]
+    lines = speed_table(rows).splitlines()
+    assert lines[2].startswith("| ours |") and lines[2].endswith("| 1.00x |")
+    assert lines[3].endswith("| 2.50x |")  # TRL takes 2.5 times our step
+
+
+def test_dpo_timing_pairs_put_a_decline_against_an_answer(tokenizer):
+    from bench.dpo_speed import timing_pairs
+    from medlora.scope import is_decline
+
+    pairs = timing_pairs(tokenizer, 12)
+    assert len(pairs) == 12 and [p.kind for p in pairs].count("decline") == 4
+    for pair in pairs:
+        declined, answered = (pair.chosen, pair.rejected) if pair.kind == "decline" else (pair.rejected, pair.chosen)
+        assert is_decline(declined) and not is_decline(answered)
+
+
+def test_dpo_speed_needs_ours_among_the_peers(capsys):
+    from bench import dpo_speed
+
+    with pytest.raises(SystemExit):
+        dpo_speed.parse_args(["--peers", "trl"])
+    assert "ours is missing" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_dpo_speed_times_ours_and_trl_on_the_same_token_ids(tokenizer, tmp_path):
+    from bench.dpo_speed import time_ours, time_trl, timing_pairs
+    from tests.conftest import make_tiny_model
+
+    pairs = timing_pairs(tokenizer, 8)
+    ours = time_ours(make_tiny_model(), tokenizer, pairs, "fp32", warmup_steps=1, steps=1)
+    trl = time_trl(make_tiny_model(), tokenizer, pairs, "fp32", warmup_steps=1, steps=1, checkpointing=False, scratch_dir=str(tmp_path))
+    assert trl["same_ids_as_ours"] == trl["pairs"] == ours["pairs"] == 8  # TRL read the very token ids ours trains on
+    assert ours["tokens"] == trl["tokens"] > 0  # one step holds all 8 pairs: the same real tokens on both sides
+    for row in (ours, trl):
+        assert row["timed_steps"] == 1 and row["s_per_step"] > 0 and 0 < row["warmup_s"]
+        assert row["mean_loss"] == pytest.approx(math.log(2), abs=0.01)  # the first steps barely move a tiny random model
