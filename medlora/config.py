@@ -130,6 +130,17 @@ PRESETS: dict[str, dict] = {
         precision="auto", grad_checkpointing=False, eval_every=29, save_every=10,
         dpo_epochs=0.0, dpo_beta=0.1, dpo_lr=2e-4, dpo_pairs_per_step=8, dpo_nll_weight=0.0, dpo_answer_rows=64,
     ),
+    # The cpu preset plus the preference stage: the best try of docs/scope.md (issue 31's e2) at
+    # teaching the model itself, for a model that leaves the project (export.py): more capacity (all
+    # seven projections), the scope rows' tokens weighted 3x in SFT, then one DPO epoch over pairs
+    # with the SFT model's own answers rejected. About twice `make run`'s training time.
+    "cpu-dpo": dict(
+        model=None, data=None, num_examples=None, epochs=1.0, batch_size=16, grad_accum=1,
+        max_batch_tokens=1024, lr=1e-3, rank=16, alpha=32.0, dropout=0.05, max_length=512,
+        precision="auto", grad_checkpointing=False, eval_every=29, save_every=10,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), scope_weight=3.0,
+        dpo_epochs=1.0, dpo_beta=0.1, dpo_lr=2e-4, dpo_pairs_per_step=8, dpo_nll_weight=1.0, dpo_answer_rows=96,
+    ),
     # The reference notebook's run on a T4: TinyLlama-1.1B-Chat, 3,000 flashcards, fp16 AMP.
     "t4": dict(
         model="TinyLlama/TinyLlama-1.1B-Chat-v1.0", data="medalpaca/medical_meadow_medical_flashcards",

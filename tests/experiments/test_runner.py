@@ -30,7 +30,7 @@ def test_shipped_experiment_files_hold_the_reference_four():
     [
         ([{"name": "EXP-X", "rank": 8, "learning_rate": 1e-3}], "EXP-X: unknown key 'learning_rate'"),
         ([{"name": "A"}, {"name": "A"}], 'experiment 1 needs a unique "name", got \'A\''),
-        ([{"name": "EXP-P", "preset": "gpu"}], r"EXP-P: --preset must be one of \['cpu', 't4'\], got 'gpu'"),
+        ([{"name": "EXP-P", "preset": "gpu"}], r"EXP-P: --preset must be one of \['cpu', 'cpu-dpo', 't4'\], got 'gpu'"),
         ([{"name": "EXP-R", "rank": 0}], "EXP-R: rank must be a positive integer, got 0"),  # refused before any training
         ({"name": "EXP-1"}, "expected a non-empty JSON list of objects"),
     ],
