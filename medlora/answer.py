@@ -17,9 +17,9 @@ prompt -> model (+ the scope gate on the prompt's own state, medlora.scope_gate)
   opening (its first OVERRIDE_SENTENCES sentences) declines or deflects, by the judge of
   medlora.scope, it answers again with its decline phrases banned: a model's over-refusal must
   not reach the user either.
-* decline: the model's own decline when its answer is one (cut to ROUTED_SENTENCES sentences),
-  else a decline that says what the assistant can help with; a question about an animal is sent
-  to a veterinarian.
+* decline: the model's own decline when its answer is one that says what the assistant's scope
+  is (medlora.scope.is_scope_decline; cut to ROUTED_SENTENCES sentences), else a decline that says
+  what the assistant can help with; a question about an animal is sent to a veterinarian.
 * emergency: the referral first, then the follow-up of the nearest emergency training row
   (medlora.sources: BM25 over the safety rows' questions; a message nearest a self-harm row gets
   that row's crisis line), or, when no row shares a word with the message, a short fixed line.
@@ -51,7 +51,7 @@ from typing import Iterator, Sequence
 import torch
 
 from medlora.generation import GENERATION_BATCH_SIZE, GenerationSettings, generate_answers, load_for_inference, stream_answer
-from medlora.scope import first_sentences, is_decline, sentence_ends
+from medlora.scope import first_sentences, is_decline, is_scope_decline, sentence_ends
 from medlora.scope_gate import GATE_FILE, Decision, ScopeGate, prompt_features
 from medlora.sources import Card, Sources, cards_text, sources_for_adapter
 
@@ -125,11 +125,12 @@ def emergency_text(nearest_row: Card | None) -> str:
 
 
 def decline_text(question: str, model_text: str) -> str:
-    """The model's own decline (its first sentences) if it declined, else the fixed decline; animals go to a vet."""
+    """The model's own decline (its first sentences) if it declined in the training rows' way, saying
+    what its scope is (is_scope_decline; a deflection is not shown), else the fixed decline; animals go to a vet."""
     own = first_sentences(model_text, ROUTED_SENTENCES)
     if VETERINARY.search(question):
-        return own if is_decline(own) and "veterinar" in own.lower() else VETERINARY_DECLINE
-    return own if is_decline(own) else DECLINE_ANSWER
+        return own if is_scope_decline(own) and "veterinar" in own.lower() else VETERINARY_DECLINE
+    return own if is_scope_decline(own) else DECLINE_ANSWER
 
 
 def clinician_text(cards: Sequence[Card]) -> str:

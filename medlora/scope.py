@@ -75,7 +75,7 @@ _CLINICIAN = (
     r"|health ?care (?:provider|professional|team)|health professional|medical professional)"
 )
 
-DECLINE_PATTERNS = tuple(
+SCOPE_DECLINE_PATTERNS = tuple(
     re.compile(pattern)
     for pattern in (
         # "outside my scope", "beyond my scope", "outside of my area of expertise",
@@ -107,6 +107,12 @@ DECLINE_PATTERNS = tuple(
         r"i(?: can|'m able to| am able to| could) (?:help|answer|assist|cover)",
         # "not my specialty", "not in my area of expertise".
         r"\bnot (?:in |within )?my (?:[\w-]+ ){0,2}(?:specialty|speciality|area|field|expertise|domain)\b",
+    )
+)
+
+DEFLECTION_PATTERNS = tuple(
+    re.compile(pattern)
+    for pattern in (
         # Deflections (issue 31): no answer, and an offer of other help instead. The speaker is the
         # assistant ("I", "my"): "exercise can help with other health problems" is medicine.
         # "I can help you with other health questions", "I'll help you with any other health-related
@@ -149,6 +155,7 @@ DECLINE_PATTERNS = tuple(
         r"(?:consult|see|ask|talk to|speak to|speak with|contact)(?: with)? (?:a|an|your) ",
     )
 )
+DECLINE_PATTERNS = SCOPE_DECLINE_PATTERNS + DEFLECTION_PATTERNS  # what is_decline reads as a decline
 
 EMERGENCY_PATTERNS = tuple(
     re.compile(pattern)
@@ -320,6 +327,17 @@ def is_decline(answer: str) -> bool:
     """
     said = [_normalize(sentence) for sentence in sentences(answer)]
     return _matches(DECLINE_PATTERNS, opening(answer)) or bool(said) and all(_NON_ANSWER.match(sentence) for sentence in said)
+
+
+def is_scope_decline(answer: str) -> bool:
+    """True when the answer opens by declining in the training rows' way: it says what the assistant's
+    scope is ("Tax law is outside my scope", "I only answer medical questions"), not a deflection.
+
+    The decline route keeps the model's own words only for such a decline (medlora.answer): "I'm an
+    AI for medicine, so I can't answer medical queries directly" is a decline (:func:`is_decline`)
+    but not one to show a user.
+    """
+    return _matches(SCOPE_DECLINE_PATTERNS, opening(answer))
 
 
 def is_emergency_referral(answer: str) -> bool:

@@ -83,6 +83,12 @@ def test_decline_keeps_the_model_s_own_decline_cut_to_two_sentences():
     assert decline_text("Who won the cup?", own) == "Football is outside my scope. I only answer medical and health questions."
 
 
+def test_decline_shows_a_deflection_never_but_the_fixed_decline():
+    deflection = "I'm an AI for medicine and health care, so I can't answer medical queries directly. But you might ask about Peru."
+    assert is_decline(deflection)  # the judge (evaluation, override) reads it as a decline ...
+    assert decline_text("What is the capital of Peru?", deflection) == DECLINE_ANSWER  # ... but a user never sees it
+
+
 def test_decline_replaces_an_answer_and_sends_animals_to_a_vet():
     assert decline_text("What is the capital of Australia?", "Canberra.") == DECLINE_ANSWER and is_decline(DECLINE_ANSWER)
     assert decline_text("My dog ate chocolate, what do I do?", "Give him milk.") == VETERINARY_DECLINE

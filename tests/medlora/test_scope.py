@@ -12,6 +12,7 @@ from medlora.scope import (
     is_decline,
     is_emergency_referral,
     is_referral,
+    is_scope_decline,
     opening,
     sentences,
 )
@@ -172,6 +173,13 @@ def test_sentences_split_where_first_sentences_cuts():
     text = "Give 2.5 mg, e.g. at night. See Dr. Lee.\n\n1. Call 911! Then wait"
     assert sentences(text) == ["Give 2.5 mg, e.g. at night.", "See Dr. Lee.", "1. Call 911!", "Then wait"]
     assert [first_sentences(text, n) for n in (1, 2, 3)] == [text[:27], text[:40], text[:54]]
+
+
+def test_a_scope_decline_says_what_the_scope_is_and_a_deflection_does_not():
+    assert is_scope_decline("Tax law is outside my scope. I only answer medical and health questions.")
+    deflection = "I'm not an expert in sleep, but I'll help you with other health issues."
+    assert is_decline(deflection) and not is_scope_decline(deflection)
+    assert all(is_scope_decline(row["output"]) for row in _training_rows() if row["topic"] == "out_of_domain")
 
 
 def test_enough_labelled_answers_of_each_label():
