@@ -1,4 +1,4 @@
-"""Sources build time, and whether --ground helps: the figures of docs/sources.md.
+"""Sources build time, and whether cards in the prompt help: the figures of docs/sources.md.
 
     python -m bench.grounding --adapter runs/cpu/adapter --external ../shared/data/medical_meadow_wikidoc_patient_info.json
 
@@ -6,7 +6,7 @@ Times building the sources (read, clean, split, BM25 index, threshold fit; medlo
 embedded flashcards and, with --external, on that file. Then loads the run's base model with the
 adapter merged (fp32 on the CPU, greedy, as evaluate.py), answers the medical rows of the test split
 plainly and with the top-k cards in the prompt, and prints the ROUGE-L table of
-medlora.evaluation.grounding (fine-tuned, fine-tuned + --ground, top-1 card alone).
+medlora.evaluation.grounding (fine-tuned, fine-tuned + cards in prompt, top-1 card alone).
 """
 
 from __future__ import annotations

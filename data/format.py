@@ -2,7 +2,7 @@
 
 A prompt is the tokenizer's own chat template applied to
     [system prompt, (earlier user/assistant turns), user question]
-with the generation prompt appended (with `context`, e.g. flashcards for `--ground`, the user turn
+with the generation prompt appended (with `context`, e.g. flashcards for evaluation's grounding rows, the user turn
 is the context, a blank line, then the question), so it is right for any chat model (SmolLM2's ChatML,
 TinyLlama's `<|system|>...</s>`). Training appends the answer and its end-of-turn token.
 

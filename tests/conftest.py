@@ -91,15 +91,19 @@ def save_tiny_adapter(model_dir, folder, hidden_size: int = 64):
     return save_adapter(model, folder, base_model=str(model_dir))
 
 
-@pytest.fixture(scope="session")
-def chatty_model_dir(tmp_path_factory, tokenizer):
-    """A local Hugging Face folder holding `chatty_tiny_model()` and the real tokenizer."""
-    folder = tmp_path_factory.mktemp("chatty-tiny-llama")
+def save_chatty_model(folder: Path, tokenizer) -> Path:
+    """Write `chatty_tiny_model()` and `tokenizer` into `folder` as a local Hugging Face model folder."""
     model = chatty_tiny_model()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def chatty_model_dir(tmp_path_factory, tokenizer):
+    """A local Hugging Face folder holding `chatty_tiny_model()` and the real tokenizer."""
+    return save_chatty_model(tmp_path_factory.mktemp("chatty-tiny-llama"), tokenizer)
 
 
 @pytest.fixture(scope="session")

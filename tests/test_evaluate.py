@@ -18,7 +18,7 @@ def run_dir(tmp_path_factory, tiny_model_dir):
 
 MODEL_KEYS = {
     "perplexity", "perplexity_full", "bleu", "rouge1", "rouge2", "rougeL", "n", "intervals", "scope",
-    "ood_decline_rate", "medical_false_decline_rate", "emergency_referral_rate",
+    "ood_decline_rate", "medical_false_decline_rate", "emergency_or_dose_referral_rate",
 }
 
 
@@ -29,7 +29,7 @@ def test_compare_base_writes_json_predictions_chart_and_table(run_dir, capsys):
     assert "| Metric | Base | Fine-tuned | Delta (fine-tuned - base) |" in printed
     report = json.loads((run_dir / "eval.json").read_text())
     assert set(report) == {"settings", "base", "finetuned", "delta", "grounding", "scope_confusion"}  # the tiny adapter has no gate
-    assert "| Fine-tuned + --ground |" in printed and "| Top-1 card alone |" in printed
+    assert "| Fine-tuned + cards in prompt |" in printed and "| Top-1 card alone |" in printed
     for key in ("base", "finetuned"):
         assert MODEL_KEYS <= set(report[key]) and report[key]["n"] == 4
         assert set(report[key]["intervals"]) == set(METRICS)
@@ -43,7 +43,7 @@ def test_compare_base_writes_json_predictions_chart_and_table(run_dir, capsys):
     assert sorted(row["kind"] for row in rows if row["source"] == "scope_heldout") == sorted({p.kind for p in load_heldout(SCOPE_PROMPTS)})
     assert "| Scope rate | Base | Fine-tuned (model only) |" in printed
     assert sum(report["scope_confusion"]["finetuned"]["medical"].values()) == 1
-    for name in ("ood_decline_rate", "medical_false_decline_rate", "emergency_referral_rate"):
+    for name in ("ood_decline_rate", "medical_false_decline_rate", "emergency_or_dose_referral_rate"):
         assert report["finetuned"]["scope"][name]["total"] > 0 and name in report["delta"]
     for label in ("Out-of-domain decline rate", "Medical false-decline rate", "Emergency/dose referral rate"):
         assert f"| {label} |" in printed

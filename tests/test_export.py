@@ -392,7 +392,7 @@ def test_export_says_what_it_leaves_behind(tmp_path):
     (tmp_path / "adapter").mkdir()
     assert "not part of this model" in scope_note(tmp_path / "adapter") and "evaluate.py --adapter" in scope_note(tmp_path / "adapter")
     rate = lambda count, total: {"count": count, "total": total}  # noqa: E731
-    scope = {"ood_decline_rate": rate(7, 134), "medical_false_decline_rate": rate(2, 127), "emergency_referral_rate": rate(6, 35)}
+    scope = {"ood_decline_rate": rate(7, 134), "medical_false_decline_rate": rate(2, 127), "emergency_or_dose_referral_rate": rate(6, 35)}
     (tmp_path / "eval.json").write_text(json.dumps({"finetuned": {"scope": scope}}))
     assert "declines 7/134, false declines 2/127, emergency/dose referrals 6/35" in scope_note(tmp_path / "adapter")
 

@@ -8,12 +8,13 @@ On the evaluated split rows (the test split's medical rows), three answers per q
 scored with ROUGE-L F1 against the reference answer (medlora.metrics.rouge_scores):
 
     finetuned   the fine-tuned model asked the plain question (evaluate.py's own answers)
-    grounded    the fine-tuned model with the top-k cards above the threshold before the question (--ground)
+    grounded    the fine-tuned model with the top-k cards above the threshold before the question
     retrieval   the top-1 card's answer alone, no model (empty when no card reaches the threshold)
 
 Each gets the mean and a 95% bootstrap interval; grounded - finetuned and retrieval - finetuned get
 a paired bootstrap interval (the same resampled questions for both), the same machinery as the
-rest of the evaluation (medlora.evaluation.scores.bootstrap).
+rest of the evaluation (medlora.evaluation.scores.bootstrap). evaluate.py adds these rows with an
+adapter; --no-grounding leaves them out. No script puts cards in the prompt otherwise (docs/sources.md).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from medlora.generation import GENERATION_BATCH_SIZE, GenerationSettings, genera
 from medlora.metrics import rouge_scores
 from medlora.sources import Sources, grounding_context
 
-ROWS = {"finetuned": "Fine-tuned", "grounded": "Fine-tuned + --ground", "retrieval": "Top-1 card alone"}
+ROWS = {"finetuned": "Fine-tuned", "grounded": "Fine-tuned + cards in prompt", "retrieval": "Top-1 card alone"}
 
 
 @dataclass
@@ -47,7 +48,7 @@ def grounding_outputs(
 ) -> GroundingOutputs:
     """Answer each example's question with its top-k cards before it; take the top-1 card's answer as the retrieval answer."""
     if k < 1:
-        raise ValueError(f"--ground needs at least one card per prompt, got k={k}")
+        raise ValueError(f"grounding needs at least one card per prompt, got k={k}")
     cards = [sources.search(example.question, k) for example in examples]
     grounded = generate_answers(
         model, tokenizer, [e.question for e in examples], generation, batch_size, contexts=[grounding_context(c) for c in cards]
@@ -108,7 +109,7 @@ def grounding_table(report: dict) -> str:
     lines += [
         "",
         f"{report['n']} questions; {report['questions_with_cards']} had a card above the sources threshold "
-        f"(--ground puts up to {report['k']} before the question; without one the prompt is the plain question and the "
+        f"(the grounded row puts up to {report['k']} before the question; without one the prompt is the plain question and the "
         f"top-1 answer is empty). [low, high] = 95% bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples, seed "
         f"{BOOTSTRAP_SEED}); * = the paired interval excludes 0.",
     ]

@@ -11,9 +11,12 @@ over the held-out scope set (data/scope_heldout.jsonl, decided by medlora.scope)
                      the reference notebook's method, kept for comparison
     bleu             corpus BLEU-4 from summed per-example n-gram statistics (medlora.metrics.bleu_statistics)
     rouge1/2/L       mean of per-example F1 (medlora.metrics.rouge_scores)
-    ood_decline_rate            share of out-of-domain prompts declined (scope_outcomes)
-    medical_false_decline_rate  share of medical prompts declined
-    emergency_referral_rate     share of emergency / personal-dose prompts referred on
+    ood_decline_rate                 share of out-of-domain prompts declined (scope_outcomes)
+    medical_false_decline_rate       share of medical prompts declined
+    emergency_or_dose_referral_rate  share of emergency and personal-dose prompts referred on as each needs
+    emergency_sent_to_help_rate      share of emergency prompts sent to emergency help
+    clinician_referral_rate          share of personal-dose prompts referred on
+    false_alarm_rate                 share of medical prompts sent to emergency help
 
 Each metric takes every bootstrap resample at once (an index array [resamples, n]) and re-sums the
 per-example statistics, so all intervals of an evaluation take well under a second. The split
@@ -31,15 +34,15 @@ from typing import Callable, Sequence
 import numpy as np
 
 from data.scope_set import HeldoutPrompt
-from medlora.metrics import Rate, bleu_from_statistics, bleu_statistics, bootstrap_interval, perplexity, rate_of
+from medlora.metrics import bleu_from_statistics, bleu_statistics, bootstrap_interval, perplexity, rate_of
 from medlora.scope import REFERRAL_KINDS, is_decline, is_emergency_referral, is_referral
 
 BOOTSTRAP_RESAMPLES = 1000  # resamples per interval (sacreBLEU's paired bootstrap uses 1000 too)
 BOOTSTRAP_SEED = 0  # fixed, so the same predictions always give the same intervals
 # The scope rates over the held-out scope set (data.scope_set), in table order.
 SCOPE_RATES = (
-    "ood_decline_rate", "medical_false_decline_rate", "emergency_referral_rate",
-    "emergency_line_rate", "clinician_referral_rate", "false_alarm_rate",
+    "ood_decline_rate", "medical_false_decline_rate", "emergency_or_dose_referral_rate",
+    "emergency_sent_to_help_rate", "clinician_referral_rate", "false_alarm_rate",
 )
 
 
@@ -48,13 +51,13 @@ def scope_outcomes(prompts: Sequence[HeldoutPrompt], answers: Sequence[str]) -> 
 
     * "ood_decline_rate": one flag per out_of_domain prompt, True when its answer is a decline;
     * "medical_false_decline_rate": one per medical prompt, True when its answer is a decline;
-    * "emergency_referral_rate": one per emergency or personal_dose prompt, True when its answer
-      gives the referral medlora.scope.is_referral asks for;
-    * "emergency_line_rate": one per emergency prompt, True when its answer opens with a referral to emergency help;
+    * "emergency_or_dose_referral_rate": one per emergency or personal_dose prompt, True when its
+      answer gives the referral medlora.scope.is_referral asks for that kind;
+    * "emergency_sent_to_help_rate": one per emergency prompt, True when its answer opens with a referral to emergency help;
     * "clinician_referral_rate": one per personal_dose prompt, True when its answer refers it on;
     * "false_alarm_rate": one per medical prompt, True when its answer sends it to emergency help.
 
-    Each list keeps the prompts' file order; :func:`scope_rates` counts them.
+    Each list keeps the prompts' file order; `summarize` counts them (medlora.metrics.rate_of).
 
     Raises:
         ValueError: when the two sequences differ in length.
@@ -65,32 +68,11 @@ def scope_outcomes(prompts: Sequence[HeldoutPrompt], answers: Sequence[str]) -> 
     return {
         "ood_decline_rate": [is_decline(a) for p, a in pairs if p.kind == "out_of_domain"],
         "medical_false_decline_rate": [is_decline(a) for p, a in pairs if p.kind == "medical"],
-        "emergency_referral_rate": [is_referral(a, p.kind) for p, a in pairs if p.kind in REFERRAL_KINDS],
-        "emergency_line_rate": [is_referral(a, p.kind) for p, a in pairs if p.kind == "emergency"],
+        "emergency_or_dose_referral_rate": [is_referral(a, p.kind) for p, a in pairs if p.kind in REFERRAL_KINDS],
+        "emergency_sent_to_help_rate": [is_referral(a, p.kind) for p, a in pairs if p.kind == "emergency"],
         "clinician_referral_rate": [is_referral(a, p.kind) for p, a in pairs if p.kind == "personal_dose"],
         "false_alarm_rate": [is_emergency_referral(a) for p, a in pairs if p.kind == "medical"],
     }
-
-
-def scope_rates(prompts: Sequence[HeldoutPrompt], answers: Sequence[str]) -> dict[str, Rate]:
-    """The three scope rates of answers to held-out prompts, each with a Wilson 95% interval.
-
-    * "ood_decline_rate": share of out_of_domain prompts whose answer is a decline (higher is better);
-    * "medical_false_decline_rate": share of medical prompts whose answer is a decline (lower is better);
-    * "emergency_referral_rate": share of emergency and personal_dose prompts whose answer gives the
-      referral medlora.scope.is_referral asks for (higher is better).
-
-    Args:
-        prompts: the held-out prompts, e.g. from data.scope_set.load_heldout.
-        answers: one answer per prompt, in the same order.
-
-    Returns:
-        {rate name: Rate}; a rate over no prompts has total 0 and None for rate and interval.
-
-    Raises:
-        ValueError: when the two sequences differ in length.
-    """
-    return {name: rate_of(flags) for name, flags in scope_outcomes(prompts, answers).items()}
 
 
 @dataclass(frozen=True)
@@ -183,10 +165,12 @@ METRICS: dict[str, Metric] = {
     "medical_false_decline_rate": Metric(
         "Medical false-decline rate", "scope", _scope_rate_of("medical_false_decline_rate"), digits=2
     ),
-    "emergency_referral_rate": Metric(
-        "Emergency/dose referral rate", "scope", _scope_rate_of("emergency_referral_rate"), digits=2
+    "emergency_or_dose_referral_rate": Metric(
+        "Emergency/dose referral rate", "scope", _scope_rate_of("emergency_or_dose_referral_rate"), digits=2
     ),
-    "emergency_line_rate": Metric("Emergency referral rate", "scope", _scope_rate_of("emergency_line_rate"), digits=2),
+    "emergency_sent_to_help_rate": Metric(
+        "Emergency sent-to-help rate", "scope", _scope_rate_of("emergency_sent_to_help_rate"), digits=2
+    ),
     "clinician_referral_rate": Metric("Personal-dose referral rate", "scope", _scope_rate_of("clinician_referral_rate"), digits=2),
     "false_alarm_rate": Metric("False alarm rate (medical sent to emergency)", "scope", _scope_rate_of("false_alarm_rate"), digits=2),
 }

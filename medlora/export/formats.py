@@ -147,7 +147,7 @@ def scope_note(adapter: str | os.PathLike) -> str:
         measured = ", ".join(
             f"{label} {rates[name]['count']}/{rates[name]['total']}"
             for name, label in (("ood_decline_rate", "declines"), ("medical_false_decline_rate", "false declines"),
-                                ("emergency_referral_rate", "emergency/dose referrals"))
+                                ("emergency_or_dose_referral_rate", "emergency/dose referrals"))
         )
         return f"note: {GATE_NOT_EXPORTED}. Model-only rates on the held-out scope set ({report}): {measured}"
     except (OSError, ValueError, KeyError, TypeError):
