@@ -1,4 +1,5 @@
-"""The real llama.cpp runs our GGUF files: merged f32/f16/q8_0, and the base GGUF with the LoRA GGUF.
+"""The real llama.cpp runs our GGUF files: merged f32/f16/q8_0, and the base GGUF with the LoRA GGUF;
+and the f16 GGUF of the committed `make run` adapter routes held-out scope prompts as transformers does.
 
 Runs only in CI (CI=true): llama.cpp is compiled from the `llama-cpp-python` source package on
 PyPI (CPU only; about 24 minutes on 2 busy cores the first time, then pip's wheel cache makes
@@ -69,7 +70,7 @@ def exports(tmp_path_factory):
     return folder, tokenizer, questions, expected
 
 
-def llama_cpp_answers(llama_cpp, tokenizer, questions, model_path, lora_path=None) -> list[str]:
+def llama_cpp_answers(llama_cpp, tokenizer, questions, model_path, lora_path=None, max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     from data.format import prompt_ids
 
     llm = llama_cpp.Llama(
@@ -81,7 +82,7 @@ def llama_cpp_answers(llama_cpp, tokenizer, questions, model_path, lora_path=Non
         llm.reset()
         generated = []
         for token in llm.generate(prompt_ids(tokenizer, question), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
-            if token == tokenizer.eos_token_id or len(generated) == MAX_NEW_TOKENS:
+            if token == tokenizer.eos_token_id or len(generated) == max_new_tokens:
                 break
             generated.append(token)
         answers.append(tokenizer.decode(generated, skip_special_tokens=True).strip())
@@ -134,3 +135,72 @@ def test_llama_cpp_tokenizes_as_the_project_tokenizer(llama_cpp, exports):
     ]
     print(f"llama.cpp tokenizer: {len(strings) - len(differing)}/{len(strings)} strings give the project tokenizer's ids; differing: {differing[:5]}")
     assert len(differing) <= len(strings) // 50, differing[:5]
+
+
+# The adapter `make run` trains (adapter_model.safetensors, adapter_config.json, scope_gate.safetensors),
+# committed so that CI, which has no runs/ folder, checks the model users export.
+CPU_ADAPTER = Path(__file__).resolve().parent / "fixtures" / "cpu_adapter"
+ROUTE_PROMPTS = {"out_of_domain": 8, "medical": 6, "emergency": 3, "personal_dose": 3}  # 20 held-out scope prompts
+ROUTE_FLOOR = 18  # of the 20 routed the same way
+
+
+def spread_scope_prompts(counts: dict[str, int]):
+    """counts[kind] prompts of each kind of data/scope_heldout.jsonl, evenly spaced through that kind's
+    prompts (the file keeps each category's prompts together, so this spreads over the categories)."""
+    from data.scope_set import load_heldout
+
+    prompts = load_heldout()
+    picked = []
+    for kind, count in counts.items():
+        of_kind = [p for p in prompts if p.kind == kind]
+        picked += [of_kind[i * len(of_kind) // count] for i in range(count)]
+    return picked
+
+
+def route(answer: str, kind: str) -> str:
+    """What an answer does, by medlora.scope's judge: "decline", "referral" (the one a prompt of this
+    kind needs: is_referral), or "answer"."""
+    from medlora.scope import REFERRAL_KINDS, is_decline, is_referral
+
+    if is_decline(answer):
+        return "decline"
+    if kind in REFERRAL_KINDS and is_referral(answer, kind):
+        return "referral"
+    return "answer"
+
+
+@pytest.mark.skipif(not (CPU_ADAPTER / "adapter_model.safetensors").is_file(), reason=f"no committed make-run adapter in {CPU_ADAPTER}")
+def test_llama_cpp_f16_gguf_of_the_make_run_adapter_routes_scope_prompts_as_transformers(llama_cpp, tmp_path):
+    """The model alone, as every export carries it: the f16 GGUF under llama.cpp declines, refers and
+    answers 20 held-out scope prompts (8 out-of-domain, 6 medical, 3 emergencies, 3 personal doses) as
+    the merged model under transformers does. Both decode greedily with no repetition penalty, up to
+    evaluate.py's 64 new tokens, and each answer is read to the end of its second sentence, as
+    evaluate.py's model-only scope column reads it."""
+    import torch
+
+    from medlora.evaluation.settings import SCOPE_MAX_NEW_TOKENS, SCOPE_SENTENCES
+    from medlora.export import export_adapter
+    from medlora.generation import GenerationSettings, generate_answers, load_for_inference
+    from medlora.scope import first_sentences
+
+    prompts = spread_scope_prompts(ROUTE_PROMPTS)
+    questions = [p.question for p in prompts]
+    gguf_file = tmp_path / "cpu-adapter-f16.gguf"
+    export_adapter(CPU_ADAPTER, "gguf", gguf_file, "f16")
+    model, tokenizer, _ = load_for_inference(None, CPU_ADAPTER)
+    settings = GenerationSettings(max_new_tokens=SCOPE_MAX_NEW_TOKENS, repetition_penalty=1.0)
+    with torch.no_grad():
+        expected = generate_answers(model, tokenizer, questions, settings, stop_after_sentences=SCOPE_SENTENCES)
+    got = [first_sentences(answer, SCOPE_SENTENCES)
+           for answer in llama_cpp_answers(llama_cpp, tokenizer, questions, gguf_file, max_new_tokens=SCOPE_MAX_NEW_TOKENS)]
+    routes = [(p.kind, route(a, p.kind), route(b, p.kind)) for p, a, b in zip(prompts, expected, got)]
+    same = sum(hf == cpp for _, hf, cpp in routes)
+    for kind in ROUTE_PROMPTS:
+        print(f"{kind}: transformers {[hf for k, hf, _ in routes if k == kind]}, llama.cpp f16 {[cpp for k, _, cpp in routes if k == kind]}")
+    parted = [f"{p.question!r} ({hf} vs {cpp}): {a[:80]!r} | {b[:80]!r}"
+              for p, a, b, (_, hf, cpp) in zip(prompts, expected, got, routes) if hf != cpp]
+    print(f"llama.cpp f16 GGUF of {CPU_ADAPTER.name}: {same}/{len(prompts)} held-out scope prompts routed as transformers routes them")
+    assert same >= ROUTE_FLOOR, (
+        f"llama.cpp f16 routed {same}/{len(prompts)} held-out scope prompts as transformers did (floor {ROUTE_FLOOR}); differing: "
+        + "; ".join(parted)
+    )
