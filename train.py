@@ -388,6 +388,7 @@ def step_line(record: dict, total_steps: int, memory_gb: float) -> str:
     return (
         f"step {record['step']:5d}/{total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
         f"grad-norm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:6.0f} | mem {memory_gb:.2f} GB"
+        + (f" | margin {record['margin']:.3f} | acc {record['accuracy']:.2f}" if "margin" in record else "")
         + (" | skipped (inf/NaN)" if record["skipped"] else "")
     )
 
