@@ -135,12 +135,18 @@ def validate(model, data, pad_id: int, config: TrainConfig, autocast, state: Tra
         kept = val_loss < state.best_val_loss
         state.best_val_loss = min(state.best_val_loss, val_loss)
     else:
-        kept = val_loss <= state.best_val_loss + math.log1p(config.dpo_max_ppl_increase)
+        kept = val_loss <= dpo_val_loss_bound(state, config)
     tqdm.write(f"[eval] step {state.step:5d} | val loss {val_loss:.4f} | val answer-ppl {math.exp(val_loss):.3f}" + (" | kept" if kept else ""))
     if kept:
         state.kept_step, state.kept_val_loss = state.step, val_loss
         if world.is_main:
             save_adapter(model, run_dir / ADAPTER, base_model=base_name)
+
+
+def dpo_val_loss_bound(state: TrainState, config: TrainConfig) -> float:
+    """The highest validation loss a DPO adapter may have and be kept: the best SFT loss plus
+    log(1 + --dpo-max-ppl-increase), i.e. answer-perplexity at most that fraction above SFT's."""
+    return state.best_val_loss + math.log1p(config.dpo_max_ppl_increase)
 
 
 def train(config: TrainConfig, world: World = SINGLE_PROCESS, given: set[str] = frozenset(), resume: str | None = None,
@@ -206,7 +212,6 @@ def train(config: TrainConfig, world: World = SINGLE_PROCESS, given: set[str] = 
         pair_lengths = [p.length for p in pairs]
         pair_steps = math.ceil(len(pairs) / config.dpo_pairs_per_step)
         dpo_steps = math.ceil(config.dpo_epochs * pair_steps)
-        bound = math.exp(state.best_val_loss) * (1 + config.dpo_max_ppl_increase)  # what validate() keeps in this stage
 
         def dpo_batches(step: int) -> list[list[int]]:
             epoch, position = divmod(step - total_steps, pair_steps)
@@ -219,7 +224,7 @@ def train(config: TrainConfig, world: World = SINGLE_PROCESS, given: set[str] = 
                     first_step=total_steps, steps=dpo_steps, warmup_steps=max(1, math.ceil(config.warmup_fraction * dpo_steps)),
                     peak_lr=config.dpo_lr, steps_per_epoch=pair_steps)
         print(f"[dpo] {len(pairs)} pairs, {config.dpo_pairs_per_step} per step, {dpo_steps} steps, beta {config.dpo_beta}, "
-              f"lr {config.dpo_lr:.1e}; adapter/ keeps the latest adapter with val answer-ppl <= {bound:.3f}")
+              f"lr {config.dpo_lr:.1e}; adapter/ keeps the latest adapter with val answer-ppl <= {math.exp(dpo_val_loss_bound(state, config)):.3f}")
         run_stage(dpo, model, optimizer, scaler, data, pad_id, config, autocast, state, base_name, device, world)
 
     summary = run_summary(state, lora, peak_memory_gb(device), padding_fraction(padded_batches, lengths) if padded_batches else None)
