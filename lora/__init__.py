@@ -15,6 +15,7 @@ from lora.adapter_files import AdapterError, load_adapter, read_adapter, read_ad
 from lora.inject import (
     DEFAULT_TARGETS,
     LoRASummary,
+    adapters_off,
     count_parameters,
     inject_lora,
     lora_layers,
@@ -33,6 +34,7 @@ __all__ = [
     "LoRASummary",
     "PiSSALinear",
     "VARIANTS",
+    "adapters_off",
     "check_hyperparameters",
     "count_parameters",
     "inject_lora",

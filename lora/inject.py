@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -113,6 +114,26 @@ def unmerge_lora(model: nn.Module) -> None:
     """Take every adapter back out of its base weight (idempotent)."""
     for _, layer in lora_layers(model):
         layer.unmerge()
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, every LoRA layer computes its base layer alone (PiSSA's: the original W0):
+    the model before fine-tuning, without a second copy of it in memory. Needs unmerged layers.
+
+        with adapters_off(model):
+            base_answers = generate(model, ...)
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("adapters_off needs unmerged LoRA layers: call unmerge_lora first")
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def unload_lora(model: nn.Module) -> nn.Module:

@@ -97,6 +97,7 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
         self.merged = False
+        self.enabled = True  # False: the layer is its base (lora.adapters_off), e.g. to hear the base model
 
     @property
     def variant(self) -> str:
@@ -117,7 +118,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return result
         return result + self.update(self.dropout(x)).to(result.dtype)
 
@@ -188,7 +189,7 @@ class DoRALinear(LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return result
         dropped = self.dropout(x)
         factor = self.magnitude_factor()  # [out]
@@ -250,6 +251,12 @@ class PiSSALinear(LoRALinear):
     @property
     def variant(self) -> str:
         return "pissa"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled or self.merged:
+            return super().forward(x)
+        result = self.base(x)  # W_res x: turned off, the layer is W0 = W_res + s B0 A0 again
+        return result + (x.to(self.lora_A0.dtype) @ self.lora_A0.T @ self.lora_B0.T * self.scaling).to(result.dtype)
 
     def plain_lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A', B') = ([A; A0] [2r, in], [B, -B0] [out, 2r]): the plain LoRA of the original W0, with

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lora import LoRALinear, inject_lora, lora_layers, lora_parameters, merge_lora, unload_lora, unmerge_lora
+from lora import LoRALinear, adapters_off, inject_lora, lora_layers, lora_parameters, merge_lora, unload_lora, unmerge_lora
 
 
 def randomize_B(model):
@@ -135,3 +135,26 @@ def test_empty_targets_and_bad_rank_refused_before_any_change(tiny_model):
     with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
         inject_lora(tiny_model, rank=0)
     assert not list(lora_layers(tiny_model))
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora", "pissa"])
+def test_adapters_off_is_the_base_model_and_comes_back_on(tiny_model, variant):
+    ids = torch.randint(0, 49152, (2, 10))
+    base = logits(tiny_model, ids)
+    inject_lora(tiny_model, targets=("q_proj", "v_proj", "down_proj"), dropout=0.0, variant=variant)
+    randomize_B(tiny_model)
+    adapted = logits(tiny_model, ids)
+    assert (adapted - base).abs().max() > 1e-3  # the adapters change the model
+    with adapters_off(tiny_model):
+        off = logits(tiny_model, ids)
+    tolerance = 1e-5 if variant == "pissa" else 0.0  # PiSSA's W_res + s B0 A0 is W0 up to rounding
+    assert (off - base).abs().max() <= tolerance
+    assert torch.equal(logits(tiny_model, ids), adapted)  # back on after the block
+
+
+def test_adapters_off_refuses_merged_layers(tiny_model):
+    inject_lora(tiny_model)
+    merge_lora(tiny_model)
+    with pytest.raises(ValueError, match="unmerged"):
+        with adapters_off(tiny_model):
+            pass
