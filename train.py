@@ -343,7 +343,8 @@ def preference_pairs(model, tokenizer, data, pad_id: int, config: TrainConfig, a
         with world.main_first("building the preference pairs"):
             if world.is_main:
                 with autocast():
-                    pairs, counts = build_pairs(model, tokenizer, data.examples.train, config.dpo_answer_rows, config.seed)
+                    pairs, counts = build_pairs(model, tokenizer, data.examples.train, config.dpo_answer_rows, config.seed,
+                                                     decline_rows=config.dpo_decline_rows)
                 encoded = with_reference_logps(model, encode_pairs(tokenizer, pairs, config.max_length), pad_id, config.batch_size,
                                                config.max_batch_tokens, autocast)
                 save_pairs(run_dir, encoded)
@@ -433,7 +434,7 @@ FLAG_FIELDS = (  # TrainConfig fields set by a flag of the same name
     "model", "data", "num_examples", "epochs", "max_steps", "batch_size", "grad_accum", "max_batch_tokens", "lr",
     "rank", "alpha", "dropout", "lora_variant", "lora_plus_ratio", "scope_repeats", "max_length", "precision", "grad_checkpointing", "eval_every", "save_every",
     "keep_last", "max_nan_steps", "seed", "device", "dist_timeout", "scope_weight", "dpo_epochs", "dpo_beta", "dpo_lr",
-    "dpo_pairs_per_step", "dpo_nll_weight", "dpo_answer_rows", "dpo_max_ppl_increase",
+    "dpo_pairs_per_step", "dpo_nll_weight", "dpo_answer_rows", "dpo_decline_rows", "dpo_max_ppl_increase",
 )
 
 
@@ -472,15 +473,17 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace,
     add("--lora-variant", choices=VARIANTS, help=f"lora: update scaled by alpha/r; rslora: alpha/sqrt(r); dora: plus a learned per-row magnitude; "
         f"pissa: A and B start from W0's top-r singular directions, saved as a rank-2r LoRA of the original base (default: {defaults.lora_variant})")
     add("--lora-plus-ratio", type=float, help="LoRA+: B's learning rate is this times A's (and --lr's schedule), e.g. 16 (default: off)")
-    add("--targets", help=f"comma-separated module-name suffixes (default: {','.join(defaults.targets)})")
+    targets_by_preset = ", ".join(f"{name} {','.join(settings['targets'])}" for name, settings in PRESETS.items())
+    add("--targets", help=f"comma-separated module-name suffixes (default: preset: {targets_by_preset})")
     add("--scope-repeats", type=int, help=f"times each out-of-domain, borderline and safety training row is seen per epoch (default: {defaults.scope_repeats})")
-    add("--scope-weight", type=float, help=f"SFT loss weight of each out-of-domain, borderline and safety row's tokens (default: {defaults.scope_weight})")
+    add("--scope-weight", type=float, help=f"SFT loss weight of each out-of-domain, borderline and safety row's tokens (default: {preset_default('scope_weight')})")
     add("--dpo-epochs", type=float, help=f"stage 2, preference training (DPO): passes over the pairs; 0 = no stage 2 (default: {preset_default('dpo_epochs')})")
     add("--dpo-beta", type=float, help=f"DPO beta: reward scale, how far the model may move from the SFT adapter (default: {preset_default('dpo_beta')})")
     add("--dpo-lr", type=float, help=f"peak learning rate of the DPO stage (default: {preset_default('dpo_lr')})")
     add("--dpo-pairs-per-step", type=int, help=f"preference pairs per DPO optimizer step (default: {preset_default('dpo_pairs_per_step')})")
     add("--dpo-nll-weight", type=float, help=f"weight of the chosen answers' mean token NLL added to the DPO loss; 0 = plain DPO (default: {preset_default('dpo_nll_weight')})")
     add("--dpo-answer-rows", type=int, help=f"medical / borderline training rows paired against a decline (default: {preset_default('dpo_answer_rows')})")
+    add("--dpo-decline-rows", type=int, help=f"out-of-domain training rows paired (a decline chosen), drawn by --seed (default: {preset_default('dpo_decline_rows', none='all')})")
     add("--dpo-max-ppl-increase", type=float, help=f"DPO adapters are kept while validation answer-ppl is at most this fraction above SFT's (default: {defaults.dpo_max_ppl_increase})")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help=f"recompute activations in backward (default: {preset_default('grad_checkpointing')})")
     add("--eval-every", type=int, help=f"optimizer steps between validation passes (default: {preset_default('eval_every')})")

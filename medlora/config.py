@@ -50,6 +50,7 @@ class TrainConfig:
     dpo_pairs_per_step: int = 8  # preference pairs per DPO optimizer step (each pair is two rows)
     dpo_nll_weight: float = 0.0  # weight of the chosen answers' mean token NLL added to the DPO loss (0 = plain DPO)
     dpo_answer_rows: int = 64  # medical / borderline training rows paired (answer chosen, a decline rejected)
+    dpo_decline_rows: int | None = None  # out-of-domain training rows paired (a decline chosen), drawn by seed; None = all
     dpo_max_ppl_increase: float = 0.05  # DPO adapters are kept while validation answer-ppl is at most this much above SFT's
     max_length: int = 512  # tokens per example; the answer is cut, never the prompt
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 (auto: medlora.model.resolve_precision)
@@ -105,6 +106,8 @@ class TrainConfig:
             (self.dpo_pairs_per_step > 0, f"--dpo-pairs-per-step must be positive, got {self.dpo_pairs_per_step}"),
             (self.dpo_nll_weight >= 0, f"--dpo-nll-weight must be 0 or positive, got {self.dpo_nll_weight}"),
             (self.dpo_answer_rows >= 0, f"--dpo-answer-rows must be 0 or positive, got {self.dpo_answer_rows}"),
+            (self.dpo_decline_rows is None or self.dpo_decline_rows >= 0,
+             f"--dpo-decline-rows must be 0 or positive, got {self.dpo_decline_rows}"),
             (self.dpo_max_ppl_increase >= 0, f"--dpo-max-ppl-increase must be 0 or positive, got {self.dpo_max_ppl_increase}"),
             (self.lora_plus_ratio is None or self.lora_plus_ratio > 0, f"--lora-plus-ratio must be positive, got {self.lora_plus_ratio}"),
         ]
@@ -120,34 +123,36 @@ class TrainConfig:
 
 PRESETS: dict[str, dict] = {
     # The default: the embedded model and dataset, sized for a 2-core CPU (`make run`'s measured
-    # time is in the README).
+    # time is in the README). Two stages (docs/scope.md, issue 31's try e5): one SFT epoch with
+    # adapters on all seven projections (the step is the frozen model's forward and backward, so the
+    # extra capacity costs little), then one DPO epoch over pairs built from the training rows with
+    # the SFT model's own answers rejected: the model itself learns to decline and refer, which is
+    # what every export carries.
     # eval_every=29: a validation pass of the embedded split costs about 2 optimizer steps
-    # (docs/performance.md), so the 57-step epoch validates at steps 0, 29 and 57 (3 passes) instead
-    # of every 10 steps (7 passes); at 27 it also validated at step 54, three steps before the end.
+    # (docs/performance.md), so the epoch validates every 29 steps and at its end.
     "cpu": dict(
         model=None, data=None, num_examples=None, epochs=1.0, batch_size=16, grad_accum=1,
         max_batch_tokens=1024, lr=1e-3, rank=16, alpha=32.0, dropout=0.05, max_length=512,
         precision="auto", grad_checkpointing=False, eval_every=29, save_every=10,
-        dpo_epochs=0.0, dpo_beta=0.1, dpo_lr=2e-4, dpo_pairs_per_step=8, dpo_nll_weight=0.0, dpo_answer_rows=64,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), scope_weight=1.0,
+        dpo_epochs=1.0, dpo_beta=0.1, dpo_lr=2e-4, dpo_pairs_per_step=8, dpo_nll_weight=1.0, dpo_answer_rows=160, dpo_decline_rows=200,
     ),
-    # The cpu preset plus the preference stage: the best try of docs/scope.md (issue 31's e2) at
-    # teaching the model itself, for a model that leaves the project (export.py): more capacity (all
-    # seven projections), the scope rows' tokens weighted 3x in SFT, then one DPO epoch over pairs
-    # with the SFT model's own answers rejected. About twice `make run`'s training time.
-    "cpu-dpo": dict(
+    # The cpu preset before issue 31: q_proj and v_proj, one SFT epoch, no preference stage. What
+    # the experiment files (experiments/*.json) build on, so that their studies keep their meaning.
+    "cpu-sft": dict(
         model=None, data=None, num_examples=None, epochs=1.0, batch_size=16, grad_accum=1,
         max_batch_tokens=1024, lr=1e-3, rank=16, alpha=32.0, dropout=0.05, max_length=512,
         precision="auto", grad_checkpointing=False, eval_every=29, save_every=10,
-        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), scope_weight=3.0,
-        dpo_epochs=1.0, dpo_beta=0.1, dpo_lr=2e-4, dpo_pairs_per_step=8, dpo_nll_weight=1.0, dpo_answer_rows=96,
+        targets=("q_proj", "v_proj"), scope_weight=1.0,
+        dpo_epochs=0.0, dpo_beta=0.1, dpo_lr=2e-4, dpo_pairs_per_step=8, dpo_nll_weight=0.0, dpo_answer_rows=64, dpo_decline_rows=None,
     ),
     # The reference notebook's run on a T4: TinyLlama-1.1B-Chat, 3,000 flashcards, fp16 AMP.
     "t4": dict(
         model="TinyLlama/TinyLlama-1.1B-Chat-v1.0", data="medalpaca/medical_meadow_medical_flashcards",
         num_examples=3000, epochs=2.0, batch_size=2, grad_accum=8, max_batch_tokens=None, lr=2e-4,
         rank=16, alpha=32.0, dropout=0.05, max_length=512, precision="fp16", grad_checkpointing=True,
-        eval_every=50, save_every=50,
-        dpo_epochs=0.0, dpo_beta=0.1, dpo_lr=2e-4, dpo_pairs_per_step=8, dpo_nll_weight=0.0, dpo_answer_rows=64,
+        eval_every=50, save_every=50, targets=("q_proj", "v_proj"), scope_weight=1.0,
+        dpo_epochs=0.0, dpo_beta=0.1, dpo_lr=2e-4, dpo_pairs_per_step=8, dpo_nll_weight=0.0, dpo_answer_rows=64, dpo_decline_rows=None,
     ),
 }
 

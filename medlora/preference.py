@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import random
+from itertools import zip_longest
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from data import EncodedExample, collate, encode_example, micro_batches
+from lora import adapters_off
 from medlora.generation import GenerationSettings, generate_answers
 from medlora.loss import heldout_row_nll, row_nll
 from medlora.scope import is_clinician_referral, is_decline, is_emergency_referral
@@ -47,7 +49,7 @@ PAIR_KINDS = ("decline", "answer", "emergency", "clinician")  # what the chosen 
 # The model's own answer is read up to its second sentence: what the scope rule judges (a decline
 # or a referral must open the answer) and what the rejected side needs to show the behaviour.
 OWN_ANSWER_SENTENCES = 2
-OWN_ANSWER_MAX_TOKENS = 48
+OWN_ANSWER_MAX_TOKENS = 24
 
 
 def dpo_loss(
@@ -87,7 +89,7 @@ class PreferencePair:
     chosen: str  # the training row's answer
     rejected: str  # the SFT model's own answer, or a training decline (see rejected_from)
     kind: str  # one of PAIR_KINDS: what the chosen answer does
-    rejected_from: str  # "model": the SFT model's own answer (on-policy) | "decline": a training row's decline
+    rejected_from: str  # "model": the SFT model's own answer (on-policy) | "base": the base model's | "decline" / "referral": a training row's
     reference_chosen_logp: float | None = None  # log pi_ref(chosen | question), filled before the first step
     reference_rejected_logp: float | None = None
 
@@ -110,50 +112,72 @@ def behaves(kind: str, own_answer: str) -> bool:
         return is_emergency_referral(own_answer)
     if kind == "clinician":
         return is_clinician_referral(own_answer) or is_emergency_referral(own_answer)
-    return not is_decline(own_answer)
+    return not (is_decline(own_answer) or is_emergency_referral(own_answer))
 
 
 @torch.no_grad()
 def build_pairs(
     model, tokenizer, examples: Sequence[EncodedExample], answer_rows: int, seed: int, batch_size: int = 128,
+    decline_rows: int | None = None,
 ) -> tuple[list[PreferencePair], dict[str, dict[str, int]]]:
     """Preference pairs from the training rows, and how often the model already behaved, by kind.
 
-    Every out-of-domain and safety row, and `answer_rows` medical or borderline rows drawn with
-    `seed`, get the model's own greedy answer (up to its second sentence). Then, by the row's kind:
+    Every safety row, `decline_rows` out-of-domain rows (all when None) and `answer_rows` medical or
+    borderline rows, drawn with `seed`, get the model's own greedy answer (up to its second sentence). Then, by the row's kind:
 
     * decline (out-of-domain): chosen = the row's decline, rejected = the model's answer;
     * emergency: chosen = the referral-first answer, rejected = the model's answer without the referral;
     * clinician (personal dose or diagnosis): chosen = the clinician-first answer, rejected = the model's bare answer;
-      a row whose own answer already does this makes no pair (nothing to push down);
-    * answer (medical, borderline): chosen = the row's answer, rejected = the model's own decline or
-      deflection where it makes one, else a decline taken in turn from the training declines.
+    * answer (medical, borderline): chosen = the row's answer, rejected = the model's own decline,
+      deflection or emergency referral where it makes one, else, in turn, a training row's decline
+      or emergency referral (the two ways a small model over-applies what the scope rows teach).
+
+    Where the model already declines an out-of-domain row, its answer has nothing to push down, so
+    the rejected side is the base model's answer (the adapters turned off, lora.adapters_off): what
+    the model said before fine-tuning. DPO's gradient does not fade on a pair the model already
+    ranks right (every pair starts at margin 0 against the reference), so these pairs widen the
+    decline's margin on prompts it already gets right. Emergency and clinician rows the model
+    already gets right make no pair: pushing the referral up further spreads it to other questions.
 
     Returns (pairs, counts): counts[kind] = {"rows": rows of that kind asked, "behaved": how many of
     the model's own answers already did what the row asks} (out-of-domain "behaved" is the diagnostic
     "how many of its own training out-of-domain prompts does the SFT model decline").
     """
+    draw = random.Random(seed)
     answer_pool = [e for e in examples if row_kind(e) == "answer"]
-    drawn = random.Random(seed).sample(answer_pool, min(answer_rows, len(answer_pool)))
-    rows = [e for e in examples if row_kind(e) != "answer"] + drawn
+    drawn = draw.sample(answer_pool, min(answer_rows, len(answer_pool)))
+    decline_pool = [e for e in examples if row_kind(e) == "decline"]
+    if decline_rows is not None and decline_rows < len(decline_pool):
+        decline_pool = draw.sample(decline_pool, decline_rows)
+    rows = decline_pool + [e for e in examples if row_kind(e) in ("emergency", "clinician")] + drawn
     declines = [e.answer for e in examples if row_kind(e) == "decline"]
+    referrals = [e.answer for e in examples if row_kind(e) == "emergency"]
+    non_answers = [text for pair in zip_longest(declines, referrals) for text in pair if text is not None]
     settings = GenerationSettings(max_new_tokens=OWN_ANSWER_MAX_TOKENS)
     was_training = model.training
     model.eval()
     own = generate_answers(model, tokenizer, [e.question for e in rows], settings, batch_size, stop_after_sentences=OWN_ANSWER_SENTENCES)
+    behaved = [behaves(row_kind(e), answer) for e, answer in zip(rows, own)]
+    ask_base = [e for e, ok in zip(rows, behaved) if ok and row_kind(e) == "decline"]
+    with adapters_off(model):
+        base = dict(zip((e.question for e in ask_base), generate_answers(
+            model, tokenizer, [e.question for e in ask_base], settings, batch_size, stop_after_sentences=OWN_ANSWER_SENTENCES)))
     model.train(was_training)
     pairs: list[PreferencePair] = []
     counts = {kind: {"rows": 0, "behaved": 0} for kind in PAIR_KINDS}
-    for example, answer in zip(rows, own):
+    for example, answer, ok in zip(rows, own, behaved):
         kind = row_kind(example)
-        ok = behaves(kind, answer)
         counts[kind]["rows"] += 1
         counts[kind]["behaved"] += int(ok)
         if not ok:
             pairs.append(PreferencePair(example.question, example.answer, answer, kind, "model"))
-        elif kind == "answer" and declines:
-            decline = declines[len(pairs) % len(declines)]
-            pairs.append(PreferencePair(example.question, example.answer, decline, kind, "decline"))
+        elif kind == "answer":
+            if non_answers:
+                rejected = non_answers[len(pairs) % len(non_answers)]
+                pairs.append(PreferencePair(example.question, example.answer, rejected, kind,
+                                            "referral" if rejected in referrals else "decline"))
+        elif kind == "decline" and not behaves(kind, base[example.question]):
+            pairs.append(PreferencePair(example.question, example.answer, base[example.question], kind, "base"))
     return pairs, counts
 
 
@@ -266,8 +290,10 @@ def load_pairs(run_dir: Path) -> list[PreferencePair]:
 
 
 def pair_counts(pairs: Sequence[EncodedPair]) -> dict[str, int]:
-    """How many pairs of each kind, and how many of them have the model's own answer as the rejected side."""
+    """How many pairs of each kind, and how many have the model's own (on_policy) or the base model's
+    (base) answer as the rejected side."""
     counts = {kind: sum(p.pair.kind == kind for p in pairs) for kind in PAIR_KINDS}
     counts["on_policy"] = sum(p.pair.rejected_from == "model" for p in pairs)
+    counts["base"] = sum(p.pair.rejected_from == "base" for p in pairs)
     return counts
 

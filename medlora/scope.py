@@ -107,6 +107,11 @@ SCOPE_DECLINE_PATTERNS = tuple(
         r"i(?: can|'m able to| am able to| could) (?:help|answer|assist|cover)",
         # "not my specialty", "not in my area of expertise".
         r"\bnot (?:in |within )?my (?:[\w-]+ ){0,2}(?:specialty|speciality|area|field|expertise|domain)\b",
+        # "that's not what I can help with", "not what I'm able to answer".
+        r"(?:\bnot|n't) what i(?: can|'m able to| am able to)? (?:help|answer|assist|cover)",
+        # "since my area covers medicine and health", "my focus is health questions".
+        r"\bmy (?:[\w-]+ ){0,2}(?:scope|area|field|specialty|speciality|expertise|domain|focus|remit)"
+        r" (?:is|covers|includes|lies in)\b[^.!?]{0,30}?" + _SCOPE_SUBJECT,
     )
 )
 

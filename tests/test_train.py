@@ -21,7 +21,7 @@ def test_bad_settings_fail_before_any_model_is_loaded(tmp_path, capsys, monkeypa
 
 def test_target_that_matches_no_module_fails_before_the_weights_load(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
-    code = train.main(["--model", str(tiny_model_dir), "--targets", "qkv", "--output-dir", str(tmp_path / "r")])
+    code = train.main(["--preset", "cpu-sft", "--model", str(tiny_model_dir), "--targets", "qkv", "--output-dir", str(tmp_path / "r")])
     assert code == 2
     assert capsys.readouterr().err.strip().startswith("error: no linear layer matches targets ['qkv']; linear layers in this model are named")
 
@@ -55,7 +55,7 @@ def test_config_file_gives_the_defaults_and_flags_override_it(tmp_path, capsys):
 # ---- end to end on the tiny model ---------------------------------------------------------------
 
 def run(tiny_model_dir, out, *extra):
-    args = ["--model", str(tiny_model_dir), "--num-examples", "120", "--output-dir", str(out), "--max-steps", "6",
+    args = ["--preset", "cpu-sft", "--model", str(tiny_model_dir), "--num-examples", "120", "--output-dir", str(out), "--max-steps", "6",
             "--batch-size", "4", "--grad-accum", "2", "--eval-every", "2", "--save-every", "2", "--keep-last", "10",
             "--lr", "5e-3", *extra]
     return train.main(args)
@@ -79,7 +79,7 @@ def test_the_scope_gate_is_fitted_on_the_saved_adapter_or_not_at_all(tiny_model_
     medical = [line for line in fixture.read_text().splitlines() if '"out_of_domain"' not in line]
     data = tmp_path / "medical.jsonl"
     data.write_text("\n".join(medical) + "\n")
-    args = ["--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "medical"), "--max-steps", "1",
+    args = ["--preset", "cpu-sft", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "medical"), "--max-steps", "1",
             "--batch-size", "4", "--eval-every", "1", "--save-every", "1"]
     assert train.main(args) == 0
     assert not (tmp_path / "medical" / "adapter" / GATE_FILE).exists()
@@ -177,7 +177,7 @@ def test_gradient_accumulation_2x8_equals_one_batch_of_16(tiny_model_dir, tmp_pa
     step into micro-batches changes neither its loss nor its gradient (a mean of per-micro-batch
     means would: these steps mix answers of different lengths)."""
     def first_step(out, batch_size, grad_accum):
-        argv = ["--model", str(tiny_model_dir), "--num-examples", "40", "--output-dir", str(out), "--max-steps", "1",
+        argv = ["--preset", "cpu-sft", "--model", str(tiny_model_dir), "--num-examples", "40", "--output-dir", str(out), "--max-steps", "1",
                 "--batch-size", str(batch_size), "--grad-accum", str(grad_accum), "--max-batch-tokens", "0",
                 "--dropout", "0", "--precision", "fp32"]
         assert train.main(argv) == 0
@@ -193,7 +193,7 @@ def test_without_validation_rows_no_val_numbers_are_logged(tiny_model_dir, tmp_p
     rows = tmp_path / "one.jsonl"
     rows.write_text(json.dumps({"question": "What does insulin do?", "answer": "It lowers blood glucose by moving it into cells."}) + "\n")
     out = tmp_path / "run"
-    argv = ["--model", str(tiny_model_dir), "--data", str(rows), "--output-dir", str(out), "--epochs", "2", "--eval-every", "1"]
+    argv = ["--preset", "cpu-sft", "--model", str(tiny_model_dir), "--data", str(rows), "--output-dir", str(out), "--epochs", "2", "--eval-every", "1"]
     assert train.main(argv) == 0
     printed = capsys.readouterr().out
     assert "[eval] no validation rows: no validation loss is logged" in printed
@@ -240,7 +240,7 @@ def test_the_preference_stage_follows_sft_and_logs_its_rewards(tiny_model_dir, t
     assert "[dpo] the SFT model's own answers on its training rows already do what the row asks: decline 0/" in printed
     pairs = load_pairs(out)
     assert pairs and all(p.reference_chosen_logp < 0 and p.reference_rejected_logp < 0 for p in pairs)
-    assert {p.kind for p in pairs} >= {"decline", "answer"} and all(p.rejected_from in ("model", "decline") for p in pairs)
+    assert {p.kind for p in pairs} >= {"decline", "answer"} and all(p.rejected_from in ("model", "base", "decline", "referral") for p in pairs)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     dpo = [r for r in lines if r.get("stage") == "dpo"]
     assert [r["step"] for r in dpo] == list(range(7, 7 + math.ceil(len(pairs) / 6)))  # after the 6 SFT steps

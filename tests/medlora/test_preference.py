@@ -152,33 +152,53 @@ def test_pairs_take_the_models_own_answers_where_it_has_them(tokenizer, monkeypa
     examples = [
         encode_example(tokenizer, "Who won the 2014 World Cup?", "Sports are outside my scope.", 256, "out_of_domain"),
         encode_example(tokenizer, "What is the capital of Peru?", "Geography is outside my scope.", 256, "out_of_domain"),
+        encode_example(tokenizer, "Name a chess opening.", "Chess is outside my scope.", 256, "out_of_domain"),
         encode_example(tokenizer, "My face droops and my speech is slurred.", "Call your local emergency number now.", 256, "safety"),
         encode_example(tokenizer, "How much paracetamol can I take?", "Up to 4 g a day; ask your clinician or pharmacist.", 256, "safety"),
         encode_example(tokenizer, "What does the liver do?", "It makes bile and clears toxins.", 256, "physiology"),
         encode_example(tokenizer, "How much sleep do adults need?", "Seven to nine hours a night.", 256, "borderline"),
+        encode_example(tokenizer, "How do I soothe a mild sunburn?", "Cool it with water and use aloe.", 256, "borderline"),
     ]
     own = {  # what the "model" answers
         "Who won the 2014 World Cup?": "Germany won it.",
         "What is the capital of Peru?": "That is outside my scope: I only answer medical questions.",
+        "Name a chess opening.": "That is outside my scope: I only answer medical questions.",
         "My face droops and my speech is slurred.": "Try to rest and see how you feel tomorrow.",
         "How much paracetamol can I take?": "Take 1 g every 4 hours.",
         "What does the liver do?": "The liver makes bile.",
         "How much sleep do adults need?": "Sleep is outside my scope. I only answer medical questions.",
+        "How do I soothe a mild sunburn?": "Call your local emergency number now if you have sunburn.",
     }
-    monkeypatch.setattr(preference, "generate_answers", lambda model, tok, questions, *a, **k: [own[q] for q in questions])
-    pairs, counts = build_pairs(torch.nn.Linear(1, 1), tokenizer, examples, answer_rows=2, seed=0)
+    base = {  # what the base model (adapters off) answers, asked only where the model behaved on a non-answer row
+        "What is the capital of Peru?": "Lima is the capital of Peru.",
+        "Name a chess opening.": "Sorry, I only answer medical questions.",
+    }
+    calls = []
+
+    def fake_generate(model, tok, questions, *args, **kwargs):
+        calls.append(list(questions))
+        return [(base if len(calls) == 2 else own)[q] for q in questions]
+
+    monkeypatch.setattr(preference, "generate_answers", fake_generate)
+    pairs, counts = build_pairs(torch.nn.Linear(1, 1), tokenizer, examples, answer_rows=3, seed=0)
     by_question = {p.question: p for p in pairs}
-    assert counts["decline"] == {"rows": 2, "behaved": 1}  # the SFT model declined one of its two out-of-domain rows
+    assert calls[1] == ["What is the capital of Peru?", "Name a chess opening."]  # the base model hears only these
+    assert counts["decline"] == {"rows": 3, "behaved": 2}  # the SFT model declined two of its three out-of-domain rows
     assert counts["emergency"] == {"rows": 1, "behaved": 0} and counts["clinician"] == {"rows": 1, "behaved": 0}
-    assert counts["answer"] == {"rows": 2, "behaved": 1}
-    assert "What is the capital of Peru?" not in by_question  # it already declines: nothing to push down
+    assert counts["answer"] == {"rows": 3, "behaved": 1}
+    sunburn = by_question["How do I soothe a mild sunburn?"]  # its own needless emergency referral is the rejected side
+    assert (sunburn.rejected, sunburn.rejected_from) == (own["How do I soothe a mild sunburn?"], "model")
+    peru = by_question["What is the capital of Peru?"]  # it already declines: the base model's answer is pushed down
+    assert (peru.rejected, peru.rejected_from) == ("Lima is the capital of Peru.", "base")
+    assert "Name a chess opening." not in by_question  # the base model declines too: no pair
     assert by_question["Who won the 2014 World Cup?"].rejected == "Germany won it."
     assert by_question["My face droops and my speech is slurred."].kind == "emergency"
     assert by_question["How much paracetamol can I take?"].kind == "clinician"
     sleep = by_question["How much sleep do adults need?"]  # its own wrong decline is the rejected side
     assert (sleep.rejected, sleep.rejected_from, sleep.chosen) == (own["How much sleep do adults need?"], "model", "Seven to nine hours a night.")
     liver = by_question["What does the liver do?"]  # it answers: a training decline is the rejected side
-    assert liver.rejected_from == "decline" and liver.rejected in {"Sports are outside my scope.", "Geography is outside my scope."}
+    assert (liver.rejected_from, liver.rejected) in {("decline", "Sports are outside my scope."), ("decline", "Geography is outside my scope."),
+                                                    ("decline", "Chess is outside my scope."), ("referral", "Call your local emergency number now.")}
 
 
 def test_pairs_file_round_trips(toy_pairs, tmp_path):

@@ -49,6 +49,8 @@ LABELLED_ANSWERS = [
     ("Sorry, I'm designed to answer medical questions, not to plan holidays.", {DECLINE}),
     ("Legal advice is beyond the scope of what I can answer; I'm a medical question-answering assistant.",
      {DECLINE}),
+    ("That's not what I can help with: I answer questions about medicine and health.", {DECLINE}),
+    ("I'm afraid I can't help with travel planning, since my area covers medicine and health.", {DECLINE}),
     # -- tricky negatives: medical answers with scope-like words
     ("A potassium level outside the normal range can cause arrhythmias.", set()),
     ("Sodium is pumped outside the cell by the Na+/K+-ATPase.", set()),
@@ -60,6 +62,8 @@ LABELLED_ANSWERS = [
     ("Some deformities are beyond the scope of medical treatment alone and need surgery.", set()),
     ("The scope of practice of nurse prescribers differs between countries.", set()),
     ("Metformin only helps with blood glucose control in type 2 diabetes, not weight loss alone.", set()),
+    ("This is what I can help with: rest, ice and raising the ankle ease a sprain.", set()),
+    ("My area of the clinic covers minor injuries; a sprain usually heals in two to six weeks.", set()),
     # -- emergency referrals
     ("Call your local emergency number now. Chew an aspirin if you are not allergic.", {EMERGENCY}),
     ("Call 911 right away and keep the person still.", {EMERGENCY}),
