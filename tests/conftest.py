@@ -146,9 +146,9 @@ def generate_kwargs(model, tokenizer, settings, bad_words_ids=None) -> dict:
 
 
 def save_run_folder(folder, model_dir):
-    """A train.py-shaped run folder in `folder`: config.json (model_dir, 100 rows, seed 7, max length 256)
+    """A train.py-shaped run folder in `folder`: config.json (model_dir, 140 rows, seed 7, max length 256)
     and adapter/ (rank 4, random B, so fine-tuned != base; its config names another base model)."""
-    config = TrainConfig(model=str(model_dir), num_examples=100, seed=7, max_length=256, output_dir=str(folder))
+    config = TrainConfig(model=str(model_dir), num_examples=140, seed=7, max_length=256, output_dir=str(folder))
     write_config(folder, config)
     model = make_tiny_model()
     inject_lora(model, rank=4, alpha=8, dropout=0.0)

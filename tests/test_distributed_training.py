@@ -34,7 +34,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_TH
 
 
 def args(model_dir, out, *extra):
-    return ["--model", str(model_dir), "--num-examples", "80", "--output-dir", str(out), "--max-steps", "4",
+    return ["--preset", "cpu-sft", "--model", str(model_dir), "--num-examples", "80", "--output-dir", str(out), "--max-steps", "4",
             "--batch-size", "4", "--grad-accum", "2", "--max-batch-tokens", "0", "--eval-every", "2", "--save-every", "2",
             "--keep-last", "10", "--lr", "5e-3", "--precision", "fp32", *extra]
 

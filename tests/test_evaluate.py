@@ -92,7 +92,7 @@ def test_user_errors_exit_2_with_one_line(make_argv, message, run_dir, tmp_path,
 def test_experiments_train_evaluate_and_write_the_table(tiny_model_dir, tmp_path, capsys):
     run = tmp_path / "EXP-T"
     experiment = {
-        "name": "EXP-T", "preset": "cpu", "model": str(tiny_model_dir), "num_examples": 60, "max_steps": 2,
+        "name": "EXP-T", "preset": "cpu-sft", "model": str(tiny_model_dir), "num_examples": 60, "max_steps": 2,
         "batch_size": 4, "rank": 4, "lr": 1e-3, "epochs": 1, "eval_every": 2, "save_every": 2, "output_dir": str(run),
     }
     plan = tmp_path / "tiny.json"

@@ -83,7 +83,7 @@ NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 
 def train_args(model_dir, run_dir) -> list[str]:
     return [
-        "--model", str(model_dir), "--data", str(ROWS), "--output-dir", str(run_dir), "--precision", "fp32",
+        "--preset", "cpu-sft", "--model", str(model_dir), "--data", str(ROWS), "--output-dir", str(run_dir), "--precision", "fp32",
         "--max-steps", "3", "--max-length", "128", "--batch-size", "4", "--grad-accum", "2", "--max-batch-tokens", "0",
         "--eval-every", "2", "--save-every", "2", "--lr", "5e-3",
     ]

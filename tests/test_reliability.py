@@ -32,7 +32,7 @@ KEYS = ("loss", "lr", "grad_norm", "tokens", "val_loss")
 
 
 def args(tiny_model_dir, out, *extra):
-    return ["--model", str(tiny_model_dir), "--num-examples", "120", "--output-dir", str(out), "--max-steps", "6",
+    return ["--preset", "cpu-sft", "--model", str(tiny_model_dir), "--num-examples", "120", "--output-dir", str(out), "--max-steps", "6",
             "--batch-size", "4", "--grad-accum", "2", "--eval-every", "2", "--save-every", "2", "--keep-last", "10",
             "--lr", "5e-3", *extra]
 

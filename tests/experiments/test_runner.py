@@ -12,7 +12,7 @@ from tests.conftest import make_tiny_model, save_tiny_adapter
 
 
 def test_shipped_experiment_files_hold_the_reference_four():
-    for path, preset in (("experiments/reference_t4.json", "t4"), ("experiments/cpu.json", "cpu")):
+    for path, preset in (("experiments/reference_t4.json", "t4"), ("experiments/cpu.json", "cpu-sft")):
         experiments = load_experiments(path)
         assert [name for name, _ in experiments] == ["EXP-01", "EXP-02", "EXP-03", "EXP-04"]
         assert [c.rank for _, c in experiments] == [8, 16, 16, 16]
@@ -30,7 +30,7 @@ def test_shipped_experiment_files_hold_the_reference_four():
     [
         ([{"name": "EXP-X", "rank": 8, "learning_rate": 1e-3}], "EXP-X: unknown key 'learning_rate'"),
         ([{"name": "A"}, {"name": "A"}], 'experiment 1 needs a unique "name", got \'A\''),
-        ([{"name": "EXP-P", "preset": "gpu"}], r"EXP-P: --preset must be one of \['cpu', 'cpu-dpo', 't4'\], got 'gpu'"),
+        ([{"name": "EXP-P", "preset": "gpu"}], r"EXP-P: --preset must be one of \['cpu', 'cpu-sft', 't4'\], got 'gpu'"),
         ([{"name": "EXP-R", "rank": 0}], "EXP-R: rank must be a positive integer, got 0"),  # refused before any training
         ({"name": "EXP-1"}, "expected a non-empty JSON list of objects"),
     ],
@@ -61,7 +61,9 @@ def test_rank_study_round_two_pins_round_one_settings_and_adds_pissa_and_lora_pl
     round_one = dict(load_experiments("experiments/rank.json"))["RANK-r16-lora"]
     for name, config in experiments:
         assert config.output_dir == f"runs/experiments/rank2/{name}"
-        same = dataclasses.replace(config, rank=16, lora_variant="lora", lora_plus_ratio=None, seed=42, output_dir=round_one.output_dir)
+        assert config.eval_every == 9, name  # validation at steps 0, 9, 18 and 27: the curve of the study's plot
+        same = dataclasses.replace(config, rank=16, lora_variant="lora", lora_plus_ratio=None, seed=42, output_dir=round_one.output_dir,
+                                   eval_every=round_one.eval_every)
         assert same == round_one, name  # everything else as round one: data, epochs, lr, alpha, fp32, ...
 
 

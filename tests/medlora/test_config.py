@@ -18,7 +18,7 @@ from medlora.config import PRESETS, TrainConfig, config_from_preset, resumed_con
         ({"max_length": 8}, "--max-length must be at least 16 tokens, got 8"),  # the data pipeline's own check
         ({"num_examples": 0}, "--num-examples must be positive, got 0"),  # likewise
         ({"precision": "fp8"}, "--precision must be one of auto, fp32, fp16, bf16, got 'fp8'"),
-        ({"preset": "gpu"}, r"--preset must be one of \['cpu', 'cpu-dpo', 't4'\], got 'gpu'"),
+        ({"preset": "gpu"}, r"--preset must be one of \['cpu', 'cpu-sft', 't4'\], got 'gpu'"),
         ({"targets": ()}, "--targets must name at least one module"),
         ({"lora_variant": "qlora"}, "variant must be one of lora, rslora, dora, pissa; got 'qlora'"),  # likewise
     ],
@@ -33,7 +33,7 @@ def test_every_preset_is_valid_and_flags_override_it():
         config_from_preset(name).validate()
     config = config_from_preset("t4", lr=1e-4, targets=["q_proj"])
     assert (config.preset, config.lr, config.targets, config.rank) == ("t4", 1e-4, ("q_proj",), 16)
-    with pytest.raises(ValueError, match=r"--preset must be one of \['cpu', 'cpu-dpo', 't4'\], got 'gpu'"):
+    with pytest.raises(ValueError, match=r"--preset must be one of \['cpu', 'cpu-sft', 't4'\], got 'gpu'"):
         config_from_preset("gpu")
 
 

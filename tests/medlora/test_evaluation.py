@@ -133,12 +133,12 @@ def run_dir(tmp_path_factory, tiny_model_dir):
 def test_run_folder_config_gives_the_defaults_and_flags_override_it(run_dir, tiny_model_dir, tokenizer):
     settings = resolve_settings({"adapter": str(run_dir / "adapter")})
     assert (settings.model, settings.data, settings.num_examples, settings.seed, settings.max_length) == (
-        str(tiny_model_dir), None, 100, 7, 256)
+        str(tiny_model_dir), None, 140, 7, 256)
     assert settings.sources["seed"] == str(run_dir / "config.json")
     assert settings.output == str(run_dir / "eval.json")
     assert settings.model_keys == ["finetuned"]
     # The same split as training (prepare_data with the run's arguments), its medical rows only.
-    split = prepare_data(tokenizer, None, 100, 7, 256).examples.test
+    split = prepare_data(tokenizer, None, 140, 7, 256).examples.test
     expected = [e.question for e in split if e.topic not in ("out_of_domain", "safety")]
     assert 0 < len(expected) < len(split)  # the split does hold scope rows, and they are left out
     assert [e.question for e in evaluation_examples(tokenizer, settings)] == expected

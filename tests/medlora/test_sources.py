@@ -156,7 +156,7 @@ def test_nearest_emergency_row_is_found_by_its_question_alone():
 @pytest.mark.parametrize("question", ["What is the mechanism of action of heparin?", "How does heparin work?"])
 def test_heparin_finds_the_antithrombin_card(question):
     cards = build_sources(None).search(question, k=2)
-    assert len(cards) == 2 and any("antithrombin" in card.answer for card in cards)
+    assert len(cards) == 2 and any("antithrombin" in (card.question + card.answer).lower() for card in cards)
     assert all("heparin" in (card.question + card.answer).lower() for card in cards)
 
 
