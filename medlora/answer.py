@@ -79,11 +79,13 @@ VETERINARY = re.compile(
     r"fish|goldfish|ferret|cow|cows|sheep|goat|goats|pig|pigs|chicken|chickens|vet|veterinarian|veterinary)\b",
     re.IGNORECASE,
 )
-# Openings of a decline, banned when the gate overrides the model's decline (data/medical_flashcards.jsonl's
-# decline rows and the rule in medlora/scope.py use these words).
+# Openings of a decline, banned when the gate overrides the model's decline: the first sentence of every
+# decline row in data/medical_flashcards.jsonl holds one of these (tests/medlora/test_answer.py checks it).
 DECLINE_PHRASES = (
     "outside my", "outside of my", "outside the scope", "outside what I", "beyond my", "beyond the scope",
     "I only answer", "I can only", "I'm only able", "not something I", "I'm sorry", "I am sorry", "I'm afraid",
+    "I'm designed", "I only help", "I'm a medical", "As a medical assistant", "I'm not able to", "I'll have to pass",
+    "I'd love to help", "I'd like to help", "Thanks for asking, but", "Good question, but", "Not my area",
     "I'm not a", "I'm not an", "I am not a", "I am not an",  # the disclaimers deflections open with (issue 31)
 )
 ROUTE_LABELS = {

@@ -276,3 +276,18 @@ def test_a_bad_gate_fails_before_the_model_loads(tmp_path, tiny_adapter_dir, mon
 def test_card_count_must_not_be_negative():
     with pytest.raises(ValueError, match="card_count must be 0 .* got -1"):
         AnswerPath.from_adapter(None, None, settings=GenerationSettings(), card_count=-1)
+
+
+def test_every_training_decline_opens_with_a_banned_phrase():
+    """The override bans DECLINE_PHRASES: each decline row's first sentence holds one, so none of the
+    ways the model learned to decline is left open when the gate is sure a prompt is medicine."""
+    import json
+    from pathlib import Path
+
+    from medlora.answer import DECLINE_PHRASES
+    from medlora.scope import first_sentences
+
+    rows = [json.loads(line) for line in (Path(__file__).resolve().parents[2] / "data" / "medical_flashcards.jsonl").open()]
+    declines = [row["output"] for row in rows if row["topic"] == "out_of_domain"]
+    open_ones = [text for text in declines if not any(p.lower() in first_sentences(text, 1).lower() for p in DECLINE_PHRASES)]
+    assert len(declines) > 600 and not open_ones, open_ones[:3]
