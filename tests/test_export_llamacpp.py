@@ -137,10 +137,10 @@ def test_llama_cpp_tokenizes_as_the_project_tokenizer(llama_cpp, exports):
     assert len(differing) <= len(strings) // 50, differing[:5]
 
 
-# The adapter `train.py --preset cpu-dpo` trained on 2026-12-05 (docs/scope.md's try e2: the model that
-# declines and refers on its own, for export), committed so that CI, which has no runs/ folder, checks
-# that an export keeps what the preference stage taught.
-CPU_ADAPTER = Path(__file__).resolve().parent / "fixtures" / "cpu_dpo_adapter"
+# The adapter `make run` trained on 2026-12-05 at 988bfaa (the cpu preset: SFT, then the preference stage;
+# the README's results), committed so that CI, which has no runs/ folder, checks that an export keeps
+# what the preference stage taught the model itself.
+CPU_ADAPTER = Path(__file__).resolve().parent / "fixtures" / "cpu_adapter"
 ROUTE_PROMPTS = {"out_of_domain": 8, "medical": 6, "emergency": 3, "personal_dose": 3}  # 20 held-out scope prompts
 ROUTE_FLOOR = 18  # of the 20 routed the same way
 
@@ -170,8 +170,8 @@ def route(answer: str, kind: str) -> str:
     return "answer"
 
 
-@pytest.mark.skipif(not (CPU_ADAPTER / "adapter_model.safetensors").is_file(), reason=f"no committed cpu-dpo adapter in {CPU_ADAPTER}")
-def test_llama_cpp_f16_gguf_of_the_cpu_dpo_adapter_routes_scope_prompts_as_transformers(llama_cpp, tmp_path):
+@pytest.mark.skipif(not (CPU_ADAPTER / "adapter_model.safetensors").is_file(), reason=f"no committed cpu-preset adapter in {CPU_ADAPTER}")
+def test_llama_cpp_f16_gguf_of_the_cpu_adapter_routes_scope_prompts_as_transformers(llama_cpp, tmp_path):
     """The model alone, as every export carries it: the f16 GGUF under llama.cpp declines, refers and
     answers 20 held-out scope prompts (8 out-of-domain, 6 medical, 3 emergencies, 3 personal doses) as
     the merged model under transformers does. Both decode greedily with no repetition penalty, up to
@@ -186,7 +186,7 @@ def test_llama_cpp_f16_gguf_of_the_cpu_dpo_adapter_routes_scope_prompts_as_trans
 
     prompts = spread_scope_prompts(ROUTE_PROMPTS)
     questions = [p.question for p in prompts]
-    gguf_file = tmp_path / "cpu-dpo-f16.gguf"
+    gguf_file = tmp_path / "cpu-f16.gguf"
     export_adapter(CPU_ADAPTER, "gguf", gguf_file, "f16")
     model, tokenizer, _ = load_for_inference(None, CPU_ADAPTER)
     settings = GenerationSettings(max_new_tokens=SCOPE_MAX_NEW_TOKENS, repetition_penalty=1.0)
