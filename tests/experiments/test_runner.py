@@ -56,7 +56,7 @@ def test_rank_study_round_two_pins_round_one_settings_and_adds_pissa_and_lora_pl
     experiments = load_experiments("experiments/rank2.json")
     cells = {(c.rank, c.lora_variant, c.lora_plus_ratio, c.seed) for _, c in experiments}
     r16 = {("lora", None), ("pissa", None), ("lora", 16.0), ("pissa", 16.0), ("rslora", 16.0), ("dora", 16.0)}
-    seeds = {(16, "lora", None, s) for s in (43, 44)} | {(16, "rslora", 16.0, s) for s in (43, 44)}
+    seeds = {(16, "lora", None, s) for s in (43, 44)} | {(16, "lora", 16.0, s) for s in (43, 44)}
     assert cells == {(16, v, lp, 42) for v, lp in r16} | {(64, "rslora", 16.0, 42)} | seeds
     round_one = dict(load_experiments("experiments/rank.json"))["RANK-r16-lora"]
     for name, config in experiments:
