@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import json
 import random
-from itertools import zip_longest
 from dataclasses import asdict, dataclass, field, replace
+from itertools import zip_longest
 from pathlib import Path
 from typing import Sequence
 
@@ -150,9 +150,9 @@ def build_pairs(
     if decline_rows is not None and decline_rows < len(decline_pool):
         decline_pool = draw.sample(decline_pool, decline_rows)
     rows = decline_pool + [e for e in examples if row_kind(e) in ("emergency", "clinician")] + drawn
-    declines = [e.answer for e in examples if row_kind(e) == "decline"]
-    referrals = [e.answer for e in examples if row_kind(e) == "emergency"]
-    non_answers = [text for pair in zip_longest(declines, referrals) for text in pair if text is not None]
+    declines = [(e.answer, "decline") for e in examples if row_kind(e) == "decline"]
+    referrals = [(e.answer, "referral") for e in examples if row_kind(e) == "emergency"]
+    non_answers = [item for pair in zip_longest(declines, referrals) for item in pair if item is not None]  # (text, source), alternating
     settings = GenerationSettings(max_new_tokens=OWN_ANSWER_MAX_TOKENS)
     was_training = model.training
     model.eval()
@@ -173,9 +173,8 @@ def build_pairs(
             pairs.append(PreferencePair(example.question, example.answer, answer, kind, "model"))
         elif kind == "answer":
             if non_answers:
-                rejected = non_answers[len(pairs) % len(non_answers)]
-                pairs.append(PreferencePair(example.question, example.answer, rejected, kind,
-                                            "referral" if rejected in referrals else "decline"))
+                rejected, source = non_answers[len(pairs) % len(non_answers)]
+                pairs.append(PreferencePair(example.question, example.answer, rejected, kind, source))
         elif kind == "decline" and not behaves(kind, base[example.question]):
             pairs.append(PreferencePair(example.question, example.answer, base[example.question], kind, "base"))
     return pairs, counts
