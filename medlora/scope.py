@@ -88,8 +88,11 @@ SCOPE_DECLINE_PATTERNS = tuple(
         r"\b(?:outside|beyond) (?:of )?the scope of (?:(?:this|a|the|my|our) (?:[\w-]+ ){0,2}" + _ASSISTANT
         + r"\b|what (?:i|this assistant)(?:(?: can|'m able to| am able to) (?:help|answer|assist|cover)"
         r"|(?:'m| am| was) (?:designed|built|made)| do\b| cover\b| handle\b)|medicine\b)",
-        # "outside what I can help with", "outside what I'm designed for".
+        # "outside what I can help with", "outside what I'm designed for", "beyond what I can help
+        # with" (not "beyond what I can tell you from here": dose answers say that before a referral).
         r"\boutside (?:of )?what (?:i|i'm|this assistant)\b",
+        r"\bbeyond what (?:i|this assistant)(?: can|'m able to| am able to) (?:help|assist) with\b"
+        r"|\bbeyond what i(?:'m| am) (?:designed|built|made) (?:for|to)\b",
         # "outside the medical topics I cover", "outside the scope of the medical domain I handle".
         r"\b(?:outside|beyond) (?:of )?the (?:scope of the )?(?:[\w-]+ ){0,2}(?:topics|topic|domain|areas|area|subjects|questions)"
         r" (?:that )?i (?:cover|handle|answer|can)\b",
@@ -98,9 +101,10 @@ SCOPE_DECLINE_PATTERNS = tuple(
         # information about medicine" (not "... general health information": dose answers say that).
         r"\bi(?: can| will|'m| am)? only (?:able to )?"
         r"(?:help|answer|handle|assist|respond|cover|discuss|deal|talk|provide)\b[^.!?]{0,40}?" + _SCOPE_SUBJECT,
-        # "I'm designed to answer medical questions", "I am built only to help with health topics".
-        # Not "I'm here to help with ...": answers to dose questions say that before a referral.
-        r"\bi(?:'m| am) (?:designed|built|made|trained|meant) (?:only )?to (?:answer|help with|handle|discuss)"
+        # "I'm designed to answer medical questions", "I am built only to help with health topics",
+        # "I'm designed for medicine and health". Not "I'm here to help with ...": answers to dose
+        # questions say that before a referral.
+        r"\bi(?:'m| am) (?:designed|built|made|trained|meant) (?:only )?(?:to (?:answer|help with|handle|discuss)|for)"
         r"\b[^.!?]{0,30}?" + _SCOPE_SUBJECT,
         # "not something I can help with", "isn't something I'm able to answer".
         r"(?:\bnot|n't) (?:really )?(?:something|a (?:question|topic|subject)|an area) (?:that )?"
@@ -152,7 +156,8 @@ DEFLECTION_PATTERNS = tuple(
         # recommend books", "I don't know how to answer medical questions". Not when "but" or
         # "because" goes on to answer ("I can't give you an exact dose, but adults take 200 mg").
         r"\bi (?:(?:can't|cannot|can not|'m unable to|am unable to|'m not able to|am not able to"
-        r"|(?:don't|do not) (?:know how|have time) to) (?:help|assist|answer|suggest|recommend|give|tell|explain|troubleshoot)"
+        r"|(?:don't|do not) (?:know how|have time) to) (?:help|assist|answer|suggest|recommend|give|tell|explain|troubleshoot"
+        r"|take on|take up|take|cover|handle|discuss)"
         r"|(?:don't|do not) have the (?:ability|capability) to \w+)\b(?![^.!?;]*\b(?:but|because|since)\b)",
         # A disclaimer, then a referral in place of an answer: "I'm not an expert in ulcers.
         # Please consult a doctor ...", "I'm not an expert in kittens; please consult with a veterinarian".

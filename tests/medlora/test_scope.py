@@ -246,14 +246,18 @@ def test_the_labelled_set_holds_real_deflections_and_answers_of_every_kind():
 
 
 def test_the_judge_agrees_with_the_labels_read_by_hand():
-    """is_decline against tests/fixtures/judge_labels.jsonl: 180 of 188 real outputs (95.7%).
+    """is_decline against tests/fixtures/judge_labels.jsonl: 199 of 207 real outputs (96.1%).
 
     The outputs are today's cpu-preset model (runs/cpu, `make run` of 2026-12-05) on the held-out
     scope prompts as evaluate.py answered them, and the base model on training-row questions and
     paraphrases of our own; each was labelled by reading (decline = answers nothing and refuses,
     disclaims or offers other help; a referral or a wrong answer is an answer). The deflection
     patterns of medlora/scope.py were written while reading these outputs, so this is agreement
-    on the set the rule was fitted to, not a held-out estimate.
+    on the set the rule was fitted to, not a held-out estimate. The last 19 rows come from the
+    DPO-trained adapter of `make run` at 988bfaa: 14 declines that recombine the training rows'
+    words ("I'm designed for medicine and health, so I can't take on film trivia.", "That's beyond
+    what I can help with: ...") which the rule read as answers until it learned "designed for",
+    "beyond what I can help with" and "can't take on", and 5 answers beside them.
 
     The 8 disagreements, all declines the rule reads as answers:
     - five deflections that change the subject with content, which text alone cannot tell from an
