@@ -123,11 +123,13 @@ class TrainConfig:
 
 PRESETS: dict[str, dict] = {
     # The default: the embedded model and dataset, sized for a 2-core CPU (`make run`'s measured
-    # time is in the README). Two stages (docs/scope.md, issue 31's try e5): one SFT epoch with
+    # time is in the README). Two stages (docs/scope.md, issue 31's try e7): one SFT epoch with
     # adapters on all seven projections (the step is the frozen model's forward and backward, so the
     # extra capacity costs little), then one DPO epoch over pairs built from the training rows with
     # the SFT model's own answers rejected: the model itself learns to decline and refer, which is
-    # what every export carries.
+    # what every export carries. LoRA+ (B's learning rate 16 times A's, issue 33's study) in both
+    # stages: dpo_lr is A's rate, so B's is 4e-4 in the DPO stage (try e7 in docs/scope.md; at
+    # dpo_lr 2e-4, B at 3.2e-3 took validation answer-ppl 9-14% over SFT's and no DPO adapter was kept).
     # eval_every=29: a validation pass of the embedded split costs about 2 optimizer steps
     # (docs/performance.md), so the epoch validates every 29 steps and at its end.
     "cpu": dict(
@@ -135,7 +137,8 @@ PRESETS: dict[str, dict] = {
         max_batch_tokens=1024, lr=1e-3, rank=16, alpha=32.0, dropout=0.05, max_length=512,
         precision="auto", grad_checkpointing=False, eval_every=29, save_every=10,
         targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), scope_weight=1.0,
-        dpo_epochs=1.0, dpo_beta=0.1, dpo_lr=2e-4, dpo_pairs_per_step=8, dpo_nll_weight=1.0, dpo_answer_rows=160, dpo_decline_rows=200,
+        lora_plus_ratio=16.0,
+        dpo_epochs=1.0, dpo_beta=0.1, dpo_lr=2.5e-5, dpo_pairs_per_step=8, dpo_nll_weight=1.0, dpo_answer_rows=320, dpo_decline_rows=200,
     ),
     # The cpu preset before issue 31: q_proj and v_proj, one SFT epoch, no preference stage. What
     # the experiment files (experiments/*.json) build on, so that their studies keep their meaning.
