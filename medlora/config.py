@@ -146,7 +146,7 @@ PRESETS: dict[str, dict] = {
         model=None, data=None, num_examples=None, epochs=1.0, batch_size=16, grad_accum=1,
         max_batch_tokens=1024, lr=1e-3, rank=16, alpha=32.0, dropout=0.05, max_length=512,
         precision="auto", grad_checkpointing=False, eval_every=29, save_every=10,
-        targets=("q_proj", "v_proj"), scope_weight=1.0,
+        targets=("q_proj", "v_proj"), scope_weight=1.0, lora_plus_ratio=None,
         dpo_epochs=0.0, dpo_beta=0.1, dpo_lr=2e-4, dpo_pairs_per_step=8, dpo_nll_weight=0.0, dpo_answer_rows=64, dpo_decline_rows=None,
     ),
     # The reference notebook's run on a T4: TinyLlama-1.1B-Chat, 3,000 flashcards, fp16 AMP.
@@ -154,7 +154,7 @@ PRESETS: dict[str, dict] = {
         model="TinyLlama/TinyLlama-1.1B-Chat-v1.0", data="medalpaca/medical_meadow_medical_flashcards",
         num_examples=3000, epochs=2.0, batch_size=2, grad_accum=8, max_batch_tokens=None, lr=2e-4,
         rank=16, alpha=32.0, dropout=0.05, max_length=512, precision="fp16", grad_checkpointing=True,
-        eval_every=50, save_every=50, targets=("q_proj", "v_proj"), scope_weight=1.0,
+        eval_every=50, save_every=50, targets=("q_proj", "v_proj"), scope_weight=1.0, lora_plus_ratio=None,
         dpo_epochs=0.0, dpo_beta=0.1, dpo_lr=2e-4, dpo_pairs_per_step=8, dpo_nll_weight=0.0, dpo_answer_rows=64, dpo_decline_rows=None,
     ),
 }
