@@ -137,7 +137,7 @@ def test_llama_cpp_tokenizes_as_the_project_tokenizer(llama_cpp, exports):
     assert len(differing) <= len(strings) // 50, differing[:5]
 
 
-# The adapter `make run` trained on 2026-12-05 at 988bfaa (the cpu preset: SFT, then the preference stage;
+# The adapter `make run` trained on 2026-12-05 at 453d0cb (the cpu preset: SFT, then the preference stage;
 # the README's results), committed so that CI, which has no runs/ folder, checks that an export keeps
 # what the preference stage taught the model itself.
 CPU_ADAPTER = Path(__file__).resolve().parent / "fixtures" / "cpu_adapter"
