@@ -344,7 +344,7 @@ def preference_pairs(model, tokenizer, data, pad_id: int, config: TrainConfig, a
             if world.is_main:
                 with autocast():
                     pairs, counts = build_pairs(model, tokenizer, data.examples.train, config.dpo_answer_rows, config.seed,
-                                                     decline_rows=config.dpo_decline_rows)
+                                                decline_rows=config.dpo_decline_rows)
                 encoded = with_reference_logps(model, encode_pairs(tokenizer, pairs, config.max_length), pad_id, config.batch_size,
                                                config.max_batch_tokens, autocast)
                 save_pairs(run_dir, encoded)

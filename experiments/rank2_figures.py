@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.rank_figures import MAIN_SEED, energy_shares, pyplot, read_rows
+from experiments.rank_figures import MAIN_SEED, energy_shares, pyplot, read_rows, save_figure, style_spectrum_axis
 from lora.adapter_files import read_adapter
 from lora.inspect import delta_svd, read_base_weights
 from lora.layer import lora_scaling
@@ -85,9 +85,7 @@ def plot_val_curves(rows: list[dict], path: Path) -> None:
     axis.set_ylabel("validation answer-perplexity")
     axis.set_title("Rank study, round two: validation during training")
     axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def compared_cells(rows: list[dict], r: int) -> list[dict]:
@@ -189,16 +187,10 @@ def plot_pissa_spectrum(rows: list[dict], base_folder: str | Path, layer: int, p
         longest = max(len(factors[name][1]) for _, factors in cells)
         base_values = torch.linalg.svdvals(weight.double())[:longest].tolist()
         axis.plot(range(1, len(base_values) + 1), base_values, linestyle="--", color="grey", label="W0 (for scale)")
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xlabel("index i")
-        axis.set_title(f"layer {layer} {projection}")
-        axis.legend(fontsize="small")
+        style_spectrum_axis(axis, layer, projection, legend_size="small")
     axes[0].set_ylabel("singular value s_i")
     figure.suptitle(f"Spectrum of the trained update dW (relative to the original W0), r = {r}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,6 +69,22 @@ def pyplot():
     return matplotlib.pyplot
 
 
+def save_figure(figure, path: Path) -> None:
+    """Lay out `figure`, write it to `path` as a 120-dpi PNG and free it."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot().close(figure)
+
+
+def style_spectrum_axis(axis, layer: int, projection: str, legend_size: str | None = None) -> None:
+    """One panel of a dW spectrum figure: log-log axes (index on base 2), its title and legend."""
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("index i")
+    axis.set_title(f"layer {layer} {projection}")
+    axis.legend(fontsize=legend_size)
+
+
 def plot_val_ppl(rows: list[dict], path: Path) -> None:
     """Validation answer-perplexity against r (log axis), one line per variant; repeat seeds as grey points."""
     plt = pyplot()
@@ -87,9 +103,7 @@ def plot_val_ppl(rows: list[dict], path: Path) -> None:
     axis.set_ylabel("validation answer-perplexity")
     axis.set_title("Rank study: validation perplexity after training")
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_spectrum(rows: list[dict], layer: int, path: Path) -> None:
@@ -105,16 +119,10 @@ def plot_spectrum(rows: list[dict], layer: int, path: Path) -> None:
                 raise ValueError(f"{run_dir}: no adapted module {name} (choose another --layer)")
             values = modules[name]["singular_values"]
             axis.plot(range(1, len(values) + 1), values, marker=".", label=f"r = {r}")
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xlabel("index i")
-        axis.set_title(f"layer {layer} {projection}")
-        axis.legend()
+        style_spectrum_axis(axis, layer, projection)
     axes[0].set_ylabel("singular value s_i of dW")
     figure.suptitle("Spectrum of the trained update dW = (alpha/r) B A (plain LoRA)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> int:
