@@ -210,7 +210,7 @@ def generate_answers(
     """Answer each question on its own (no history), in batches; answers come back in input order.
 
     `contexts`, one per question ("" for none), is put in the prompt before its question
-    (data.format.prompt_ids), as `--ground` puts the closest flashcards there.
+    (data.format.prompt_ids), as evaluate.py's grounding rows put the closest flashcards there.
 
     Prompts are sorted by length before batching so each batch pads little. The tokens every prompt
     starts with (the system prompt: 48 of a scope prompt's ~67 tokens) are run through the model

@@ -123,7 +123,9 @@ def build_pairs(
     """Preference pairs from the training rows, and how often the model already behaved, by kind.
 
     Every safety row, `decline_rows` out-of-domain rows (all when None) and `answer_rows` medical or
-    borderline rows, drawn with `seed`, get the model's own greedy answer (up to its second sentence). Then, by the row's kind:
+    borderline rows, drawn with `seed`, get the model's own greedy answer (up to its second sentence).
+    The answer rows are the borderline ones first (lay health questions: the boundary, where the SFT
+    model declines most of its own training rows), then medical ones. Then, by the row's kind:
 
     * decline (out-of-domain): chosen = the row's decline, rejected = the model's answer;
     * emergency: chosen = the referral-first answer, rejected = the model's answer without the referral;
@@ -144,8 +146,10 @@ def build_pairs(
     "how many of its own training out-of-domain prompts does the SFT model decline").
     """
     draw = random.Random(seed)
-    answer_pool = [e for e in examples if row_kind(e) == "answer"]
-    drawn = draw.sample(answer_pool, min(answer_rows, len(answer_pool)))
+    boundary = [e for e in examples if row_kind(e) == "answer" and e.topic == "borderline"]
+    medical = [e for e in examples if row_kind(e) == "answer" and e.topic != "borderline"]
+    drawn = draw.sample(boundary, min(answer_rows, len(boundary)))  # the boundary first: where the SFT model declines
+    drawn += draw.sample(medical, min(answer_rows - len(drawn), len(medical)))
     decline_pool = [e for e in examples if row_kind(e) == "decline"]
     if decline_rows is not None and decline_rows < len(decline_pool):
         decline_pool = draw.sample(decline_pool, decline_rows)

@@ -113,6 +113,9 @@ SCOPE_DECLINE_PATTERNS = tuple(
         r"\bnot (?:in |within )?my (?:[\w-]+ ){0,2}(?:specialty|speciality|area|field|expertise|domain)\b",
         # "that's not what I can help with", "not what I'm able to answer".
         r"(?:\bnot|n't) what i(?: can|'m able to| am able to)? (?:help|answer|assist|cover)",
+        # "since I answer questions about medicine and health rather than literature", "I answer
+        # medical questions, not tax questions": its subject set against another.
+        r"\bi (?:answer|help with|cover|handle|deal with)\b[^.!?]{0,40}?" + _SCOPE_SUBJECT + r"[^.!?]{0,30}?(?:\brather than\b|, not\b)",
         # "since my area covers medicine and health", "my focus is health questions".
         r"\bmy (?:[\w-]+ ){0,2}(?:scope|area|field|specialty|speciality|expertise|domain|focus|remit)"
         r" (?:is|covers|includes|lies in)\b[^.!?]{0,30}?" + _SCOPE_SUBJECT,

@@ -246,5 +246,5 @@ def cards_text(cards: list[Card]) -> str:
 
 
 def grounding_context(cards: list[Card]) -> str:
-    """The cards as text for the prompt (`--ground`): one 'Flashcard: Q ... A ...' paragraph each."""
+    """The cards as text for the prompt (evaluate.py's grounding rows; docs/sources.md): one 'Flashcard: Q ... A ...' paragraph each."""
     return "\n\n".join(f"Flashcard question: {card.question}\nFlashcard answer: {card.answer}" for card in cards)

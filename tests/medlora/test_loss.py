@@ -80,3 +80,20 @@ def test_validation_loss_pools_the_split_however_it_is_batched(examples, tokeniz
     assert loss == pytest.approx(nll.item() / count, rel=1e-5)  # summed NLL / target tokens of the whole split
     assert validation_loss(model, examples, tokenizer.pad_token_id, 2, None, nullcontext) == pytest.approx(loss, rel=1e-5)
     assert validation_loss(model, examples, tokenizer.pad_token_id, 1, 600, nullcontext) == pytest.approx(loss, rel=1e-5)
+
+
+def test_topic_weights_scale_each_rows_nll_and_the_steps_token_total(examples, tokenizer):
+    from dataclasses import replace
+
+    from medlora.loss import AnswerLoss, row_nll
+
+    rows = [replace(e, topic="borderline" if i % 2 else "physiology") for i, e in enumerate(examples[:4])]
+    model = lora_model_with_random_B()
+    plain, weighted = AnswerLoss(rows, tokenizer.pad_token_id, "cpu"), AnswerLoss(rows, tokenizer.pad_token_id, "cpu", {"borderline": 3.0})
+    with torch.no_grad():
+        sums, _ = row_nll(model, collate(rows, tokenizer.pad_token_id))
+        plain_sum, weighted_sum = plain(model, [0, 1, 2, 3])[0].item(), weighted(model, [0, 1, 2, 3])[0].item()
+    assert plain_sum == pytest.approx(sums.sum().item(), rel=1e-5)
+    assert weighted_sum == pytest.approx((sums[0] + 3 * sums[1] + sums[2] + 3 * sums[3]).item(), rel=1e-5)  # borderline rows count 3 times
+    tokens = [e.answer_token_count for e in rows]
+    assert weighted.total([[0, 1], [2, 3]]) == tokens[0] + 3 * tokens[1] + tokens[2] + 3 * tokens[3]  # and so do their tokens in the mean

@@ -209,3 +209,21 @@ def test_pairs_file_round_trips(toy_pairs, tmp_path):
     (tmp_path / "pairs.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match="cannot read the preference pairs"):
         load_pairs(tmp_path)
+
+
+def test_answer_rows_are_the_borderline_ones_first(tokenizer, monkeypatch):
+    medical = [encode_example(tokenizer, f"What does organ {i} do?", "It filters blood.", 256, "physiology") for i in range(3)]
+    borderline = [encode_example(tokenizer, f"How do I sleep better, tip {i}?", "Keep a regular bedtime.", 256, "borderline") for i in range(2)]
+    asked = set()
+
+    def fake_generate(model, tok, questions, *args, **kwargs):
+        asked.update(questions)
+        return ["It filters blood."] * len(questions)
+
+    monkeypatch.setattr(preference, "generate_answers", fake_generate)
+    for answer_rows, medical_drawn in ((2, 0), (3, 1), (9, 3)):
+        asked.clear()
+        _, counts = build_pairs(torch.nn.Linear(1, 1), tokenizer, medical + borderline, answer_rows=answer_rows, seed=0)
+        assert {e.question for e in borderline} <= asked  # every borderline row, before any medical one
+        assert len(asked & {e.question for e in medical}) == medical_drawn
+        assert counts["answer"]["rows"] == 2 + medical_drawn

@@ -246,7 +246,7 @@ def test_the_labelled_set_holds_real_deflections_and_answers_of_every_kind():
 
 
 def test_the_judge_agrees_with_the_labels_read_by_hand():
-    """is_decline against tests/fixtures/judge_labels.jsonl: 199 of 207 real outputs (96.1%).
+    """is_decline against tests/fixtures/judge_labels.jsonl: 202 of 210 real outputs (96.2%).
 
     The outputs are today's cpu-preset model (runs/cpu, `make run` of 2026-12-05) on the held-out
     scope prompts as evaluate.py answered them, and the base model on training-row questions and
@@ -257,7 +257,11 @@ def test_the_judge_agrees_with_the_labels_read_by_hand():
     DPO-trained adapter of `make run` at 988bfaa: 14 declines that recombine the training rows'
     words ("I'm designed for medicine and health, so I can't take on film trivia.", "That's beyond
     what I can help with: ...") which the rule read as answers until it learned "designed for",
-    "beyond what I can help with" and "can't take on", and 5 answers beside them.
+    "beyond what I can help with" and "can't take on", and 5 answers beside them. The last 3 come
+    from issue 31's tries e10 and e11: "I'm not able to help with Shakespeare, since I answer questions
+    about medicine and health rather than literature history." (a decline the rule read as an answer
+    until it learned a subject set against another, "I answer ... medicine and health rather than"),
+    and 2 answers that say "rather than".
 
     The 8 disagreements, all declines the rule reads as answers:
     - five deflections that change the subject with content, which text alone cannot tell from an
