@@ -192,7 +192,7 @@ def train(config: TrainConfig, world: World = SINGLE_PROCESS, given: set[str] = 
         validate(model, data, pad_id, config, autocast, state, base_name, world, stage="sft")
 
     # ---- stage 1: supervised fine-tuning on the answers ------------------------------------------
-    sft_loss = AnswerLoss(train_examples, pad_id, device, topic_weights=scope_weights(config.scope_weight, config.borderline_weight))
+    sft_loss = AnswerLoss(train_examples, pad_id, device, topic_weights=scope_weights(config.scope_weight, config.borderline_weight, config.safety_weight))
     padded_batches = []
 
     def sft_batches(step: int) -> list[list[int]]:
@@ -322,10 +322,11 @@ def preference_record(outcome, stage: Stage, batches: list[list[int]]) -> dict:
             "accuracy": outcome.stats["correct"] / pairs}
 
 
-def scope_weights(weight: float, borderline: float | None = None) -> dict[str, float]:
-    """--scope-weight and --borderline-weight as AnswerLoss's topic weights: the out-of-domain,
-    borderline and safety rows (borderline rows take --scope-weight when --borderline-weight is unset)."""
-    weights = dict.fromkeys(SCOPE_TOPICS, weight) | ({"borderline": borderline} if borderline is not None else {})
+def scope_weights(weight: float, borderline: float | None = None, safety: float | None = None) -> dict[str, float]:
+    """--scope-weight, --borderline-weight and --safety-weight as AnswerLoss's topic weights: the
+    out-of-domain, borderline and safety rows (a row kind whose own flag is unset takes --scope-weight)."""
+    own = {"borderline": borderline, "safety": safety}
+    weights = {topic: weight if own.get(topic) is None else own[topic] for topic in SCOPE_TOPICS}
     return {topic: w for topic, w in weights.items() if w != 1}
 
 
@@ -435,7 +436,7 @@ def done_line(summary: dict, lora: LoRASummary, run_dir: Path) -> str:
 FLAG_FIELDS = (  # TrainConfig fields set by a flag of the same name
     "model", "data", "num_examples", "epochs", "max_steps", "batch_size", "grad_accum", "max_batch_tokens", "lr",
     "rank", "alpha", "dropout", "lora_variant", "lora_plus_ratio", "scope_repeats", "max_length", "precision", "grad_checkpointing", "eval_every", "save_every",
-    "keep_last", "max_nan_steps", "seed", "device", "dist_timeout", "scope_weight", "borderline_weight", "dpo_epochs", "dpo_beta", "dpo_lr",
+    "keep_last", "max_nan_steps", "seed", "device", "dist_timeout", "scope_weight", "borderline_weight", "safety_weight", "dpo_epochs", "dpo_beta", "dpo_lr",
     "dpo_pairs_per_step", "dpo_nll_weight", "dpo_answer_rows", "dpo_decline_rows", "dpo_max_ppl_increase",
 )
 
@@ -480,6 +481,7 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace,
     add("--scope-repeats", type=int, help=f"times each out-of-domain, borderline and safety training row is seen per epoch (default: {defaults.scope_repeats})")
     add("--scope-weight", type=float, help=f"SFT loss weight of each out-of-domain, borderline and safety row's tokens (default: {preset_default('scope_weight')})")
     add("--borderline-weight", type=float, help=f"SFT loss weight of each borderline row's tokens (default: {preset_default('borderline_weight', none='--scope-weight')})")
+    add("--safety-weight", type=float, help=f"SFT loss weight of each safety row's tokens (default: {preset_default('safety_weight', none='--scope-weight')})")
     add("--dpo-epochs", type=float, help=f"stage 2, preference training (DPO): passes over the pairs; 0 = no stage 2 (default: {preset_default('dpo_epochs')})")
     add("--dpo-beta", type=float, help=f"DPO beta: reward scale, how far the model may move from the SFT adapter (default: {preset_default('dpo_beta')})")
     add("--dpo-lr", type=float, help=f"peak learning rate of the DPO stage; with LoRA+ A's, B's is --lora-plus-ratio times it (default: {preset_default('dpo_lr')})")

@@ -45,6 +45,7 @@ class TrainConfig:
     scope_repeats: int = 1  # times each out_of_domain / borderline / safety training row is seen per epoch (data.repeat_scope_rows)
     scope_weight: float = 1.0  # SFT loss weight of each out_of_domain / borderline / safety row's tokens (medlora.loss.AnswerLoss)
     borderline_weight: float | None = None  # SFT loss weight of each borderline row's tokens (None = scope_weight): the boundary rows
+    safety_weight: float | None = None  # SFT loss weight of each safety row's tokens (None = scope_weight): emergencies, personal doses
     dpo_epochs: float = 0.0  # stage 2, preference training (DPO): passes over the pairs (0 = no stage 2); medlora/preference.py
     dpo_beta: float = 0.1  # DPO beta: how far the rewards may pull the model from the SFT adapter it starts from
     dpo_lr: float = 2e-4  # peak learning rate of the DPO stage (its own cosine schedule with warmup)
@@ -103,6 +104,7 @@ class TrainConfig:
             (self.scope_weight > 0, f"--scope-weight must be positive, got {self.scope_weight}"),
             (self.borderline_weight is None or self.borderline_weight > 0,
              f"--borderline-weight must be positive, got {self.borderline_weight}"),
+            (self.safety_weight is None or self.safety_weight > 0, f"--safety-weight must be positive, got {self.safety_weight}"),
             (self.dpo_epochs >= 0, f"--dpo-epochs must be 0 (no preference stage) or positive, got {self.dpo_epochs}"),
             (self.dpo_beta > 0, f"--dpo-beta must be positive, got {self.dpo_beta}"),
             (self.dpo_lr > 0, f"--dpo-lr must be positive, got {self.dpo_lr}"),
@@ -139,7 +141,7 @@ PRESETS: dict[str, dict] = {
         model=None, data=None, num_examples=None, epochs=1.0, batch_size=16, grad_accum=1,
         max_batch_tokens=1024, lr=1e-3, rank=16, alpha=32.0, dropout=0.05, max_length=512,
         precision="auto", grad_checkpointing=False, eval_every=29, save_every=10,
-        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), scope_weight=1.0, borderline_weight=None,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), scope_weight=1.0, borderline_weight=None, safety_weight=None,
         lora_plus_ratio=16.0,
         dpo_epochs=1.0, dpo_beta=0.1, dpo_lr=2.5e-5, dpo_pairs_per_step=8, dpo_nll_weight=1.0, dpo_answer_rows=320, dpo_decline_rows=200,
     ),
@@ -149,7 +151,7 @@ PRESETS: dict[str, dict] = {
         model=None, data=None, num_examples=None, epochs=1.0, batch_size=16, grad_accum=1,
         max_batch_tokens=1024, lr=1e-3, rank=16, alpha=32.0, dropout=0.05, max_length=512,
         precision="auto", grad_checkpointing=False, eval_every=29, save_every=10,
-        targets=("q_proj", "v_proj"), scope_weight=1.0, borderline_weight=None, lora_plus_ratio=None,
+        targets=("q_proj", "v_proj"), scope_weight=1.0, borderline_weight=None, safety_weight=None, lora_plus_ratio=None,
         dpo_epochs=0.0, dpo_beta=0.1, dpo_lr=2e-4, dpo_pairs_per_step=8, dpo_nll_weight=0.0, dpo_answer_rows=64, dpo_decline_rows=None,
     ),
     # The reference notebook's run on a T4: TinyLlama-1.1B-Chat, 3,000 flashcards, fp16 AMP.
@@ -157,7 +159,7 @@ PRESETS: dict[str, dict] = {
         model="TinyLlama/TinyLlama-1.1B-Chat-v1.0", data="medalpaca/medical_meadow_medical_flashcards",
         num_examples=3000, epochs=2.0, batch_size=2, grad_accum=8, max_batch_tokens=None, lr=2e-4,
         rank=16, alpha=32.0, dropout=0.05, max_length=512, precision="fp16", grad_checkpointing=True,
-        eval_every=50, save_every=50, targets=("q_proj", "v_proj"), scope_weight=1.0, borderline_weight=None, lora_plus_ratio=None,
+        eval_every=50, save_every=50, targets=("q_proj", "v_proj"), scope_weight=1.0, borderline_weight=None, safety_weight=None, lora_plus_ratio=None,
         dpo_epochs=0.0, dpo_beta=0.1, dpo_lr=2e-4, dpo_pairs_per_step=8, dpo_nll_weight=0.0, dpo_answer_rows=64, dpo_decline_rows=None,
     ),
 }

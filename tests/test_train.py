@@ -37,13 +37,14 @@ def test_presets_and_overrides():
     assert (default.preset, default.output_dir, given) == ("cpu", "runs/cpu", set())
 
 
-def test_scope_and_borderline_weights_become_the_losss_topic_weights():
+def test_scope_borderline_and_safety_weights_become_the_losss_topic_weights():
     assert train.scope_weights(1.0) == {}  # nothing weighted
     assert train.scope_weights(2.0) == {"out_of_domain": 2.0, "borderline": 2.0, "safety": 2.0}
     assert train.scope_weights(1.0, 3.0) == {"borderline": 3.0}  # --borderline-weight alone
     assert train.scope_weights(2.0, 1.0) == {"out_of_domain": 2.0, "safety": 2.0}  # borderline rows back at 1
-    config, _, given = train.parse_args(["--borderline-weight", "3"])
-    assert (config.borderline_weight, given) == (3.0, {"borderline_weight"})
+    assert train.scope_weights(1.0, 3.0, 2.0) == {"borderline": 3.0, "safety": 2.0}
+    config, _, given = train.parse_args(["--borderline-weight", "3", "--safety-weight", "2"])
+    assert (config.borderline_weight, config.safety_weight, given) == (3.0, 2.0, {"borderline_weight", "safety_weight"})
 
 
 def test_config_file_gives_the_defaults_and_flags_override_it(tmp_path, capsys):
