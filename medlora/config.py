@@ -51,7 +51,7 @@ class TrainConfig:
     dpo_lr: float = 2e-4  # peak learning rate of the DPO stage (its own cosine schedule with warmup)
     dpo_pairs_per_step: int = 8  # preference pairs per DPO optimizer step (each pair is two rows)
     dpo_nll_weight: float = 0.0  # weight of the chosen answers' mean token NLL added to the DPO loss (0 = plain DPO)
-    dpo_answer_rows: int = 64  # medical / borderline training rows paired (answer chosen, a decline rejected)
+    dpo_answer_rows: int = 64  # medical / borderline training rows paired (answer chosen, a decline rejected): borderline ones first
     dpo_decline_rows: int | None = None  # out-of-domain training rows paired (a decline chosen), drawn by seed; None = all
     dpo_max_ppl_increase: float = 0.05  # DPO adapters are kept while validation answer-ppl is at most this much above SFT's
     max_length: int = 512  # tokens per example; the answer is cut, never the prompt
@@ -128,9 +128,11 @@ class TrainConfig:
 
 PRESETS: dict[str, dict] = {
     # The default: the embedded model and dataset, sized for a 2-core CPU (`make run`'s measured
-    # time is in the README). Two stages (docs/scope.md, issue 31's try e7): one SFT epoch with
+    # time is in the README). Two stages (docs/scope.md, issue 31's try e13): one SFT epoch with
     # adapters on all seven projections (the step is the frozen model's forward and backward, so the
-    # extra capacity costs little), then one DPO epoch over pairs built from the training rows with
+    # extra capacity costs little), in which borderline and safety rows' tokens weigh 3 (at weight 1
+    # the 567 out-of-domain training rows taught a decline that took most lay-health questions, e7;
+    # borderline rows alone at 3 lost the dose referrals, e11), then one DPO epoch over pairs built from the training rows with
     # the SFT model's own answers rejected: the model itself learns to decline and refer, which is
     # what every export carries. LoRA+ (B's learning rate 16 times A's, issue 33's study) in both
     # stages: dpo_lr is A's rate, so B's is 4e-4 in the DPO stage (try e7 in docs/scope.md; at
@@ -141,7 +143,7 @@ PRESETS: dict[str, dict] = {
         model=None, data=None, num_examples=None, epochs=1.0, batch_size=16, grad_accum=1,
         max_batch_tokens=1024, lr=1e-3, rank=16, alpha=32.0, dropout=0.05, max_length=512,
         precision="auto", grad_checkpointing=False, eval_every=29, save_every=10,
-        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), scope_weight=1.0, borderline_weight=None, safety_weight=None,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), scope_weight=1.0, borderline_weight=3.0, safety_weight=3.0,
         lora_plus_ratio=16.0,
         dpo_epochs=1.0, dpo_beta=0.1, dpo_lr=2.5e-5, dpo_pairs_per_step=8, dpo_nll_weight=1.0, dpo_answer_rows=320, dpo_decline_rows=200,
     ),
