@@ -146,8 +146,9 @@ def build_pairs(
     "how many of its own training out-of-domain prompts does the SFT model decline").
     """
     draw = random.Random(seed)
-    boundary = [e for e in examples if row_kind(e) == "answer" and e.topic == "borderline"]
-    medical = [e for e in examples if row_kind(e) == "answer" and e.topic != "borderline"]
+    answer_pool = [e for e in examples if row_kind(e) == "answer"]
+    boundary = [e for e in answer_pool if e.topic == "borderline"]
+    medical = [e for e in answer_pool if e.topic != "borderline"]
     drawn = draw.sample(boundary, min(answer_rows, len(boundary)))  # the boundary first: where the SFT model declines
     drawn += draw.sample(medical, min(answer_rows - len(drawn), len(medical)))
     decline_pool = [e for e in examples if row_kind(e) == "decline"]

@@ -2,6 +2,7 @@
 shared prefix, and the held-out passes built on it."""
 
 from contextlib import nullcontext
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,8 +10,8 @@ import torch
 from data import clean_rows, collate, encode_example, load_rows
 from lora import inject_lora, lora_layers, lora_parameters
 from medlora.loss import (
-    answer_and_sequence_nll, answer_nll, common_prefix_length, full_sequence_labels, plain_answer_nll, prefix_before_targets,
-    validation_loss,
+    AnswerLoss, answer_and_sequence_nll, answer_nll, common_prefix_length, full_sequence_labels, plain_answer_nll, prefix_before_targets,
+    row_nll, validation_loss,
 )
 from tests.conftest import make_tiny_model
 
@@ -83,10 +84,6 @@ def test_validation_loss_pools_the_split_however_it_is_batched(examples, tokeniz
 
 
 def test_topic_weights_scale_each_rows_nll_and_the_steps_token_total(examples, tokenizer):
-    from dataclasses import replace
-
-    from medlora.loss import AnswerLoss, row_nll
-
     rows = [replace(e, topic="borderline" if i % 2 else "physiology") for i, e in enumerate(examples[:4])]
     model = lora_model_with_random_B()
     plain, weighted = AnswerLoss(rows, tokenizer.pad_token_id, "cpu"), AnswerLoss(rows, tokenizer.pad_token_id, "cpu", {"borderline": 3.0})
