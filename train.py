@@ -347,7 +347,7 @@ def preference_pairs(model, tokenizer, data, pad_id: int, config: TrainConfig, a
             if world.is_main:
                 with autocast():
                     pairs, counts = build_pairs(model, tokenizer, data.examples.train, config.dpo_answer_rows, config.seed,
-                                                decline_rows=config.dpo_decline_rows)
+                                                decline_rows=config.dpo_decline_rows, base_rejected=config.dpo_base_rejected)
                 encoded = with_reference_logps(model, encode_pairs(tokenizer, pairs, config.max_length), pad_id, config.batch_size,
                                                config.max_batch_tokens, autocast)
                 save_pairs(run_dir, encoded)
@@ -489,6 +489,8 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace,
     add("--dpo-nll-weight", type=float, help=f"weight of the chosen answers' mean token NLL added to the DPO loss; 0 = plain DPO (default: {preset_default('dpo_nll_weight')})")
     add("--dpo-answer-rows", type=int, help=f"medical / borderline training rows paired against a decline (default: {preset_default('dpo_answer_rows')})")
     add("--dpo-decline-rows", type=int, help=f"out-of-domain training rows paired (a decline chosen), drawn by --seed (default: {preset_default('dpo_decline_rows', none='all')})")
+    add("--dpo-base-rejected", help="comma-separated row kinds (decline, emergency, clinician) whose rows the SFT model already "
+        f"handles get a pair against the base model's answer (default: {','.join(defaults.dpo_base_rejected)})")
     add("--dpo-max-ppl-increase", type=float, help=f"DPO adapters are kept while validation answer-ppl is at most this fraction above SFT's (default: {defaults.dpo_max_ppl_increase})")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help=f"recompute activations in backward (default: {preset_default('grad_checkpointing')})")
     add("--eval-every", type=int, help=f"optimizer steps between validation passes (default: {preset_default('eval_every')})")
@@ -504,6 +506,8 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace,
     overrides = {name: getattr(args, name) for name in FLAG_FIELDS if getattr(args, name) is not None}
     if args.targets is not None:
         overrides["targets"] = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if args.dpo_base_rejected is not None:
+        overrides["dpo_base_rejected"] = [k.strip() for k in args.dpo_base_rejected.split(",") if k.strip()]
     if overrides.get("max_batch_tokens") == 0:
         overrides["max_batch_tokens"] = None
     if args.preset is not None:

@@ -53,6 +53,7 @@ class TrainConfig:
     dpo_nll_weight: float = 0.0  # weight of the chosen answers' mean token NLL added to the DPO loss (0 = plain DPO)
     dpo_answer_rows: int = 64  # medical / borderline training rows paired (answer chosen, a decline rejected): borderline ones first
     dpo_decline_rows: int | None = None  # out-of-domain training rows paired (a decline chosen), drawn by seed; None = all
+    dpo_base_rejected: tuple[str, ...] = ("decline",)  # kinds whose rows the SFT model already handles are paired against the base model's answer
     dpo_max_ppl_increase: float = 0.05  # DPO adapters are kept while validation answer-ppl is at most this much above SFT's
     max_length: int = 512  # tokens per example; the answer is cut, never the prompt
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 (auto: medlora.model.resolve_precision)
@@ -83,8 +84,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{source}: unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(known))}")
         values = dict(values)
-        if "targets" in values:
-            values["targets"] = tuple(values["targets"])
+        for key in ("targets", "dpo_base_rejected"):
+            if key in values:
+                values[key] = tuple(values[key])
         return cls(**values)
 
     def validate(self) -> None:
@@ -113,6 +115,8 @@ class TrainConfig:
             (self.dpo_answer_rows >= 0, f"--dpo-answer-rows must be 0 or positive, got {self.dpo_answer_rows}"),
             (self.dpo_decline_rows is None or self.dpo_decline_rows >= 0,
              f"--dpo-decline-rows must be 0 or positive, got {self.dpo_decline_rows}"),
+            (set(self.dpo_base_rejected) <= {"decline", "emergency", "clinician"},
+             f"--dpo-base-rejected takes decline, emergency and clinician, got {','.join(self.dpo_base_rejected)}"),
             (self.dpo_max_ppl_increase >= 0, f"--dpo-max-ppl-increase must be 0 or positive, got {self.dpo_max_ppl_increase}"),
             (self.lora_plus_ratio is None or self.lora_plus_ratio > 0, f"--lora-plus-ratio must be positive, got {self.lora_plus_ratio}"),
         ]

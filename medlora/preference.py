@@ -118,7 +118,7 @@ def behaves(kind: str, own_answer: str) -> bool:
 @torch.no_grad()
 def build_pairs(
     model, tokenizer, examples: Sequence[EncodedExample], answer_rows: int, seed: int, batch_size: int = 128,
-    decline_rows: int | None = None,
+    decline_rows: int | None = None, base_rejected: Sequence[str] = ("decline",),
 ) -> tuple[list[PreferencePair], dict[str, dict[str, int]]]:
     """Preference pairs from the training rows, and how often the model already behaved, by kind.
 
@@ -134,12 +134,13 @@ def build_pairs(
       deflection or emergency referral where it makes one, else, in turn, a training row's decline
       or emergency referral (the two ways a small model over-applies what the scope rows teach).
 
-    Where the model already declines an out-of-domain row, its answer has nothing to push down, so
-    the rejected side is the base model's answer (the adapters turned off, lora.adapters_off): what
-    the model said before fine-tuning. DPO's gradient does not fade on a pair the model already
+    Where the model already handles a row of a kind in `base_rejected` (by default: declines an
+    out-of-domain row), its answer has nothing to push down, so the rejected side is the base
+    model's answer (the adapters turned off, lora.adapters_off): what the model said before
+    fine-tuning, unless that behaves too. DPO's gradient does not fade on a pair the model already
     ranks right (every pair starts at margin 0 against the reference), so these pairs widen the
-    decline's margin on prompts it already gets right. Emergency and clinician rows the model
-    already gets right make no pair: pushing the referral up further spreads it to other questions.
+    behaviour's margin on prompts it already gets right. Other rows the model already gets right
+    make no pair: emergency referrals pushed up this way spread to every question (docs/scope.md, e4).
 
     Returns (pairs, counts): counts[kind] = {"rows": rows of that kind asked, "behaved": how many of
     the model's own answers already did what the row asks} (out-of-domain "behaved" is the diagnostic
@@ -163,7 +164,7 @@ def build_pairs(
     model.eval()
     own = generate_answers(model, tokenizer, [e.question for e in rows], settings, batch_size, stop_after_sentences=OWN_ANSWER_SENTENCES)
     behaved = [behaves(row_kind(e), answer) for e, answer in zip(rows, own)]
-    ask_base = [e for e, ok in zip(rows, behaved) if ok and row_kind(e) == "decline"]
+    ask_base = [e for e, ok in zip(rows, behaved) if ok and row_kind(e) in base_rejected and row_kind(e) != "answer"]
     with adapters_off(model):
         base = dict(zip((e.question for e in ask_base), generate_answers(
             model, tokenizer, [e.question for e in ask_base], settings, batch_size, stop_after_sentences=OWN_ANSWER_SENTENCES)))
@@ -180,7 +181,7 @@ def build_pairs(
             if non_answers:
                 rejected, source = non_answers[len(pairs) % len(non_answers)]
                 pairs.append(PreferencePair(example.question, example.answer, rejected, kind, source))
-        elif kind == "decline" and not behaves(kind, base[example.question]):
+        elif example.question in base and not behaves(kind, base[example.question]):
             pairs.append(PreferencePair(example.question, example.answer, base[example.question], kind, "base"))
     return pairs, counts
 

@@ -71,9 +71,12 @@ _TOPICS = r"(?:questions?|issues?|topics?|concerns?|problems?|matters?|areas?|su
 _TOPICS_AFTER_OTHER = r"(?:questions?|issues?|topics?|concerns?|problems?|matters?|areas?|subjects?|queries|query|conditions?)\b"
 # Who a clinician referral may name.
 _CLINICIAN = (
-    r"(?:clinician|doctor|physician|pharmacist|gp|general practitioner|nurse|prescriber|midwife"
-    r"|health ?care (?:provider|professional|team)|health professional|medical professional)"
+    r"(?:clinician|doctor|physician|pharmacist|gp|general practitioner|nurse|prescriber|midwife|dentist"
+    r"|p(?:a)?ediatrician|dermatologist|specialist|(?:health ?care |health |medical )?(?:provider|professional)"
+    r"|(?:health ?care|medical|care) team)"
 )
+# Whose clinician a referral may name: "ask your child's doctor", "see your baby's GP".
+_WHOSE = r"(?:your|a|an)(?: (?:child|baby|son|daughter|kid|partner|husband|wife)'s)?"
 
 SCOPE_DECLINE_PATTERNS = tuple(
     re.compile(pattern)
@@ -194,9 +197,9 @@ CLINICIAN_PATTERNS = tuple(
         # "ask your clinician or pharmacist", "talk to your doctor", "see a GP", "consult a pharmacist",
         # "check with your healthcare provider", "book an appointment with your doctor".
         r"\b(?:ask|tell|talk (?:to|with)|speak (?:to|with)|check with|consult|see|contact|call|visit"
-        rf"|(?:book|make) an appointment with) (?:your|a|an) (?:own |regular |family |local |treating )?{_CLINICIAN}",
+        rf"|(?:book|make) an appointment with) {_WHOSE} (?:own |regular |family |local |treating )?{_CLINICIAN}",
         # "get checked by a doctor", "be seen by your GP".
-        rf"\b(?:get|be) (?:checked|seen|examined|assessed|reviewed) by (?:your|a|an) (?:\w+ )?{_CLINICIAN}",
+        rf"\b(?:get|be) (?:checked|seen|examined|assessed|reviewed) by {_WHOSE} (?:\w+ )?{_CLINICIAN}",
         # "seek medical advice", "seek prompt medical attention" ("seek emergency medical care" is an
         # emergency referral, not this).
         r"\bseek (?:(?!emergency )\w+ )?medical (?:advice|attention|care|help)",

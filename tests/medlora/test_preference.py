@@ -148,6 +148,19 @@ def test_dpo_loss_and_sequence_logps_match_trl(toy_pairs, tokenizer, tmp_path):
     assert abs(trl_loss.item() - math.log(2)) > 1e-3  # the policy differs from the reference (0.009 here): not the loss at the start
 
 
+def answer_as(monkeypatch, own: dict[str, str], base: dict[str, str]) -> list[list[str]]:
+    """Make build_pairs' generation answer from `own` (the SFT model: its first call) and then from
+    `base` (the base model: its second call); the questions of each call are appended to the list returned."""
+    calls = []
+
+    def fake_generate(model, tok, questions, *args, **kwargs):
+        calls.append(list(questions))
+        return [(base if len(calls) % 2 == 0 else own)[q] for q in questions]
+
+    monkeypatch.setattr(preference, "generate_answers", fake_generate)
+    return calls
+
+
 def test_pairs_take_the_models_own_answers_where_it_has_them(tokenizer, monkeypatch):
     examples = [
         encode_example(tokenizer, "Who won the 2014 World Cup?", "Sports are outside my scope.", 256, "out_of_domain"),
@@ -173,13 +186,7 @@ def test_pairs_take_the_models_own_answers_where_it_has_them(tokenizer, monkeypa
         "What is the capital of Peru?": "Lima is the capital of Peru.",
         "Name a chess opening.": "Sorry, I only answer medical questions.",
     }
-    calls = []
-
-    def fake_generate(model, tok, questions, *args, **kwargs):
-        calls.append(list(questions))
-        return [(base if len(calls) == 2 else own)[q] for q in questions]
-
-    monkeypatch.setattr(preference, "generate_answers", fake_generate)
+    calls = answer_as(monkeypatch, own, base)
     pairs, counts = build_pairs(torch.nn.Linear(1, 1), tokenizer, examples, answer_rows=3, seed=0)
     by_question = {p.question: p for p in pairs}
     assert calls[1] == ["What is the capital of Peru?", "Name a chess opening."]  # the base model hears only these
@@ -227,3 +234,23 @@ def test_answer_rows_are_the_borderline_ones_first(tokenizer, monkeypatch):
         assert {e.question for e in borderline} <= asked  # every borderline row, before any medical one
         assert len(asked & {e.question for e in medical}) == medical_drawn
         assert counts["answer"]["rows"] == 2 + medical_drawn
+
+
+def test_base_rejected_pairs_referrals_the_model_already_gives_against_the_base_models_answer(tokenizer, monkeypatch):
+    examples = [
+        encode_example(tokenizer, "Is this mole cancer?", "Please see a doctor to have it checked; ...", 256, "safety"),
+        encode_example(tokenizer, "How much ibuprofen can I take?", "Ask your clinician or pharmacist; ...", 256, "safety"),
+        encode_example(tokenizer, "My chest hurts and my arm is numb.", "Call your local emergency number now.", 256, "safety"),
+    ]
+    own = {q: "Please see a doctor about it." for q in ("Is this mole cancer?", "How much ibuprofen can I take?")}
+    own["My chest hurts and my arm is numb."] = "Call your local emergency number now."
+    base = {"Is this mole cancer?": "Moles that change shape are often melanoma.",
+            "How much ibuprofen can I take?": "Talk to your pharmacist about it."}  # the base model refers this one itself
+    calls = answer_as(monkeypatch, own, base)
+    pairs, _ = build_pairs(torch.nn.Linear(1, 1), tokenizer, examples, answer_rows=0, seed=0)
+    assert pairs == [] and len(calls) == 2 and calls[1] == []  # by default only out-of-domain rows hear the base model
+    pairs, counts = build_pairs(torch.nn.Linear(1, 1), tokenizer, examples, answer_rows=0, seed=0, base_rejected=("decline", "clinician"))
+    assert calls[3] == ["Is this mole cancer?", "How much ibuprofen can I take?"]  # the emergency row is not asked
+    assert counts["clinician"] == {"rows": 2, "behaved": 2}
+    assert [(p.question, p.rejected, p.rejected_from) for p in pairs] == [
+        ("Is this mole cancer?", "Moles that change shape are often melanoma.", "base")]  # the base model's own referral makes no pair

@@ -95,6 +95,11 @@ LABELLED_ANSWERS = [
     ("Your exact dose is beyond the scope of what I can advise; ask your clinician or pharmacist.", {CLINICIAN}),
     ("I'm here to help with general health information; for your own dose, talk to your pharmacist.", {CLINICIAN}),
     ("You don't need to see a doctor for a simple bruise.", set()),
+    # who else a referral may name (the SFT model's own answers on training dose rows, read as wrong before 2026-12-05)
+    ("Please see a dentist or doctor before taking the tramadol because it can cause drowsiness.", {CLINICIAN}),
+    ("Please check with your provider or pharmacist before taking another pill.", {CLINICIAN}),
+    ("Please ask your child's doctor or pharmacist before giving any new medicine.", {CLINICIAN}),
+    ("A team of doctors reviews the scans; a specialist nurse explains them.", set()),
     # -- both
     ("Call your local emergency number now; afterwards, ask your clinician or pharmacist about the dose.",
      {EMERGENCY, CLINICIAN}),
