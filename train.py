@@ -347,7 +347,8 @@ def preference_pairs(model, tokenizer, data, pad_id: int, config: TrainConfig, a
             if world.is_main:
                 with autocast():
                     pairs, counts = build_pairs(model, tokenizer, data.examples.train, config.dpo_answer_rows, config.seed,
-                                                decline_rows=config.dpo_decline_rows, base_rejected=config.dpo_base_rejected)
+                                                decline_rows=config.dpo_decline_rows, base_rejected=config.dpo_base_rejected,
+                                                own_declines=config.dpo_own_declines)
                 encoded = with_reference_logps(model, encode_pairs(tokenizer, pairs, config.max_length), pad_id, config.batch_size,
                                                config.max_batch_tokens, autocast)
                 save_pairs(run_dir, encoded)
@@ -437,7 +438,7 @@ FLAG_FIELDS = (  # TrainConfig fields set by a flag of the same name
     "model", "data", "num_examples", "epochs", "max_steps", "batch_size", "grad_accum", "max_batch_tokens", "lr",
     "rank", "alpha", "dropout", "lora_variant", "lora_plus_ratio", "scope_repeats", "max_length", "precision", "grad_checkpointing", "eval_every", "save_every",
     "keep_last", "max_nan_steps", "seed", "device", "dist_timeout", "scope_weight", "borderline_weight", "safety_weight", "dpo_epochs", "dpo_beta", "dpo_lr",
-    "dpo_pairs_per_step", "dpo_nll_weight", "dpo_answer_rows", "dpo_decline_rows", "dpo_max_ppl_increase",
+    "dpo_pairs_per_step", "dpo_nll_weight", "dpo_answer_rows", "dpo_decline_rows", "dpo_own_declines", "dpo_max_ppl_increase",
 )
 
 
@@ -491,6 +492,8 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace,
     add("--dpo-decline-rows", type=int, help=f"out-of-domain training rows paired (a decline chosen), drawn by --seed (default: {preset_default('dpo_decline_rows', none='all')})")
     add("--dpo-base-rejected", help="comma-separated row kinds (decline, emergency, clinician) whose rows the SFT model already "
         f"handles get a pair against the base model's answer (default: {','.join(defaults.dpo_base_rejected)})")
+    add("--dpo-own-declines", action=argparse.BooleanOptionalAction, default=None, help="pair a medical row the SFT model "
+        f"answers against its own decline (its answer started with \"I can only answer\"), not a training row's (default: {defaults.dpo_own_declines})")
     add("--dpo-max-ppl-increase", type=float, help=f"DPO adapters are kept while validation answer-ppl is at most this fraction above SFT's (default: {defaults.dpo_max_ppl_increase})")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help=f"recompute activations in backward (default: {preset_default('grad_checkpointing')})")
     add("--eval-every", type=int, help=f"optimizer steps between validation passes (default: {preset_default('eval_every')})")

@@ -54,6 +54,7 @@ class TrainConfig:
     dpo_answer_rows: int = 64  # medical / borderline training rows paired (answer chosen, a decline rejected): borderline ones first
     dpo_decline_rows: int | None = None  # out-of-domain training rows paired (a decline chosen), drawn by seed; None = all
     dpo_base_rejected: tuple[str, ...] = ("decline",)  # kinds whose rows the SFT model already handles are paired against the base model's answer
+    dpo_own_declines: bool = False  # a medical row the model answers is paired against its own decline (started "I can only answer"), not a training row's
     dpo_max_ppl_increase: float = 0.05  # DPO adapters are kept while validation answer-ppl is at most this much above SFT's
     max_length: int = 512  # tokens per example; the answer is cut, never the prompt
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 (auto: medlora.model.resolve_precision)

@@ -206,8 +206,13 @@ def generate_answers(
     *,
     stop_after_sentences: int | None = None,
     contexts: Sequence[str] | None = None,
+    answer_starts: Sequence[str] | None = None,
 ) -> list[str]:
     """Answer each question on its own (no history), in batches; answers come back in input order.
+
+    `answer_starts`, one per question ("" for none), is text the answer is made to begin with: its
+    tokens follow the prompt, the model continues from them, and the answer returned includes it
+    (medlora.preference draws the model's own decline of a question this way).
 
     `contexts`, one per question ("" for none), is put in the prompt before its question
     (data.format.prompt_ids), as evaluate.py's grounding rows put the closest flashcards there.
@@ -230,7 +235,11 @@ def generate_answers(
     check_sentence_count(stop_after_sentences)
     if contexts is not None and len(contexts) != len(questions):
         raise ValueError(f"need one context per question, got {len(contexts)} contexts for {len(questions)} questions")
-    prompts = [prompt_ids(tokenizer, question, context=context) for question, context in zip(questions, contexts or [""] * len(questions))]
+    if answer_starts is not None and len(answer_starts) != len(questions):
+        raise ValueError(f"need one answer start per question, got {len(answer_starts)} for {len(questions)} questions")
+    starts = [tokenizer(start, add_special_tokens=False)["input_ids"] if start else [] for start in answer_starts or [""] * len(questions)]
+    prompts = [prompt_ids(tokenizer, question, context=context) + start
+               for question, context, start in zip(questions, contexts or [""] * len(questions), starts)]
     budget = context_budget(model, settings)
     for question, ids in zip(questions, prompts):
         if len(ids) > budget:
@@ -252,7 +261,7 @@ def generate_answers(
                                      cache, bad_words_ids, stop_after_sentences):
                 pass  # every step grows the same lists: after the last, each row's whole answer
             for index, row in zip(batch, new_tokens):
-                answer = tokenizer.decode(row, skip_special_tokens=True).strip()
+                answer = tokenizer.decode(starts[index] + list(row), skip_special_tokens=True).strip()
                 answers[index] = answer if stop_after_sentences is None else first_sentences(answer, stop_after_sentences)
             bar.update(len(batch))
     return answers

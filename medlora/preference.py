@@ -50,6 +50,9 @@ PAIR_KINDS = ("decline", "answer", "emergency", "clinician")  # what the chosen 
 # or a referral must open the answer) and what the rejected side needs to show the behaviour.
 OWN_ANSWER_SENTENCES = 2
 OWN_ANSWER_MAX_TOKENS = 24
+# How the SFT model of the cpu preset opens most of its own wrong declines of medical training rows
+# (87 of try e13's 127, pairs.jsonl): started with it, the model writes the decline it would give.
+DECLINE_START = "I can only answer"
 
 
 def dpo_loss(
@@ -89,7 +92,7 @@ class PreferencePair:
     chosen: str  # the training row's answer
     rejected: str  # the SFT model's own answer, or a training decline (see rejected_from)
     kind: str  # one of PAIR_KINDS: what the chosen answer does
-    rejected_from: str  # "model": the SFT model's own answer (on-policy) | "base": the base model's | "decline" / "referral": a training row's
+    rejected_from: str  # "model": the SFT model's own answer (on-policy) | "own decline": its decline when started as one | "base": the base model's | "decline" / "referral": a training row's
     reference_chosen_logp: float | None = None  # log pi_ref(chosen | question), filled before the first step
     reference_rejected_logp: float | None = None
 
@@ -118,7 +121,7 @@ def behaves(kind: str, own_answer: str) -> bool:
 @torch.no_grad()
 def build_pairs(
     model, tokenizer, examples: Sequence[EncodedExample], answer_rows: int, seed: int, batch_size: int = 128,
-    decline_rows: int | None = None, base_rejected: Sequence[str] = ("decline",),
+    decline_rows: int | None = None, base_rejected: Sequence[str] = ("decline",), own_declines: bool = False,
 ) -> tuple[list[PreferencePair], dict[str, dict[str, int]]]:
     """Preference pairs from the training rows, and how often the model already behaved, by kind.
 
@@ -132,7 +135,10 @@ def build_pairs(
     * clinician (personal dose or diagnosis): chosen = the clinician-first answer, rejected = the model's bare answer;
     * answer (medical, borderline): chosen = the row's answer, rejected = the model's own decline,
       deflection or emergency referral where it makes one, else, in turn, a training row's decline
-      or emergency referral (the two ways a small model over-applies what the scope rows teach).
+      or emergency referral (the two ways a small model over-applies what the scope rows teach);
+      with `own_declines`, the decline the model itself writes for that question when its answer is
+      started with DECLINE_START ("I can only answer questions about medicine and health, so I can't
+      help with tick removal."): a rejected side it finds likely, for this very question.
 
     Where the model already handles a row of a kind in `base_rejected` (by default: declines an
     out-of-domain row), its answer has nothing to push down, so the rejected side is the base
@@ -168,6 +174,11 @@ def build_pairs(
     with adapters_off(model):
         base = dict(zip((e.question for e in ask_base), generate_answers(
             model, tokenizer, [e.question for e in ask_base], settings, batch_size, stop_after_sentences=OWN_ANSWER_SENTENCES)))
+    forced = {}  # question -> the model's own decline of a medical row it answers (own_declines)
+    if own_declines:
+        answered = [e.question for e, ok in zip(rows, behaved) if ok and row_kind(e) == "answer"]
+        forced = dict(zip(answered, generate_answers(model, tokenizer, answered, settings, batch_size, stop_after_sentences=OWN_ANSWER_SENTENCES,
+                                                     answer_starts=[DECLINE_START] * len(answered))))
     model.train(was_training)
     pairs: list[PreferencePair] = []
     counts = {kind: {"rows": 0, "behaved": 0} for kind in PAIR_KINDS}
@@ -177,6 +188,8 @@ def build_pairs(
         counts[kind]["behaved"] += int(ok)
         if not ok:
             pairs.append(PreferencePair(example.question, example.answer, answer, kind, "model"))
+        elif kind == "answer" and example.question in forced:
+            pairs.append(PreferencePair(example.question, example.answer, forced[example.question], kind, "own decline"))
         elif kind == "answer":
             if non_answers:
                 rejected, source = non_answers[len(pairs) % len(non_answers)]
@@ -295,10 +308,11 @@ def load_pairs(run_dir: Path) -> list[PreferencePair]:
 
 
 def pair_counts(pairs: Sequence[EncodedPair]) -> dict[str, int]:
-    """How many pairs of each kind, and how many have the model's own (on_policy) or the base model's
-    (base) answer as the rejected side."""
+    """How many pairs of each kind, and how many have the model's own (on_policy), its own started
+    decline (own_decline, when there are any) or the base model's (base) answer as the rejected side."""
     counts = {kind: sum(p.pair.kind == kind for p in pairs) for kind in PAIR_KINDS}
     counts["on_policy"] = sum(p.pair.rejected_from == "model" for p in pairs)
+    own_declines = sum(p.pair.rejected_from == "own decline" for p in pairs)
     counts["base"] = sum(p.pair.rejected_from == "base" for p in pairs)
-    return counts
+    return counts | ({"own_decline": own_declines} if own_declines else {})
 

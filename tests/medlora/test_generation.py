@@ -122,6 +122,21 @@ def test_each_context_goes_before_its_own_question(tokenizer):
         generate_answers(model, tokenizer, QUESTIONS[:2], SHORT, contexts=[""])
 
 
+def test_an_answer_start_is_continued_greedily_and_returned_with_the_answer(tokenizer):
+    model = chatty_tiny_model()
+    start = "I can only answer"
+    started = generate_answers(model, tokenizer, QUESTIONS[:3], SHORT, answer_starts=[start, "", start])
+    assert started[1] == generate_answers(model, tokenizer, QUESTIONS[1:2], SHORT)[0]  # "" = no start
+    ids = prompt_ids(tokenizer, QUESTIONS[0]) + tokenizer(start, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        continued = model.generate(torch.tensor([ids]), **generate_kwargs(model, tokenizer, SHORT))[0, len(ids):]
+    assert started[0] == tokenizer.decode(tokenizer(start, add_special_tokens=False)["input_ids"] + continued.tolist(),
+                                          skip_special_tokens=True).strip()  # the start, then the greedy continuation
+    assert started[0].startswith(start) and started[2].startswith(start)
+    with pytest.raises(ValueError, match="need one answer start per question, got 1 for 2 questions"):
+        generate_answers(model, tokenizer, QUESTIONS[:2], SHORT, answer_starts=[start])
+
+
 def test_sampling_with_a_seed_is_reproducible(tokenizer):
     model = chatty_tiny_model()
     sampled = GenerationSettings(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)

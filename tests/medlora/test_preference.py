@@ -19,6 +19,7 @@ from medlora.preference import (
     dpo_loss,
     encode_pairs,
     load_pairs,
+    pair_counts,
     save_pairs,
     with_reference_logps,
 )
@@ -254,3 +255,29 @@ def test_base_rejected_pairs_referrals_the_model_already_gives_against_the_base_
     assert counts["clinician"] == {"rows": 2, "behaved": 2}
     assert [(p.question, p.rejected, p.rejected_from) for p in pairs] == [
         ("Is this mole cancer?", "Moles that change shape are often melanoma.", "base")]  # the base model's own referral makes no pair
+
+
+def test_own_declines_pair_a_medical_row_the_model_answers_against_the_decline_it_writes_when_started_as_one(tokenizer, monkeypatch):
+    examples = [
+        encode_example(tokenizer, "How do I remove a tick?", "Grip it close to the skin with tweezers and pull straight up.", 256, "borderline"),
+        encode_example(tokenizer, "How much sleep do adults need?", "Seven to nine hours a night.", 256, "borderline"),
+    ]
+    own = {"How do I remove a tick?": "Use fine tweezers and pull steadily.",
+           "How much sleep do adults need?": "Sleep is outside my scope. I only answer medical questions."}
+    started = []
+
+    def fake_generate(model, tok, questions, *args, answer_starts=None, **kwargs):
+        if answer_starts is None:
+            return [own[q] for q in questions]
+        started.append((list(questions), list(answer_starts)))
+        return [f"{s} questions about medicine and health, so I can't help with {q[9:-1]}." for q, s in zip(questions, answer_starts)]
+
+    monkeypatch.setattr(preference, "generate_answers", fake_generate)
+    pairs, _ = build_pairs(torch.nn.Linear(1, 1), tokenizer, examples, answer_rows=2, seed=0, own_declines=True)
+    assert started == [(["How do I remove a tick?"], [preference.DECLINE_START])]  # only the row it answers
+    by_question = {p.question: p for p in pairs}
+    tick = by_question["How do I remove a tick?"]
+    assert (tick.rejected, tick.rejected_from) == ("I can only answer questions about medicine and health, so I can't help with remove a tick.",
+                                                   "own decline")
+    assert by_question["How much sleep do adults need?"].rejected_from == "model"  # its own wrong decline, as without the option
+    assert pair_counts([EncodedPair(p, examples[0], examples[0]) for p in pairs])["own_decline"] == 1
