@@ -138,7 +138,8 @@ def build_pairs(
       or emergency referral (the two ways a small model over-applies what the scope rows teach);
       with `own_declines`, the decline the model itself writes for that question when its answer is
       started with DECLINE_START ("I can only answer questions about medicine and health, so I can't
-      help with tick removal."): a rejected side it finds likely, for this very question.
+      help with tick removal."): a rejected side it finds likely, for this very question (try e17 in
+      docs/scope.md: it raised false declines, since it shares its template with the chosen declines).
 
     Where the model already handles a row of a kind in `base_rejected` (by default: declines an
     out-of-domain row), its answer has nothing to push down, so the rejected side is the base
