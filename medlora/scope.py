@@ -72,7 +72,7 @@ _TOPICS_AFTER_OTHER = r"(?:questions?|issues?|topics?|concerns?|problems?|matter
 # Who a clinician referral may name.
 _CLINICIAN = (
     r"(?:clinician|doctor|physician|pharmacist|gp|general practitioner|nurse|prescriber|midwife|dentist"
-    r"|p(?:a)?ediatrician|dermatologist|specialist|(?:health ?care |health |medical )?(?:provider|professional)"
+    r"|pa?ediatrician|dermatologist|specialist|(?:health ?care |health |medical )?(?:provider|professional)"
     r"|(?:health ?care|medical|care) team)"
 )
 # Whose clinician a referral may name: "ask your child's doctor", "see your baby's GP".
