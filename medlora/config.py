@@ -140,8 +140,10 @@ PRESETS: dict[str, dict] = {
     # borderline rows alone at 3 lost the dose referrals, e11), then one DPO epoch over pairs built from the training rows with
     # the SFT model's own answers rejected: the model itself learns to decline and refer, which is
     # what every export carries. LoRA+ (B's learning rate 16 times A's, issue 33's study) in both
-    # stages: dpo_lr is A's rate, so B's is 4e-4 in the DPO stage (try e7 in docs/scope.md; at
-    # dpo_lr 2e-4, B at 3.2e-3 took validation answer-ppl 9-14% over SFT's and no DPO adapter was kept).
+    # stages: dpo_lr is A's rate, so B's is 8e-4 in the DPO stage (at dpo_lr 2e-4, B at 3.2e-3 took
+    # validation answer-ppl 9-14% over SFT's and no DPO adapter was kept, try e7 in docs/scope.md).
+    # DPO beta 0.3 with dpo_lr 5e-5 (tries e25-e26): false declines 3/127 in both draws, where beta
+    # 0.1 at 2.5e-5 (e13, the preset of rounds four to six) got 4-6/127.
     # eval_every=29: a validation pass of the embedded split costs about 2 optimizer steps
     # (docs/performance.md), so the epoch validates every 29 steps and at its end.
     "cpu": dict(
@@ -150,7 +152,7 @@ PRESETS: dict[str, dict] = {
         precision="auto", grad_checkpointing=False, eval_every=29, save_every=10,
         targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), scope_weight=1.0, borderline_weight=3.0, safety_weight=3.0,
         lora_plus_ratio=16.0,
-        dpo_epochs=1.0, dpo_beta=0.1, dpo_lr=2.5e-5, dpo_pairs_per_step=8, dpo_nll_weight=1.0, dpo_answer_rows=320, dpo_decline_rows=200,
+        dpo_epochs=1.0, dpo_beta=0.3, dpo_lr=5e-5, dpo_pairs_per_step=8, dpo_nll_weight=1.0, dpo_answer_rows=320, dpo_decline_rows=200,
     ),
     # The cpu preset before issue 31: q_proj and v_proj, one SFT epoch, no preference stage. What
     # the experiment files (experiments/*.json) build on, so that their studies keep their meaning.
