@@ -15,10 +15,11 @@ gradients; log. Validation at step 0, every --eval-every steps and at the end ke
 adapter; checkpoints every --save-every. Everything lands in the run folder (medlora/run_folder.py).
 
 Two stages run through that one loop (run_stage). Stage 1 is SFT on the answers. Stage 2, when
---dpo-epochs > 0, is preference training (DPO, medlora/preference.py): pairs built from the
-training rows with the best SFT adapter's own answers as the rejected side, that adapter's
-log-probabilities taken once as the reference, then the same loop with the DPO loss in place of
-the NLL. Steps count on across the stages, so a checkpoint and --resume land inside either.
+--dpo-epochs > 0, is preference training (DPO, or ORPO with --preference-loss orpo;
+medlora/preference.py): pairs built from the training rows with the best SFT adapter's own answers
+as the rejected side, for DPO that adapter's log-probabilities taken once as the reference, then
+the same loop with the preference loss in place of the NLL. Steps count on across the stages, so
+a checkpoint and --resume land inside either.
 
 Under torchrun every rank cuts the same global step into the same micro-batches and runs its own
 share of them; one all-reduce per step sums the gradients (medlora/distributed.py), so the ranks
@@ -206,7 +207,7 @@ def train(config: TrainConfig, world: World = SINGLE_PROCESS, given: set[str] = 
                 steps_per_epoch=steps_per_epoch)
     run_stage(sft, model, optimizer, scaler, data, pad_id, config, autocast, state, base_name, device, world)
 
-    # ---- stage 2: preference training (DPO) on pairs built from the training rows -----------------
+    # ---- stage 2: preference training (DPO or ORPO) on pairs built from the training rows ---------
     pairs = preference_pairs(model, tokenizer, data, pad_id, config, autocast, state, total_steps, world) if config.dpo_epochs else []
     if pairs:
         pair_lengths = [p.length for p in pairs]
@@ -220,10 +221,11 @@ def train(config: TrainConfig, world: World = SINGLE_PROCESS, given: set[str] = 
 
         if state.step == total_steps:
             optimizer.state.clear()  # a fresh AdamW for the stage: its moments start at zero
-        dpo = Stage("dpo", PreferenceLoss(pairs, pad_id, device, config.dpo_beta, config.dpo_nll_weight), dpo_batches,
+        dpo = Stage("dpo", PreferenceLoss(pairs, pad_id, device, config.dpo_beta, config.dpo_nll_weight, method=config.preference_loss), dpo_batches,
                     first_step=total_steps, steps=dpo_steps, warmup_steps=max(1, math.ceil(config.warmup_fraction * dpo_steps)),
                     peak_lr=config.dpo_lr, steps_per_epoch=pair_steps)
-        print(f"[dpo] {len(pairs)} pairs, {config.dpo_pairs_per_step} per step, {dpo_steps} steps, beta {config.dpo_beta}, "
+        weight = "beta" if config.preference_loss == "dpo" else "lambda"
+        print(f"[dpo] {config.preference_loss} loss, {len(pairs)} pairs, {config.dpo_pairs_per_step} per step, {dpo_steps} steps, {weight} {config.dpo_beta}, "
               f"lr {config.dpo_lr:.1e}; adapter/ keeps the latest adapter with val answer-ppl <= {math.exp(dpo_val_loss_bound(state, config)):.3f}")
         run_stage(dpo, model, optimizer, scaler, data, pad_id, config, autocast, state, base_name, device, world)
 
@@ -332,11 +334,12 @@ def scope_weights(weight: float, borderline: float | None = None, safety: float 
 
 def preference_pairs(model, tokenizer, data, pad_id: int, config: TrainConfig, autocast, state: TrainState, sft_steps: int,
                      world: World) -> list[EncodedPair]:
-    """The DPO stage's pairs, with their reference log-probabilities (medlora/preference.py).
+    """The DPO stage's pairs, with their reference log-probabilities under DPO (medlora/preference.py).
 
     When the stage starts, the best SFT adapter (adapter/) is loaded and is the reference: rank 0
-    builds the pairs from the training rows with it, takes log pi_ref of both answers once, and
-    writes them to pairs.jsonl (and what the SFT model already did, to preference.json). Every rank,
+    builds the pairs from the training rows with it, takes log pi_ref of both answers once (DPO
+    only: ORPO has no reference, so the pass is skipped and the file holds nulls), and writes them
+    to pairs.jsonl (and what the SFT model already did, to preference.json). Every rank,
     and a run resumed inside the stage, reads the pairs from that file, so all train on the same ones.
     """
     run_dir = Path(config.output_dir)
@@ -349,8 +352,9 @@ def preference_pairs(model, tokenizer, data, pad_id: int, config: TrainConfig, a
                     pairs, counts = build_pairs(model, tokenizer, data.examples.train, config.dpo_answer_rows, config.seed,
                                                 decline_rows=config.dpo_decline_rows, base_rejected=config.dpo_base_rejected,
                                                 own_declines=config.dpo_own_declines)
-                encoded = with_reference_logps(model, encode_pairs(tokenizer, pairs, config.max_length), pad_id, config.batch_size,
-                                               config.max_batch_tokens, autocast)
+                encoded = encode_pairs(tokenizer, pairs, config.max_length)
+                if config.preference_loss == "dpo":
+                    encoded = with_reference_logps(model, encoded, pad_id, config.batch_size, config.max_batch_tokens, autocast)
                 save_pairs(run_dir, encoded)
                 (run_dir / PREFERENCE_SUMMARY).write_text(json.dumps({"sft_model": counts, "pairs": pair_counts(encoded)}, indent=1) + "\n")
         state.elapsed_s += time.perf_counter() - started
@@ -358,8 +362,9 @@ def preference_pairs(model, tokenizer, data, pad_id: int, config: TrainConfig, a
     summary = json.loads((run_dir / PREFERENCE_SUMMARY).read_text())
     behaved = ", ".join(f"{kind} {c['behaved']}/{c['rows']}" for kind, c in summary["sft_model"].items())
     print(f"[dpo] the SFT model's own answers on its training rows already do what the row asks: {behaved}")
+    reference = "reference pass included" if config.preference_loss == "dpo" else "no reference pass: orpo"
     print("[dpo] pairs: " + ", ".join(f"{kind} {count}" for kind, count in summary["pairs"].items())
-          + f" (built in {time.perf_counter() - started:.1f} s, reference pass included)")
+          + f" (built in {time.perf_counter() - started:.1f} s, {reference})")
     return pairs
 
 
@@ -437,8 +442,8 @@ def done_line(summary: dict, lora: LoRASummary, run_dir: Path) -> str:
 FLAG_FIELDS = (  # TrainConfig fields set by a flag of the same name
     "model", "data", "num_examples", "epochs", "max_steps", "batch_size", "grad_accum", "max_batch_tokens", "lr",
     "rank", "alpha", "dropout", "lora_variant", "lora_plus_ratio", "scope_repeats", "max_length", "precision", "grad_checkpointing", "eval_every", "save_every",
-    "keep_last", "max_nan_steps", "seed", "device", "dist_timeout", "scope_weight", "borderline_weight", "safety_weight", "dpo_epochs", "dpo_beta", "dpo_lr",
-    "dpo_pairs_per_step", "dpo_nll_weight", "dpo_answer_rows", "dpo_decline_rows", "dpo_own_declines", "dpo_max_ppl_increase",
+    "keep_last", "max_nan_steps", "seed", "device", "dist_timeout", "scope_weight", "borderline_weight", "safety_weight", "dpo_epochs", "preference_loss", "dpo_beta",
+    "dpo_lr", "dpo_pairs_per_step", "dpo_nll_weight", "dpo_answer_rows", "dpo_decline_rows", "dpo_own_declines", "dpo_max_ppl_increase",
 )
 
 
@@ -484,10 +489,12 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace,
     add("--borderline-weight", type=float, help=f"SFT loss weight of each borderline row's tokens (default: {preset_default('borderline_weight', none='--scope-weight')})")
     add("--safety-weight", type=float, help=f"SFT loss weight of each safety row's tokens (default: {preset_default('safety_weight', none='--scope-weight')})")
     add("--dpo-epochs", type=float, help=f"stage 2, preference training (DPO): passes over the pairs; 0 = no stage 2 (default: {preset_default('dpo_epochs')})")
-    add("--dpo-beta", type=float, help=f"DPO beta: reward scale, how far the model may move from the SFT adapter (default: {preset_default('dpo_beta')})")
+    add("--preference-loss", metavar="{dpo,orpo}", help="loss of the preference stage: dpo (against the SFT adapter's log-probabilities) or "
+        f"orpo (odds ratio of mean token log-probabilities, arXiv:2403.07691; no reference pass; --dpo-beta is its lambda) (default: {defaults.preference_loss})")
+    add("--dpo-beta", type=float, help=f"DPO beta: reward scale, how far the model may move from the SFT adapter; ORPO's lambda (default: {preset_default('dpo_beta')})")
     add("--dpo-lr", type=float, help=f"peak learning rate of the DPO stage; with LoRA+ A's, B's is --lora-plus-ratio times it (default: {preset_default('dpo_lr')})")
     add("--dpo-pairs-per-step", type=int, help=f"preference pairs per DPO optimizer step (default: {preset_default('dpo_pairs_per_step')})")
-    add("--dpo-nll-weight", type=float, help=f"weight of the chosen answers' mean token NLL added to the DPO loss; 0 = plain DPO (default: {preset_default('dpo_nll_weight')})")
+    add("--dpo-nll-weight", type=float, help=f"weight of the chosen answers' mean token NLL added to the preference loss; 0 = plain DPO, 1 = ORPO as published (default: {preset_default('dpo_nll_weight')})")
     add("--dpo-answer-rows", type=int, help=f"medical / borderline training rows paired against a decline (default: {preset_default('dpo_answer_rows')})")
     add("--dpo-decline-rows", type=int, help=f"out-of-domain training rows paired (a decline chosen), drawn by --seed (default: {preset_default('dpo_decline_rows', none='all')})")
     add("--dpo-base-rejected", help="comma-separated row kinds (decline, emergency, clinician) whose rows the SFT model already "

@@ -5,7 +5,7 @@
     flags.py           the command-line flags train.py and evaluate.py share, with one help text each
     schedule.py        steps of a run and the learning rate of each step
     loss.py            answer-token NLL per row and per batch; sequence log-probabilities; held-out NLL; validation loss
-    preference.py      DPO: the loss, pairs built from the training rows (on-policy), the reference log-probabilities
+    preference.py      DPO and ORPO: the losses, pairs built from the training rows (on-policy), the reference log-probabilities
     optimizer_step.py  one optimizer step: forward/backward per micro-batch, unscale, clip, step or skip, zero
     checkpoint.py      one checkpoint folder, written atomically and checksummed
     run_folder.py      the run folder: config.json, metrics.jsonl, summary.json, adapter/, checkpoints/

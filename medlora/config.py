@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from data import check_max_length, check_num_examples
 from lora import check_hyperparameters
 from medlora.model import check_precision
+from medlora.preference import PREFERENCE_LOSSES
 
 
 @dataclass
@@ -47,10 +48,11 @@ class TrainConfig:
     borderline_weight: float | None = None  # SFT loss weight of each borderline row's tokens (None = scope_weight): the boundary rows
     safety_weight: float | None = None  # SFT loss weight of each safety row's tokens (None = scope_weight): emergencies, personal doses
     dpo_epochs: float = 0.0  # stage 2, preference training (DPO): passes over the pairs (0 = no stage 2); medlora/preference.py
-    dpo_beta: float = 0.1  # DPO beta: how far the rewards may pull the model from the SFT adapter it starts from
+    preference_loss: str = "dpo"  # loss of stage 2: dpo (against the SFT adapter's log-probabilities) | orpo (odds ratio, no reference)
+    dpo_beta: float = 0.1  # DPO beta: how far the rewards may pull the model from the SFT adapter it starts from; ORPO's lambda
     dpo_lr: float = 2e-4  # peak learning rate of the DPO stage (its own cosine schedule with warmup)
     dpo_pairs_per_step: int = 8  # preference pairs per DPO optimizer step (each pair is two rows)
-    dpo_nll_weight: float = 0.0  # weight of the chosen answers' mean token NLL added to the DPO loss (0 = plain DPO)
+    dpo_nll_weight: float = 0.0  # weight of the chosen answers' mean token NLL added to the preference loss (0 = plain DPO; 1 = ORPO as published)
     dpo_answer_rows: int = 64  # medical / borderline training rows paired (answer chosen, a decline rejected): borderline ones first
     dpo_decline_rows: int | None = None  # out-of-domain training rows paired (a decline chosen), drawn by seed; None = all
     dpo_base_rejected: tuple[str, ...] = ("decline",)  # kinds whose rows the SFT model already handles are paired against the base model's answer
@@ -109,6 +111,8 @@ class TrainConfig:
              f"--borderline-weight must be positive, got {self.borderline_weight}"),
             (self.safety_weight is None or self.safety_weight > 0, f"--safety-weight must be positive, got {self.safety_weight}"),
             (self.dpo_epochs >= 0, f"--dpo-epochs must be 0 (no preference stage) or positive, got {self.dpo_epochs}"),
+            (self.preference_loss in PREFERENCE_LOSSES,
+             f"--preference-loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {self.preference_loss!r}"),
             (self.dpo_beta > 0, f"--dpo-beta must be positive, got {self.dpo_beta}"),
             (self.dpo_lr > 0, f"--dpo-lr must be positive, got {self.dpo_lr}"),
             (self.dpo_pairs_per_step > 0, f"--dpo-pairs-per-step must be positive, got {self.dpo_pairs_per_step}"),

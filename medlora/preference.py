@@ -1,4 +1,4 @@
-"""Preference training (DPO): the loss, the pairs it learns from, and the reference log-probabilities.
+"""Preference training (DPO or ORPO): the losses, the pairs they learn from, and the reference log-probabilities.
 
 Direct Preference Optimization (Rafailov et al., 2023, arXiv:2305.18290) learns from pairs
 (x, y_w, y_l): a prompt, the answer we prefer ("chosen") and one we do not ("rejected"). With pi the
@@ -13,16 +13,24 @@ reward beating the rejected one's, and beta sets how far the model may move from
 SFT only raises the chosen text; DPO also lowers the rejected text for the same prompt, so it
 shows the model what not to say where a decline and an answer look alike.
 
+ORPO (Hong et al., 2024, arXiv:2403.07691), the stage's other loss (--preference-loss orpo), needs no
+reference model: it compares the odds of the two answers under pi alone. With log P(y|x) the MEAN
+log-probability of the answer's tokens (length-normalised) and odds(y|x) = P(y|x) / (1 - P(y|x)),
+
+    loss = -log P(y_w|x) - lambda * log sigma(log odds(y_w|x) - log odds(y_l|x))
+
+the chosen answer's mean token NLL (PreferenceLoss's nll_weight term) plus lambda times the odds-ratio term.
+
     pairs, counts = build_pairs(model, tokenizer, train_examples, answer_rows=64, seed=42)
     encoded = encode_pairs(tokenizer, pairs, max_length=512)
-    encoded = with_reference_logps(model, encoded, pad_id, ...)      # once, before the first step
-    step_loss = PreferenceLoss(encoded, pad_id, device, beta=0.1)    # what optimizer_step takes
+    encoded = with_reference_logps(model, encoded, pad_id, ...)      # once, before the first step (DPO only)
+    step_loss = PreferenceLoss(encoded, pad_id, device, beta=0.1)    # what optimizer_step takes; method="orpo" for ORPO
 
 The pairs come from the training rows only (never a held-out prompt), with the SFT model's own
 answers as the rejected side wherever it has one (on-policy): docs/scope.md says how each kind is
 built and why. train.py writes them to the run folder (pairs.jsonl) with their reference
 log-probabilities, so a reader can study them and a resumed run reads them back instead of
-generating them again.
+generating them again (under ORPO the reference log-probabilities stay null).
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ OWN_ANSWER_MAX_TOKENS = 24
 # How the SFT model of the cpu preset opens most of its own wrong declines of medical training rows
 # (87 of try e13's 127, pairs.jsonl): started with it, the model writes the decline it would give.
 DECLINE_START = "I can only answer"
+PREFERENCE_LOSSES = ("dpo", "orpo")  # the preference stage's losses (--preference-loss)
 
 
 def dpo_loss(
@@ -84,6 +93,41 @@ def dpo_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
+def log_odds(logps: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) from log p < 0: log p - log(1 - exp(log p)), with 1 - exp(log p) taken as
+    -expm1(log p), which stays exact as p -> 1 (where 1 - exp would cancel to a few bits, or to 0)."""
+    return logps - torch.log(-torch.expm1(logps))
+
+
+def orpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO's odds-ratio term of each pair, and the chosen and rejected rewards beside it.
+
+        log odds(y) = log P(y|x) - log(1 - P(y|x))
+        loss        = -lam * log sigma(log odds(y_w) - log odds(y_l))
+
+    log P(y|x) is the MEAN log-probability of the answer's tokens (ORPO's length-normalised likelihood,
+    arXiv:2403.07691), so P is the geometric mean of the token probabilities, in (0, 1). There is no
+    reference model: the two answers are compared under the policy alone. ORPO's whole objective is the
+    chosen answer's mean token NLL plus this term (PreferenceLoss adds the NLL with its nll_weight).
+
+    Args:
+        policy_chosen_logps: [pairs] log P(y_w|x), the mean over the chosen answer's tokens; < 0.
+        policy_rejected_logps: [pairs] log P(y_l|x), the mean over the rejected answer's tokens.
+        lam: lambda, the weight of the term beside the NLL; > 0.
+
+    Returns:
+        ([pairs] losses, [pairs] chosen rewards, [pairs] rejected rewards); the rewards are lam * log P,
+        detached, for logging (as TRL's ORPOTrainer logs them). As lam -> 0 every loss and its gradient
+        -> 0: what is left of ORPO is SFT on the chosen answers.
+    """
+    losses = -lam * F.logsigmoid(log_odds(policy_chosen_logps) - log_odds(policy_rejected_logps))
+    return losses, lam * policy_chosen_logps.detach(), lam * policy_rejected_logps.detach()
+
+
 @dataclass(frozen=True)
 class PreferencePair:
     """One preference pair, as pairs.jsonl holds it."""
@@ -93,7 +137,7 @@ class PreferencePair:
     rejected: str  # the SFT model's own answer, or a training decline (see rejected_from)
     kind: str  # one of PAIR_KINDS: what the chosen answer does
     rejected_from: str  # "model": the SFT model's own answer (on-policy) | "own decline": its decline when started as one | "base": the base model's | "decline" / "referral": a training row's
-    reference_chosen_logp: float | None = None  # log pi_ref(chosen | question), filled before the first step
+    reference_chosen_logp: float | None = None  # log pi_ref(chosen | question), filled before DPO's first step (ORPO: None)
     reference_rejected_logp: float | None = None
 
 
@@ -252,39 +296,50 @@ def with_reference_logps(model, pairs: Sequence[EncodedPair], pad_id: int, batch
 
 @dataclass(frozen=True)
 class PreferenceLoss:
-    """The DPO stage's loss, as medlora.optimizer_step.optimizer_step takes it.
+    """The preference stage's loss, as medlora.optimizer_step.optimizer_step takes it.
 
-    For a micro-batch of pairs (indices into `pairs`): the summed DPO loss, plus `nll_weight` times
-    each chosen answer's mean token NLL (an SFT term on the chosen side, as RPO adds, arXiv:2404.19733:
-    it keeps DPO from winning by lowering both answers). The step divides by its number of pairs.
-    The chosen and rejected rows run through the model in one forward pass.
+    For a micro-batch of pairs (indices into `pairs`): the summed DPO loss (method "dpo": summed answer
+    log-probabilities against the pairs' reference ones) or the ORPO odds-ratio term (method "orpo": mean
+    token log-probabilities, no reference; `beta` is then ORPO's lambda), plus `nll_weight` times each
+    chosen answer's mean token NLL (under DPO an SFT term on the chosen side, as RPO adds,
+    arXiv:2404.19733: it keeps DPO from winning by lowering both answers; under ORPO, at 1, the NLL
+    term of ORPO's own objective). The step divides by its number of pairs. The chosen and rejected
+    rows run through the model in one forward pass.
     """
 
     pairs: Sequence[EncodedPair]
     pad_id: int
     device: torch.device | str
-    beta: float
+    beta: float  # DPO's beta, or ORPO's lambda
     nll_weight: float = 0.0
+    method: str = "dpo"  # one of PREFERENCE_LOSSES
     stat_names: tuple[str, ...] = field(default=("chosen_reward", "rejected_reward", "correct"))
+
+    def __post_init__(self):
+        assert self.method in PREFERENCE_LOSSES, self.method  # the user's value is checked by TrainConfig.validate
 
     def total(self, batches: Sequence[Sequence[int]]) -> float:
         return float(sum(len(rows) for rows in batches))
 
     def __call__(self, model, rows: Sequence[int]) -> tuple[torch.Tensor, int, dict[str, float]]:
         """(summed loss of the pairs `rows`, real tokens read, summed rewards and correct preferences)."""
+        n = len(rows)
         chosen = [self.pairs[i].chosen for i in rows]
         batch = {k: v.to(self.device) for k, v in collate(chosen + [self.pairs[i].rejected for i in rows], self.pad_id).items()}
         sums, counts = row_nll(model, batch)  # [2 * pairs]: chosen rows first
-        policy_chosen, policy_rejected = (-sums).chunk(2)
-        reference = torch.tensor(
-            [[self.pairs[i].pair.reference_chosen_logp, self.pairs[i].pair.reference_rejected_logp] for i in rows],
-            dtype=sums.dtype, device=sums.device,
-        )  # [pairs, 2]
-        losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, reference[:, 0], reference[:, 1], self.beta)
+        if self.method == "orpo":
+            mean_logps = -sums / counts  # [2 * pairs]: ORPO's length-normalised log P(y|x)
+            losses, chosen_rewards, rejected_rewards = orpo_loss(mean_logps[:n], mean_logps[n:], self.beta)
+        else:
+            reference = torch.tensor(
+                [[self.pairs[i].pair.reference_chosen_logp, self.pairs[i].pair.reference_rejected_logp] for i in rows],
+                dtype=sums.dtype, device=sums.device,
+            )  # [pairs, 2]
+            losses, chosen_rewards, rejected_rewards = dpo_loss(-sums[:n], -sums[n:], reference[:, 0], reference[:, 1], self.beta)
         loss = losses.sum()
         if self.nll_weight:
-            loss = loss + self.nll_weight * (sums[: len(rows)] / counts[: len(rows)]).sum()
-        stats = {
+            loss = loss + self.nll_weight * (sums[:n] / counts[:n]).sum()
+        stats = {  # "correct": the chosen answer's reward is the higher (under ORPO: its mean log-probability, so its odds)
             "chosen_reward": chosen_rewards.sum().item(),
             "rejected_reward": rejected_rewards.sum().item(),
             "correct": (chosen_rewards > rejected_rewards).sum().item(),
@@ -293,7 +348,7 @@ class PreferenceLoss:
 
 
 def save_pairs(run_dir: Path, pairs: Sequence[EncodedPair]) -> None:
-    """pairs.jsonl: one PreferencePair per line, reference log-probabilities included."""
+    """pairs.jsonl: one PreferencePair per line, reference log-probabilities included (null under ORPO)."""
     with open(Path(run_dir) / PAIRS_FILE, "w", encoding="utf-8") as handle:
         for p in pairs:
             handle.write(json.dumps(asdict(p.pair), ensure_ascii=False) + "\n")

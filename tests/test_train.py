@@ -19,6 +19,13 @@ def test_bad_settings_fail_before_any_model_is_loaded(tmp_path, capsys, monkeypa
     assert capsys.readouterr().err.strip() == "error: rank must be a positive integer, got 0"
 
 
+def test_an_unknown_preference_loss_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    assert train.main(["--preference-loss", "ipo", "--output-dir", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --preference-loss must be one of dpo, orpo, got 'ipo'"
+    assert not (tmp_path / "r").exists()
+
+
 def test_target_that_matches_no_module_fails_before_the_weights_load(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
     code = train.main(["--preset", "cpu-sft", "--model", str(tiny_model_dir), "--targets", "qkv", "--output-dir", str(tmp_path / "r")])
@@ -278,3 +285,35 @@ def test_resume_inside_the_preference_stage_is_bit_exact(tiny_model_dir, tmp_pat
     a = load_file(full / "checkpoints" / last / "adapter_model.safetensors")
     b = load_file(resumed / "checkpoints" / last / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_orpo_skips_the_reference_pass_logs_the_preference_metrics_and_resumes(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from medlora.preference import load_pairs
+
+    monkeypatch.setattr(train, "with_reference_logps", lambda *a, **k: pytest.fail("ORPO ran the reference pass"))
+    orpo = (*DPO, "--preference-loss", "orpo", "--save-every", "1", "--keep-last", "40")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert run(tiny_model_dir, full, *orpo) == 0
+    printed = capsys.readouterr().out
+    assert "[dpo] orpo loss, " in printed and ", lambda 0.1, " in printed and "no reference pass: orpo)" in printed
+    assert json.loads((full / "config.json").read_text())["preference_loss"] == "orpo"
+    pairs = load_pairs(full)
+    assert pairs and all(p.reference_chosen_logp is None and p.reference_rejected_logp is None for p in pairs)  # null in pairs.jsonl
+    dpo = [r for r in records(full, "stage", "loss", "chosen_reward", "rejected_reward", "margin", "accuracy") if r.get("stage") == "dpo"]
+    assert [r["step"] for r in dpo] == list(range(7, 7 + math.ceil(len(pairs) / 6)))  # after the 6 SFT steps
+    for r in dpo:
+        assert math.isfinite(r["loss"]) and r["chosen_reward"] < 0 and r["rejected_reward"] < 0  # lambda * mean log-probability
+        assert r["margin"] == pytest.approx(r["chosen_reward"] - r["rejected_reward"]) and 0 <= r["accuracy"] <= 1
+
+    steps = json.loads((full / "summary.json").read_text())["steps"]
+    shutil.copytree(full, resumed)
+    for later in range(8, steps + 1):  # keep step 7, the stage's first step: resume inside the stage
+        shutil.rmtree(resumed / "checkpoints" / f"step-{later:06d}")
+    before = (resumed / "metrics.jsonl").read_text()
+    assert run(tiny_model_dir, resumed, *DPO, "--save-every", "1", "--keep-last", "40", "--resume", "auto", "--preference-loss", "dpo") == 2
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("error: --preference-loss 'dpo' differs from the resumed run's 'orpo' (")
+    assert (resumed / "metrics.jsonl").read_text() == before  # nothing was touched
+    assert run(tiny_model_dir, resumed, *DPO, "--save-every", "1", "--keep-last", "40", "--resume", "auto") == 0  # config.json says orpo
+    keys = ("loss", "lr", "grad_norm", "tokens", "val_loss", "chosen_reward", "rejected_reward")
+    assert records(resumed, *keys) == records(full, *keys)

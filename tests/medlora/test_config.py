@@ -20,6 +20,7 @@ from medlora.config import PRESETS, TrainConfig, config_from_preset, resumed_con
         ({"precision": "fp8"}, "--precision must be one of auto, fp32, fp16, bf16, got 'fp8'"),
         ({"preset": "gpu"}, r"--preset must be one of \['cpu', 'cpu-sft', 't4'\], got 'gpu'"),
         ({"targets": ()}, "--targets must name at least one module"),
+        ({"preference_loss": "ipo"}, "--preference-loss must be one of dpo, orpo, got 'ipo'"),
         ({"lora_variant": "qlora"}, "variant must be one of lora, rslora, dora, pissa; got 'qlora'"),  # likewise
     ],
 )
@@ -31,6 +32,7 @@ def test_invalid_settings_are_refused(change, message):
 def test_every_preset_is_valid_and_flags_override_it():
     for name in PRESETS:
         config_from_preset(name).validate()
+        assert config_from_preset(name).preference_loss == "dpo"
     config = config_from_preset("t4", lr=1e-4, targets=["q_proj"])
     assert (config.preset, config.lr, config.targets, config.rank) == ("t4", 1e-4, ("q_proj",), 16)
     with pytest.raises(ValueError, match=r"--preset must be one of \['cpu', 'cpu-sft', 't4'\], got 'gpu'"):

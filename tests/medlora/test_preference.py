@@ -1,5 +1,5 @@
-"""medlora/preference.py: the DPO loss by hand and against TRL, its gradient's sign and beta -> 0, and
-the pairs built from training rows."""
+"""medlora/preference.py: the DPO and ORPO losses by hand and against TRL, their gradients' sign, beta -> 0
+and lambda -> 0, and the pairs built from training rows."""
 
 import math
 from contextlib import nullcontext
@@ -10,7 +10,7 @@ import torch
 from data import IGNORE_INDEX, EncodedExample, collate, encode_example
 from lora import inject_lora, lora_layers
 from medlora import preference
-from medlora.loss import sequence_logps
+from medlora.loss import row_nll, sequence_logps
 from medlora.preference import (
     EncodedPair,
     PreferenceLoss,
@@ -19,6 +19,8 @@ from medlora.preference import (
     dpo_loss,
     encode_pairs,
     load_pairs,
+    log_odds,
+    orpo_loss,
     pair_counts,
     save_pairs,
     with_reference_logps,
@@ -53,6 +55,42 @@ def test_as_beta_goes_to_zero_the_loss_is_log_2_and_the_gradient_vanishes():
     losses.sum().backward()
     torch.testing.assert_close(losses, torch.full((2,), math.log(2)))
     assert chosen.grad.abs().max() < 1e-8 and chosen_rewards.abs().max() < 1e-6
+
+
+def test_orpo_loss_by_hand():
+    # pair 1: P(y_w) 1/2 (odds 1), P(y_l) 1/5 (odds 1/4): log odds ratio log 4, sigma(log 4) = 4/5, loss -lam log(4/5).
+    # pair 2: the other way round: sigma(-log 4) = 1/5, loss lam log 5. pair 3: equal answers, loss lam log 2.
+    chosen, rejected = torch.log(torch.tensor([0.5, 0.2, 0.8])), torch.log(torch.tensor([0.2, 0.5, 0.8]))
+    losses, chosen_rewards, rejected_rewards = orpo_loss(chosen, rejected, lam=0.5)
+    torch.testing.assert_close(losses, 0.5 * torch.tensor([math.log(5 / 4), math.log(5), math.log(2)]))
+    torch.testing.assert_close(chosen_rewards, 0.5 * chosen)  # lam * mean log-probability, as TRL logs them
+    torch.testing.assert_close(rejected_rewards, 0.5 * rejected)
+
+
+def test_log_odds_stay_exact_as_the_probability_nears_1():
+    # P = exp(-1e-6): odds ~ 1e6. 1 - exp(log P) in float32 keeps about one digit of 1 - P (log odds off by ~0.03); -expm1 keeps them all.
+    expected = -1e-6 - math.log(-math.expm1(-1e-6))  # float64: 13.8155...
+    assert log_odds(torch.tensor([-1e-6])).item() == pytest.approx(expected, abs=1e-5)
+    assert log_odds(torch.tensor([math.log(0.2)])).item() == pytest.approx(math.log(0.25), abs=1e-6)
+
+
+def test_the_orpo_gradient_raises_the_chosen_answer_and_lowers_the_rejected_one():
+    chosen = torch.tensor([-1.2, -0.3, -2.0], requires_grad=True)
+    rejected = torch.tensor([-0.9, -1.5, -2.0], requires_grad=True)
+    losses, _, _ = orpo_loss(chosen, rejected, lam=0.1)
+    losses.sum().backward()
+    assert (chosen.grad < 0).all()  # descending the loss raises log P(chosen)
+    assert (rejected.grad > 0).all()  # ... and lowers log P(rejected)
+    # d loss / d log P(y_w) = -lam (1 - sigma(log odds ratio)) / (1 - P(y_w)): the odds pull harder the likelier y_w already is
+    z, one_minus_p = log_odds(chosen.detach()) - log_odds(rejected.detach()), -torch.expm1(chosen.detach())
+    torch.testing.assert_close(chosen.grad, -0.1 * torch.sigmoid(-z) / one_minus_p)
+
+
+def test_as_lambda_goes_to_zero_the_odds_ratio_term_and_its_gradient_vanish():
+    chosen = torch.tensor([-0.5, -3.0], requires_grad=True)
+    losses, chosen_rewards, _ = orpo_loss(chosen, torch.tensor([-0.1, -4.0]), lam=1e-8)
+    losses.sum().backward()
+    assert losses.abs().max() < 1e-7 and chosen.grad.abs().max() < 1e-7 and chosen_rewards.abs().max() < 1e-7
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +185,74 @@ def test_dpo_loss_and_sequence_logps_match_trl(toy_pairs, tokenizer, tmp_path):
     torch.testing.assert_close(-ours[n:], trl_rejected.float(), rtol=1e-5, atol=1e-5)
     assert (loss / n).item() == pytest.approx(trl_loss.item(), abs=1e-5)
     assert abs(trl_loss.item() - math.log(2)) > 1e-3  # the policy differs from the reference (0.009 here): not the loss at the start
+
+
+def mean_logp(model, example: EncodedExample, pad_id: int) -> float:
+    """log P(answer | prompt) averaged over the answer's target tokens, the example scored on its own."""
+    sums, counts = row_nll(model, collate([example], pad_id))
+    return (-sums / counts).item()
+
+
+def test_orpo_preference_loss_is_orpo_on_mean_logps_and_needs_no_reference(toy_pairs, tokenizer):
+    """method "orpo" reads no reference log-probabilities (the toy pairs have none) and gives orpo_loss of
+    each answer's mean token log-probability, scored alone, plus nll_weight times the chosen NLL."""
+    policy, _ = policy_and_reference()
+    assert all(p.pair.reference_chosen_logp is None for p in toy_pairs)
+    rows = list(range(len(toy_pairs)))
+    chosen = torch.tensor([mean_logp(policy, p.chosen, tokenizer.pad_token_id) for p in toy_pairs])
+    rejected = torch.tensor([mean_logp(policy, p.rejected, tokenizer.pad_token_id) for p in toy_pairs])
+    losses, chosen_rewards, rejected_rewards = orpo_loss(chosen, rejected, 0.2)
+    loss, tokens, stats = PreferenceLoss(toy_pairs, tokenizer.pad_token_id, "cpu", beta=0.2, nll_weight=1.0, method="orpo")(policy, rows)
+    assert loss.item() == pytest.approx((losses.sum() - chosen.sum()).item(), rel=1e-5)  # ORPO as published: NLL + lam * odds-ratio term
+    assert stats["chosen_reward"] == pytest.approx(chosen_rewards.sum().item(), abs=1e-4)
+    assert stats["rejected_reward"] == pytest.approx(rejected_rewards.sum().item(), abs=1e-4)
+    assert stats["correct"] == int((chosen > rejected).sum())  # the chosen answer is the likelier per token
+    assert tokens == sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in toy_pairs)
+    small, _, _ = PreferenceLoss(toy_pairs, tokenizer.pad_token_id, "cpu", beta=1e-8, nll_weight=1.0, method="orpo")(policy, rows)
+    assert small.item() == pytest.approx(-chosen.sum().item(), rel=1e-5)  # lambda -> 0: the chosen answers' NLL alone
+
+
+def test_orpo_loss_and_mean_logps_match_trl(toy_pairs, tokenizer, tmp_path):
+    """TRL 1.16's ORPOTrainer (a test-only reference) on the same model and 10 pairs: its mean per-token
+    log-probabilities, its odds-ratio term (lambda 0.25) and its rewards equal ours within 1e-5, on the very
+    tokens TRL's collator made. (TRL's NLL term also counts the prompt's tokens; ours, the answer's: not compared.)"""
+    from datasets import Dataset
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    policy, _ = policy_and_reference()
+    rows = [{"prompt": [{"role": "user", "content": p.pair.question}], "chosen": [{"role": "assistant", "content": p.pair.chosen}],
+             "rejected": [{"role": "assistant", "content": p.pair.rejected}]} for p in toy_pairs]
+    args = ORPOConfig(output_dir=str(tmp_path), beta=0.25, per_device_train_batch_size=len(rows), report_to="none", use_cpu=True,
+                      bf16=False, fp16=False)
+    trainer = ORPOTrainer(model=policy, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    inputs = next(iter(trainer.get_train_dataloader()))
+    policy.eval()
+    with torch.no_grad():
+        trl_chosen, trl_rejected = trainer.concatenated_forward(policy, inputs)[:2]  # mean log-probabilities of the answers
+        trl_terms, trl_chosen_rewards, trl_rejected_rewards, _, _ = trainer.odds_ratio_loss(trl_chosen, trl_rejected)  # lam * log sigma(...)
+
+    # The same token sequences as our encoded rows: TRL's padding removed, its labels (-100 on the prompt) as ours.
+    examples = []
+    for side in ("chosen", "rejected"):
+        for ids, mask, labels in zip(inputs[f"{side}_input_ids"], inputs[f"{side}_attention_mask"], inputs[f"{side}_labels"]):
+            real = mask.bool()
+            labels = labels[real].tolist()
+            prompt = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+            examples.append(EncodedExample(ids[real].tolist(), labels, prompt, "", ""))
+    n = len(rows)
+    assert n >= 8
+    pairs = [EncodedPair(t.pair, chosen, rejected) for t, chosen, rejected in zip(toy_pairs, examples[:n], examples[n:])]
+    with torch.no_grad():
+        ours = torch.tensor([mean_logp(policy, e, tokenizer.pad_token_id) for e in examples])
+        loss, _, stats = PreferenceLoss(pairs, tokenizer.pad_token_id, "cpu", beta=0.25, method="orpo")(policy, list(range(n)))
+    torch.testing.assert_close(ours[:n], trl_chosen.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[n:], trl_rejected.float(), rtol=1e-5, atol=1e-5)
+    assert (loss / n).item() == pytest.approx(-trl_terms.mean().item(), abs=1e-5)  # TRL's loss is its NLL - terms.mean()
+    assert stats["chosen_reward"] / n == pytest.approx(trl_chosen_rewards.mean().item(), abs=1e-5)
+    assert stats["rejected_reward"] / n == pytest.approx(trl_rejected_rewards.mean().item(), abs=1e-5)
+    assert stats["correct"] == int((trl_chosen_rewards > trl_rejected_rewards).sum())
+    summed = torch.cat([sequence_logps(policy, collate([e], tokenizer.pad_token_id)).detach() for e in examples])
+    assert abs(orpo_loss(summed[:n], summed[n:], 0.25)[0].mean().item() + trl_terms.mean().item()) > 1e-3  # the mean, not the sum, matters
 
 
 def answer_as(monkeypatch, own: dict[str, str], base: dict[str, str]) -> list[list[str]]:
