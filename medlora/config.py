@@ -146,8 +146,8 @@ PRESETS: dict[str, dict] = {
     # what every export carries. LoRA+ (B's learning rate 16 times A's, issue 33's study) in both
     # stages: dpo_lr is A's rate, so B's is 8e-4 in the DPO stage (at dpo_lr 2e-4, B at 3.2e-3 took
     # validation answer-ppl 9-14% over SFT's and no DPO adapter was kept, try e7 in docs/scope.md).
-    # DPO beta 0.3 with dpo_lr 5e-5 (tries e25-e26): false declines 3/127 in both draws, where beta
-    # 0.1 at 2.5e-5 (e13, the preset of rounds four to six) got 4-6/127.
+    # DPO beta 0.3 with dpo_lr 5e-5 (docs/scope.md round seven): false declines 3-4/127 over three draws
+    # of the DPO rows, where beta 0.1 at 2.5e-5 (e13, the preset of rounds four to six) got 4-6/127.
     # eval_every=29: a validation pass of the embedded split costs about 2 optimizer steps
     # (docs/performance.md), so the epoch validates every 29 steps and at its end.
     "cpu": dict(
