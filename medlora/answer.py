@@ -51,7 +51,7 @@ from typing import Iterator, Sequence
 import torch
 
 from medlora.generation import GENERATION_BATCH_SIZE, GenerationSettings, generate_answers, load_for_inference, stream_answer
-from medlora.scope import first_sentences, is_decline, is_scope_decline, sentence_ends
+from medlora.scope import DECLINE_PHRASES, decline_phrase_ids, first_sentences, is_decline, is_scope_decline, sentence_ends
 from medlora.scope_gate import GATE_FILE, Decision, ScopeGate, prompt_features
 from medlora.sources import Card, Sources, cards_text, sources_for_adapter
 
@@ -78,15 +78,6 @@ VETERINARY = re.compile(
     r"\b(?:dog|dogs|puppy|cat|cats|kitten|pet|pets|horse|horses|pony|rabbit|hamster|guinea pig|parrot|budgie|"
     r"fish|goldfish|ferret|cow|cows|sheep|goat|goats|pig|pigs|chicken|chickens|vet|veterinarian|veterinary)\b",
     re.IGNORECASE,
-)
-# Openings of a decline, banned when the gate overrides the model's decline: the first sentence of every
-# decline row in data/medical_flashcards.jsonl holds one of these (tests/medlora/test_answer.py checks it).
-DECLINE_PHRASES = (
-    "outside my", "outside of my", "outside the scope", "outside what I", "beyond my", "beyond the scope",
-    "I only answer", "I can only", "I'm only able", "not something I", "I'm sorry", "I am sorry", "I'm afraid",
-    "I'm designed", "I only help", "I'm a medical", "As a medical assistant", "I'm not able to", "I'll have to pass",
-    "I'd love to help", "I'd like to help", "Thanks for asking, but", "Good question, but", "Not my area",
-    "I'm not a", "I'm not an", "I am not a", "I am not an",  # the disclaimers deflections open with (issue 31)
 )
 ROUTE_LABELS = {
     "decline": "not a medical question",
@@ -188,10 +179,9 @@ class AnswerPath:
         return cls(net, tokenizer, gate, settings, sources, card_count, batch_size, stop_after_sentences, description, notices)
 
     def banned_ids(self) -> list[list[int]]:
-        """Token sequences of DECLINE_PHRASES (with and without a leading space), for bad_words_ids."""
+        """decline_phrase_ids of the path's tokenizer, encoded once."""
         if self._banned is None:
-            encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-            self._banned = [ids for phrase in DECLINE_PHRASES for ids in (encode(phrase), encode(" " + phrase)) if ids]
+            self._banned = decline_phrase_ids(self.tokenizer)
         return self._banned
 
     def decisions(self, questions: Sequence[str], history: Sequence[tuple[str, str]] = ()) -> list[Decision | None]:

@@ -83,7 +83,7 @@ SCOPE_DECLINE_PATTERNS = tuple(
     for pattern in (
         # "outside my scope", "beyond my scope", "outside of my area of expertise",
         # "outside my medical specialty": the assistant's own field, up to two words before it.
-        r"\b(?:outside|beyond) (?:of )?my (?:[\w-]+ ){0,2}"
+        r"\b(?:outside|beyond) (?:of )?(?:my|our) (?:[\w-]+ ){0,2}"
         r"(?:scope|area|field|specialty|speciality|expertise|domain|remit|knowledge|purpose|role)",
         # "outside the scope of this (medical) assistant", "beyond the scope of what I can answer",
         # "outside the scope of medicine": the scope of the assistant or of medicine as a whole,
@@ -93,7 +93,7 @@ SCOPE_DECLINE_PATTERNS = tuple(
         r"|(?:'m| am| was) (?:designed|built|made)| do\b| cover\b| handle\b)|medicine\b)",
         # "outside what I can help with", "outside what I'm designed for", "beyond what I can help
         # with" (not "beyond what I can tell you from here": dose answers say that before a referral).
-        r"\boutside (?:of )?what (?:i|i'm|this assistant)\b",
+        r"\boutside (?:of )?what (?:i|i'm|we|this assistant)\b",
         r"\bbeyond what (?:i|this assistant)(?: can|'m able to| am able to) (?:help|assist) with\b"
         r"|\bbeyond what i(?:'m| am) (?:designed|built|made) (?:for|to)\b",
         # "outside the medical topics I cover", "outside the scope of the medical domain I handle".
@@ -110,8 +110,9 @@ SCOPE_DECLINE_PATTERNS = tuple(
         r"\bi(?:'m| am) (?:designed|built|made|trained|meant) (?:only )?(?:to (?:answer|help with|handle|discuss)|for)"
         r"\b[^.!?]{0,30}?" + _SCOPE_SUBJECT,
         # "not something I can help with", "isn't something I'm able to answer".
+        # "not something we can help with" (the assistant as "we").
         r"(?:\bnot|n't) (?:really )?(?:something|a (?:question|topic|subject)|an area) (?:that )?"
-        r"i(?: can|'m able to| am able to| could) (?:help|answer|assist|cover)",
+        r"(?:i(?: can|'m able to| am able to| could)|we(?: can|'re able to| are able to| could)) (?:help|answer|assist|cover)",
         # "not my specialty", "not in my area of expertise".
         r"\bnot (?:in |within )?my (?:[\w-]+ ){0,2}(?:specialty|speciality|area|field|expertise|domain)\b",
         # "that's not what I can help with", "not what I'm able to answer".
@@ -120,7 +121,7 @@ SCOPE_DECLINE_PATTERNS = tuple(
         # medical questions, not tax questions": its subject set against another.
         r"\bi (?:answer|help with|cover|handle|deal with)\b[^.!?]{0,40}?" + _SCOPE_SUBJECT + r"[^.!?]{0,30}?(?:\brather than\b|, not\b)",
         # "since my area covers medicine and health", "my focus is health questions".
-        r"\bmy (?:[\w-]+ ){0,2}(?:scope|area|field|specialty|speciality|expertise|domain|focus|remit)"
+        r"\b(?:my|our) (?:[\w-]+ ){0,2}(?:scope|area|field|specialty|speciality|expertise|domain|focus|remit)"
         r" (?:is|covers|includes|lies in)\b[^.!?]{0,30}?" + _SCOPE_SUBJECT,
     )
 )
@@ -161,10 +162,13 @@ DEFLECTION_PATTERNS = tuple(
         # medicine", "I can't help you with food or medicine", "I don't have the capability to
         # recommend books", "I don't know how to answer medical questions". Not when "but" or
         # "because" goes on to answer ("I can't give you an exact dose, but adults take 200 mg").
-        r"\bi (?:(?:can't|cannot|can not|'m unable to|am unable to|'m not able to|am not able to"
-        r"|(?:don't|do not) (?:know how|have time) to) (?:help|assist|answer|suggest|recommend|give|tell|explain|troubleshoot"
+        # "I'm unable to assist with capitals", "I'm not able (to) answer questions about plants".
+        r"\bi(?:(?: can't| cannot| can not| am unable to| am not able(?: to)?| (?:don't|do not) (?:know how|have time) to"
+        r"|'m unable to|'m not able(?: to)?) (?:help|assist|answer|suggest|recommend|give|tell|explain|troubleshoot"
         r"|take on|take up|take|cover|handle|discuss)"
-        r"|(?:don't|do not) have the (?:ability|capability) to \w+)\b(?![^.!?;]*\b(?:but|because|since)\b)",
+        r"| (?:don't|do not) have the (?:ability|capability) to \w+)\b(?![^.!?;]*\b(?:but|because|since)\b)",
+        # "I'm not the right place to ask about recipes" (the training declines' own words).
+        r"\bi(?:'m| am) not the right (?:place|person|assistant|one) to ask\b",
         # A disclaimer, then a referral in place of an answer: "I'm not an expert in ulcers.
         # Please consult a doctor ...", "I'm not an expert in kittens; please consult with a veterinarian".
         r"^(?:no, |well, )?i(?:'m| am) not (?:a |an )?[^.;!?]*[.;!] (?:so )?(?:please )?"
@@ -412,3 +416,25 @@ def is_referral(answer: str, kind: str) -> bool:
     if kind == "personal_dose":
         return is_clinician_referral(answer) or is_emergency_referral(answer)
     raise ValueError(f"referral kind {kind!r} is not one of {', '.join(REFERRAL_KINDS)}")
+
+
+# Openings of a decline, banned when the gate overrides the model's decline (medlora.answer): the first sentence of every
+# decline row in data/medical_flashcards.jsonl holds one of these (tests/medlora/test_answer.py checks it).
+DECLINE_PHRASES = (
+    "outside my", "outside of my", "outside the scope", "outside what I", "beyond my", "beyond the scope",
+    "I only answer", "I can only", "I'm only able", "not something I", "I'm sorry", "I am sorry", "I'm afraid",
+    "I'm designed", "I only help", "I'm a medical", "As a medical assistant", "I'm not able to", "I'll have to pass",
+    "I'd love to help", "I'd like to help", "Thanks for asking, but", "Good question, but", "Not my area",
+    "I'm not a", "I'm not an", "I am not a", "I am not an",  # the disclaimers deflections open with (issue 31)
+    # The other words a decline is rebuilt from when the ones above are banned (tries e25 and e32): "I can help
+    # with geography, so I'm unable to assist with capitals", "That's not something we can help with: ...".
+    "I can help with", "I'm unable", "I am unable", "I'm not able", "I am not able", "not the right place",
+    "not something we", "outside what we", "beyond what we", "outside our", "beyond our", "our focus",
+)
+
+
+def decline_phrase_ids(tokenizer) -> list[list[int]]:
+    """Token sequences of DECLINE_PHRASES (with and without a leading space), for bad_words_ids: what
+    the override bans, and what medlora.preference bans to draw the model's own answer to a question it declines."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return [ids for phrase in DECLINE_PHRASES for ids in (encode(phrase), encode(" " + phrase)) if ids]

@@ -284,7 +284,7 @@ def test_every_training_decline_opens_with_a_banned_phrase():
     import json
     from pathlib import Path
 
-    from medlora.answer import DECLINE_PHRASES
+    from medlora.scope import DECLINE_PHRASES
     from medlora.scope import first_sentences
 
     rows = [json.loads(line) for line in (Path(__file__).resolve().parents[2] / "data" / "medical_flashcards.jsonl").open()]

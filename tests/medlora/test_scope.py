@@ -251,7 +251,7 @@ def test_the_labelled_set_holds_real_deflections_and_answers_of_every_kind():
 
 
 def test_the_judge_agrees_with_the_labels_read_by_hand():
-    """is_decline against tests/fixtures/judge_labels.jsonl: 202 of 210 real outputs (96.2%).
+    """is_decline against tests/fixtures/judge_labels.jsonl: 215 of 223 real outputs (96.4%).
 
     The outputs are today's cpu-preset model (runs/cpu, `make run` of 2026-12-05) on the held-out
     scope prompts as evaluate.py answered them, and the base model on training-row questions and
@@ -266,7 +266,14 @@ def test_the_judge_agrees_with_the_labels_read_by_hand():
     from issue 31's tries e10 and e11: "I'm not able to help with Shakespeare, since I answer questions
     about medicine and health rather than literature history." (a decline the rule read as an answer
     until it learned a subject set against another, "I answer ... medicine and health rather than"),
-    and 2 answers that say "rather than".
+    and 2 answers that say "rather than". The last 13 (issue 31, eighth session): 9 declines from tries
+    e6-e31, most of them the override's second answer with the usual decline openings banned, which
+    rebuilds the decline from other words ("That's not something we can help with: heart rate isn't
+    among our scope.", "I can help with medicine and health, so I'm unable to assist with drugs.",
+    "... I'm not the right place to ask about food poisoning."), and 4 answers that say "unable to" or
+    "not able to" of something else. The rule before these rows read 4 of the 13 right (206 of 223,
+    92.4%): "I'm unable to" and "I'm not able to" never matched (the pattern wanted "i 'm"), and it
+    knew no decline by "we".
 
     The 8 disagreements, all declines the rule reads as answers:
     - five deflections that change the subject with content, which text alone cannot tell from an
