@@ -61,6 +61,7 @@ from medlora.model import (
 )
 from medlora.optimizer_step import StepLoss, adamw, optimizer_step, parameter_groups
 from medlora.preference import (
+    DECLINE_REJECTED,
     PREFERENCE_SUMMARY,
     EncodedPair,
     PreferenceLoss,
@@ -351,7 +352,8 @@ def preference_pairs(model, tokenizer, data, pad_id: int, config: TrainConfig, a
                 with autocast():
                     pairs, counts = build_pairs(model, tokenizer, data.examples.train, config.dpo_answer_rows, config.seed,
                                                 decline_rows=config.dpo_decline_rows, base_rejected=config.dpo_base_rejected,
-                                                own_declines=config.dpo_own_declines)
+                                                own_declines=config.dpo_own_declines, decline_rejected=config.dpo_decline_rejected,
+                                                answered_pairs=config.dpo_answered_pairs)
                 encoded = encode_pairs(tokenizer, pairs, config.max_length)
                 if config.preference_loss == "dpo":
                     encoded = with_reference_logps(model, encoded, pad_id, config.batch_size, config.max_batch_tokens, autocast)
@@ -443,7 +445,8 @@ FLAG_FIELDS = (  # TrainConfig fields set by a flag of the same name
     "model", "data", "num_examples", "epochs", "max_steps", "batch_size", "grad_accum", "max_batch_tokens", "lr",
     "rank", "alpha", "dropout", "lora_variant", "lora_plus_ratio", "scope_repeats", "max_length", "precision", "grad_checkpointing", "eval_every", "save_every",
     "keep_last", "max_nan_steps", "seed", "device", "dist_timeout", "scope_weight", "borderline_weight", "safety_weight", "dpo_epochs", "preference_loss", "dpo_beta",
-    "dpo_lr", "dpo_pairs_per_step", "dpo_nll_weight", "dpo_answer_rows", "dpo_decline_rows", "dpo_own_declines", "dpo_max_ppl_increase",
+    "dpo_lr", "dpo_pairs_per_step", "dpo_nll_weight", "dpo_answer_rows", "dpo_decline_rows", "dpo_own_declines", "dpo_decline_rejected",
+    "dpo_answered_pairs", "dpo_max_ppl_increase",
 )
 
 
@@ -501,6 +504,11 @@ def parse_args(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namespace,
         f"handles get a pair against the base model's answer (default: {','.join(defaults.dpo_base_rejected)})")
     add("--dpo-own-declines", action=argparse.BooleanOptionalAction, default=None, help="pair a medical row the SFT model "
         f"answers against its own decline (its answer started with \"I can only answer\"), not a training row's (default: {defaults.dpo_own_declines})")
+    add("--dpo-decline-rejected", metavar="{" + ",".join(DECLINE_REJECTED) + "}", help="the rejected side of an out-of-domain row the SFT model already declines: "
+        "base (the base model's answer) or own (the SFT model's own answer with its decline openings banned, as the answer path's "
+        f"override writes it) (default: {defaults.dpo_decline_rejected})")
+    add("--dpo-answered-pairs", action=argparse.BooleanOptionalAction, default=None, help="pair a medical row the SFT model "
+        f"already answers against a training row's decline or referral (default: {defaults.dpo_answered_pairs})")
     add("--dpo-max-ppl-increase", type=float, help=f"DPO adapters are kept while validation answer-ppl is at most this fraction above SFT's (default: {defaults.dpo_max_ppl_increase})")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None, help=f"recompute activations in backward (default: {preset_default('grad_checkpointing')})")
     add("--eval-every", type=int, help=f"optimizer steps between validation passes (default: {preset_default('eval_every')})")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from data import check_max_length, check_num_examples
 from lora import check_hyperparameters
 from medlora.model import check_precision
-from medlora.preference import PREFERENCE_LOSSES
+from medlora.preference import DECLINE_REJECTED, PREFERENCE_LOSSES
 
 
 @dataclass
@@ -57,6 +57,8 @@ class TrainConfig:
     dpo_decline_rows: int | None = None  # out-of-domain training rows paired (a decline chosen), drawn by seed; None = all
     dpo_base_rejected: tuple[str, ...] = ("decline",)  # kinds whose rows the SFT model already handles are paired against the base model's answer
     dpo_own_declines: bool = False  # a medical row the model answers is paired against its own decline (started "I can only answer"), not a training row's
+    dpo_decline_rejected: str = "base"  # an out-of-domain row the model already declines is paired against: base (the base model's answer) | own (its own, declines banned)
+    dpo_answered_pairs: bool = True  # a medical row the model already answers is paired against a training row's decline or referral
     dpo_max_ppl_increase: float = 0.05  # DPO adapters are kept while validation answer-ppl is at most this much above SFT's
     max_length: int = 512  # tokens per example; the answer is cut, never the prompt
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 (auto: medlora.model.resolve_precision)
@@ -113,6 +115,8 @@ class TrainConfig:
             (self.dpo_epochs >= 0, f"--dpo-epochs must be 0 (no preference stage) or positive, got {self.dpo_epochs}"),
             (self.preference_loss in PREFERENCE_LOSSES,
              f"--preference-loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {self.preference_loss!r}"),
+            (self.dpo_decline_rejected in DECLINE_REJECTED,
+             f"--dpo-decline-rejected must be one of {', '.join(DECLINE_REJECTED)}, got {self.dpo_decline_rejected!r}"),
             (self.dpo_beta > 0, f"--dpo-beta must be positive, got {self.dpo_beta}"),
             (self.dpo_lr > 0, f"--dpo-lr must be positive, got {self.dpo_lr}"),
             (self.dpo_pairs_per_step > 0, f"--dpo-pairs-per-step must be positive, got {self.dpo_pairs_per_step}"),

@@ -49,7 +49,7 @@ from data import EncodedExample, collate, encode_example, micro_batches
 from lora import adapters_off
 from medlora.generation import GenerationSettings, generate_answers
 from medlora.loss import heldout_row_nll, row_nll
-from medlora.scope import is_clinician_referral, is_decline, is_emergency_referral
+from medlora.scope import decline_phrase_ids, is_clinician_referral, is_decline, is_emergency_referral
 
 PAIRS_FILE = "pairs.jsonl"
 PREFERENCE_SUMMARY = "preference.json"  # what the SFT model already did on the paired rows, and the pairs per kind
@@ -62,6 +62,7 @@ OWN_ANSWER_MAX_TOKENS = 24
 # (87 of try e13's 127, pairs.jsonl): started with it, the model writes the decline it would give.
 DECLINE_START = "I can only answer"
 PREFERENCE_LOSSES = ("dpo", "orpo")  # the preference stage's losses (--preference-loss)
+DECLINE_REJECTED = ("base", "own")  # the rejected side of an out-of-domain row the SFT model already declines (--dpo-decline-rejected)
 
 
 def dpo_loss(
@@ -136,7 +137,7 @@ class PreferencePair:
     chosen: str  # the training row's answer
     rejected: str  # the SFT model's own answer, or a training decline (see rejected_from)
     kind: str  # one of PAIR_KINDS: what the chosen answer does
-    rejected_from: str  # "model": the SFT model's own answer (on-policy) | "own decline": its decline when started as one | "base": the base model's | "decline" / "referral": a training row's
+    rejected_from: str  # "model": the SFT model's own answer (on-policy) | "own decline": its decline when started as one | "banned": its answer with its decline openings banned | "base": the base model's | "decline" / "referral": a training row's
     reference_chosen_logp: float | None = None  # log pi_ref(chosen | question), filled before DPO's first step (ORPO: None)
     reference_rejected_logp: float | None = None
 
@@ -166,6 +167,7 @@ def behaves(kind: str, own_answer: str) -> bool:
 def build_pairs(
     model, tokenizer, examples: Sequence[EncodedExample], answer_rows: int, seed: int, batch_size: int = 128,
     decline_rows: int | None = None, base_rejected: Sequence[str] = ("decline",), own_declines: bool = False,
+    decline_rejected: str = "base", answered_pairs: bool = True,
 ) -> tuple[list[PreferencePair], dict[str, dict[str, int]]]:
     """Preference pairs from the training rows, and how often the model already behaved, by kind.
 
@@ -180,6 +182,7 @@ def build_pairs(
     * answer (medical, borderline): chosen = the row's answer, rejected = the model's own decline,
       deflection or emergency referral where it makes one, else, in turn, a training row's decline
       or emergency referral (the two ways a small model over-applies what the scope rows teach);
+      with `answered_pairs=False`, a row the model already answers makes no pair;
       with `own_declines`, the decline the model itself writes for that question when its answer is
       started with DECLINE_START ("I can only answer questions about medicine and health, so I can't
       help with tick removal."): a rejected side it finds likely, for this very question (try e17 in
@@ -190,7 +193,11 @@ def build_pairs(
     model's answer (the adapters turned off, lora.adapters_off): what the model said before
     fine-tuning, unless that behaves too. DPO's gradient does not fade on a pair the model already
     ranks right (every pair starts at margin 0 against the reference), so these pairs widen the
-    behaviour's margin on prompts it already gets right. Other rows the model already gets right
+    behaviour's margin on prompts it already gets right. With `decline_rejected="own"`, an
+    out-of-domain row's rejected side is instead the model's own answer with its decline openings
+    banned (medlora.scope.decline_phrase_ids, as the answer path's override writes it): what this
+    model says when it does not decline, on-policy in everything but the ban; a row where it still
+    declines makes no pair. Other rows the model already gets right
     make no pair: emergency referrals pushed up this way spread to every question (docs/scope.md, e4).
 
     Returns (pairs, counts): counts[kind] = {"rows": rows of that kind asked, "behaved": how many of
@@ -216,6 +223,12 @@ def build_pairs(
     own = generate_answers(model, tokenizer, [e.question for e in rows], settings, batch_size, stop_after_sentences=OWN_ANSWER_SENTENCES)
     behaved = [behaves(row_kind(e), answer) for e, answer in zip(rows, own)]
     ask_base = [e for e, ok in zip(rows, behaved) if ok and row_kind(e) in base_rejected and row_kind(e) != "answer"]
+    if decline_rejected not in DECLINE_REJECTED:
+        raise ValueError(f"decline_rejected must be one of {', '.join(DECLINE_REJECTED)}, got {decline_rejected!r}")
+    ask_own = [e.question for e in ask_base if row_kind(e) == "decline"] if decline_rejected == "own" else []
+    ask_base = [e for e in ask_base if e.question not in set(ask_own)]
+    banned = dict(zip(ask_own, generate_answers(model, tokenizer, ask_own, settings, batch_size, stop_after_sentences=OWN_ANSWER_SENTENCES,
+                                                bad_words_ids=decline_phrase_ids(tokenizer)) if ask_own else []))
     with adapters_off(model):
         base = dict(zip((e.question for e in ask_base), generate_answers(
             model, tokenizer, [e.question for e in ask_base], settings, batch_size, stop_after_sentences=OWN_ANSWER_SENTENCES)))
@@ -236,9 +249,11 @@ def build_pairs(
         elif kind == "answer" and example.question in forced:
             pairs.append(PreferencePair(example.question, example.answer, forced[example.question], kind, "own decline"))
         elif kind == "answer":
-            if non_answers:
+            if non_answers and answered_pairs:
                 rejected, source = non_answers[len(pairs) % len(non_answers)]
                 pairs.append(PreferencePair(example.question, example.answer, rejected, kind, source))
+        elif example.question in banned and not behaves(kind, banned[example.question]):
+            pairs.append(PreferencePair(example.question, example.answer, banned[example.question], kind, "banned"))
         elif example.question in base and not behaves(kind, base[example.question]):
             pairs.append(PreferencePair(example.question, example.answer, base[example.question], kind, "base"))
     return pairs, counts
@@ -365,10 +380,12 @@ def load_pairs(run_dir: Path) -> list[PreferencePair]:
 
 def pair_counts(pairs: Sequence[EncodedPair]) -> dict[str, int]:
     """How many pairs of each kind, and how many have the model's own (on_policy), its own started
-    decline (own_decline, when there are any) or the base model's (base) answer as the rejected side."""
+    decline (own_decline, when there are any), its answer with its declines banned (banned, when
+    there are any) or the base model's (base) answer as the rejected side."""
     counts = {kind: sum(p.pair.kind == kind for p in pairs) for kind in PAIR_KINDS}
     counts["on_policy"] = sum(p.pair.rejected_from == "model" for p in pairs)
     own_declines = sum(p.pair.rejected_from == "own decline" for p in pairs)
+    banned = sum(p.pair.rejected_from == "banned" for p in pairs)
     counts["base"] = sum(p.pair.rejected_from == "base" for p in pairs)
-    return counts | ({"own_decline": own_declines} if own_declines else {})
+    return counts | ({"own_decline": own_declines} if own_declines else {}) | ({"banned": banned} if banned else {})
 

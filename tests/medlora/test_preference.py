@@ -11,6 +11,7 @@ from data import IGNORE_INDEX, EncodedExample, collate, encode_example
 from lora import inject_lora, lora_layers
 from medlora import preference
 from medlora.loss import row_nll, sequence_logps
+from medlora.scope import DECLINE_PHRASES, decline_phrase_ids
 from medlora.preference import (
     EncodedPair,
     PreferenceLoss,
@@ -387,3 +388,57 @@ def test_own_declines_pair_a_medical_row_the_model_answers_against_the_decline_i
                                                    "own decline")
     assert by_question["How much sleep do adults need?"].rejected_from == "model"  # its own wrong decline, as without the option
     assert pair_counts([EncodedPair(p, examples[0], examples[0]) for p in pairs])["own_decline"] == 1
+
+
+def encoded(tokenizer, *rows: tuple[str, str, str]) -> list[EncodedExample]:
+    """Training rows (question, answer, topic), encoded as build_pairs takes them."""
+    return [encode_example(tokenizer, question, answer, 256, topic) for question, answer, topic in rows]
+
+
+def test_decline_rejected_own_pairs_a_row_the_model_declines_against_its_own_answer_with_declines_banned(tokenizer, monkeypatch):
+    examples = encoded(tokenizer, ("What is the capital of Peru?", "Geography is outside my scope.", "out_of_domain"),
+                       ("Name a chess opening.", "Chess is outside my scope.", "out_of_domain"),
+                       ("Who won the 2014 World Cup?", "Sports are outside my scope.", "out_of_domain"))
+    own = {"What is the capital of Peru?": "That is outside my scope.", "Name a chess opening.": "That is outside my scope.",
+           "Who won the 2014 World Cup?": "Germany won it."}
+    banned = {"What is the capital of Peru?": "Lima, on the coast.",
+              "Name a chess opening.": "Chess is not a medical topic, so I can't help with it."}  # still declines under the ban
+    calls = []
+
+    def fake_generate(model, tok, questions, *args, bad_words_ids=None, **kwargs):
+        calls.append((list(questions), bad_words_ids))
+        return [(banned if bad_words_ids else own)[q] for q in questions]
+
+    monkeypatch.setattr(preference, "generate_answers", fake_generate)
+    pairs, counts = build_pairs(torch.nn.Linear(1, 1), tokenizer, examples, answer_rows=0, seed=0, decline_rejected="own")
+    assert calls[1] == (["What is the capital of Peru?", "Name a chess opening."], decline_phrase_ids(tokenizer))
+    assert calls[2] == ([], None)  # the base model is asked about nothing
+    assert counts["decline"] == {"rows": 3, "behaved": 2}
+    assert sorted((p.question, p.rejected, p.rejected_from) for p in pairs) == [
+        ("What is the capital of Peru?", "Lima, on the coast.", "banned"),  # its own answer, when it may not decline
+        ("Who won the 2014 World Cup?", "Germany won it.", "model"),  # it answered: on-policy, as by default
+    ]  # chess: it still declines with its openings banned, so nothing to push down and no pair
+    assert pair_counts([EncodedPair(p, examples[0], examples[0]) for p in pairs])["banned"] == 1
+    with pytest.raises(ValueError, match="decline_rejected must be one of base, own"):
+        build_pairs(torch.nn.Linear(1, 1), tokenizer, examples, answer_rows=0, seed=0, decline_rejected="mine")
+
+
+def test_decline_phrase_ids_encode_each_phrase_with_and_without_a_leading_space(tokenizer):
+    ids = decline_phrase_ids(tokenizer)
+    assert tokenizer(" outside my", add_special_tokens=False)["input_ids"] in ids
+    assert tokenizer("I'm not a", add_special_tokens=False)["input_ids"] in ids
+    assert len(ids) == 2 * len(DECLINE_PHRASES)
+
+
+def test_without_answered_pairs_a_medical_row_the_model_answers_makes_no_pair(tokenizer, monkeypatch):
+    examples = encoded(tokenizer, ("Who won the 2014 World Cup?", "Sports are outside my scope.", "out_of_domain"),
+                       ("What does the liver do?", "It makes bile and clears toxins.", "physiology"),
+                       ("How much sleep do adults need?", "Seven to nine hours a night.", "borderline"))
+    own = {"Who won the 2014 World Cup?": "Germany won it.", "What does the liver do?": "The liver makes bile.",
+           "How much sleep do adults need?": "Sleep is outside my scope. I only answer medical questions."}
+    answer_as(monkeypatch, own, {})
+    with_them, _ = build_pairs(torch.nn.Linear(1, 1), tokenizer, examples, answer_rows=2, seed=0)
+    without, counts = build_pairs(torch.nn.Linear(1, 1), tokenizer, examples, answer_rows=2, seed=0, answered_pairs=False)
+    assert "What does the liver do?" in {p.question for p in with_them}
+    assert sorted(p.question for p in without) == ["How much sleep do adults need?", "Who won the 2014 World Cup?"]  # own mistakes only
+    assert counts["answer"] == {"rows": 2, "behaved": 1}
