@@ -431,11 +431,13 @@ def test_decline_phrase_ids_encode_each_phrase_with_and_without_a_leading_space(
 
 
 def test_without_answered_pairs_a_medical_row_the_model_answers_makes_no_pair(tokenizer, monkeypatch):
-    examples = encoded(tokenizer, ("Who won the 2014 World Cup?", "Sports are outside my scope.", "out_of_domain"),
-                       ("What does the liver do?", "It makes bile and clears toxins.", "physiology"),
-                       ("How much sleep do adults need?", "Seven to nine hours a night.", "borderline"))
-    own = {"Who won the 2014 World Cup?": "Germany won it.", "What does the liver do?": "The liver makes bile.",
-           "How much sleep do adults need?": "Sleep is outside my scope. I only answer medical questions."}
+    rows = {  # question: (the training row's answer, its topic, the model's own answer)
+        "Who won the 2014 World Cup?": ("Sports are outside my scope.", "out_of_domain", "Germany won it."),
+        "What does the liver do?": ("It makes bile and clears toxins.", "physiology", "The liver makes bile."),
+        "How much sleep do adults need?": ("Seven to nine hours a night.", "borderline", "Sleep is outside my scope. I only answer medical questions."),
+    }
+    examples = encoded(tokenizer, *((question, answer, topic) for question, (answer, topic, _) in rows.items()))
+    own = {question: own_answer for question, (_, _, own_answer) in rows.items()}
     answer_as(monkeypatch, own, {})
     with_them, _ = build_pairs(torch.nn.Linear(1, 1), tokenizer, examples, answer_rows=2, seed=0)
     without, counts = build_pairs(torch.nn.Linear(1, 1), tokenizer, examples, answer_rows=2, seed=0, answered_pairs=False)
