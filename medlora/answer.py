@@ -51,7 +51,7 @@ from typing import Iterator, Sequence
 import torch
 
 from medlora.generation import GENERATION_BATCH_SIZE, GenerationSettings, generate_answers, load_for_inference, stream_answer
-from medlora.scope import DECLINE_PHRASES, decline_phrase_ids, first_sentences, is_decline, is_scope_decline, sentence_ends
+from medlora.scope import decline_phrase_ids, first_sentences, is_decline, is_scope_decline, sentence_ends
 from medlora.scope_gate import GATE_FILE, Decision, ScopeGate, prompt_features
 from medlora.sources import Card, Sources, cards_text, sources_for_adapter
 

@@ -204,6 +204,8 @@ def build_pairs(
     the model's own answers already did what the row asks} (out-of-domain "behaved" is the diagnostic
     "how many of its own training out-of-domain prompts does the SFT model decline").
     """
+    if decline_rejected not in DECLINE_REJECTED:
+        raise ValueError(f"decline_rejected must be one of {', '.join(DECLINE_REJECTED)}, got {decline_rejected!r}")
     draw = random.Random(seed)
     answer_pool = [e for e in examples if row_kind(e) == "answer"]
     boundary = [e for e in answer_pool if e.topic == "borderline"]
@@ -223,10 +225,8 @@ def build_pairs(
     own = generate_answers(model, tokenizer, [e.question for e in rows], settings, batch_size, stop_after_sentences=OWN_ANSWER_SENTENCES)
     behaved = [behaves(row_kind(e), answer) for e, answer in zip(rows, own)]
     ask_base = [e for e, ok in zip(rows, behaved) if ok and row_kind(e) in base_rejected and row_kind(e) != "answer"]
-    if decline_rejected not in DECLINE_REJECTED:
-        raise ValueError(f"decline_rejected must be one of {', '.join(DECLINE_REJECTED)}, got {decline_rejected!r}")
     ask_own = [e.question for e in ask_base if row_kind(e) == "decline"] if decline_rejected == "own" else []
-    ask_base = [e for e in ask_base if e.question not in set(ask_own)]
+    ask_base = [e for e in ask_base if e.question not in ask_own]
     banned = dict(zip(ask_own, generate_answers(model, tokenizer, ask_own, settings, batch_size, stop_after_sentences=OWN_ANSWER_SENTENCES,
                                                 bad_words_ids=decline_phrase_ids(tokenizer)) if ask_own else []))
     with adapters_off(model):
