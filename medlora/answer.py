@@ -16,7 +16,8 @@ prompt -> model (+ the scope gate on the prompt's own state, medlora.scope_gate)
   the gate is sure the prompt is medicine (p(answer) >= OVERRIDE_CONFIDENCE) but the model's
   opening (its first OVERRIDE_SENTENCES sentences) declines or deflects, by the judge of
   medlora.scope, it answers again with its decline phrases banned: a model's over-refusal must
-  not reach the user either.
+  not reach the user either. If that second answer declines too (in words the ban does not know),
+  it is shown, and the label says the model declined twice.
 * decline: the model's own decline when its answer is one that says what the assistant's scope
   is (medlora.scope.is_scope_decline; cut to ROUTED_SENTENCES sentences), else a decline that says
   what the assistant can help with; a question about an animal is sent to a veterinarian.
@@ -85,6 +86,7 @@ ROUTE_LABELS = {
     "clinician": "a personal dose or diagnosis",
     "answer": "a medical question; the model's decline was overridden",
 }
+DECLINED_AGAIN_LABEL = "a medical question; the model declined it, and again when asked to answer"
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ class Answer:
         """The line that tells the user the guard acted, or None when it did not."""
         if self.probability is None or (self.route == "answer" and not self.overridden):
             return None
+        if self.overridden and declines(self.text):  # the second answer declined too: say so, not "overridden"
+            return f"scope check: {DECLINED_AGAIN_LABEL} (p = {self.probability:.2f})"
         return f"scope check: {ROUTE_LABELS[self.route]} (p = {self.probability:.2f})"
 
     @property

@@ -100,6 +100,9 @@ def test_the_label_shows_only_when_the_guard_acted():
     assert Answer("x", "answer", None, "x").label is None  # no gate
     assert Answer(DECLINE_ANSWER, "decline", 0.966, "Canberra.").label == "scope check: not a medical question (p = 0.97)"
     assert "overridden" in Answer("Insulin is a hormone.", "answer", 0.95, "That is outside my scope.", overridden=True).label
+    again = Answer("That's not something my area covers: I answer medical and health questions only.", "answer", 0.99,
+                   "That is outside my scope.", overridden=True)  # the override's second answer declined too (make run at db94e5f)
+    assert again.label == "scope check: a medical question; the model declined it, and again when asked to answer (p = 0.99)"
 
 
 @pytest.mark.parametrize("route, shown", [("answer", True), ("clinician", True), ("decline", False), ("emergency", False)])
