@@ -384,8 +384,9 @@ def pair_counts(pairs: Sequence[EncodedPair]) -> dict[str, int]:
     there are any) or the base model's (base) answer as the rejected side."""
     counts = {kind: sum(p.pair.kind == kind for p in pairs) for kind in PAIR_KINDS}
     counts["on_policy"] = sum(p.pair.rejected_from == "model" for p in pairs)
-    own_declines = sum(p.pair.rejected_from == "own decline" for p in pairs)
-    banned = sum(p.pair.rejected_from == "banned" for p in pairs)
     counts["base"] = sum(p.pair.rejected_from == "base" for p in pairs)
-    return counts | ({"own_decline": own_declines} if own_declines else {}) | ({"banned": banned} if banned else {})
+    for name, source in (("own_decline", "own decline"), ("banned", "banned")):  # the options' sources, when there are any
+        if count := sum(p.pair.rejected_from == source for p in pairs):
+            counts[name] = count
+    return counts
 
