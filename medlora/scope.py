@@ -99,11 +99,12 @@ SCOPE_DECLINE_PATTERNS = tuple(
         # "outside the medical topics I cover", "outside the scope of the medical domain I handle".
         r"\b(?:outside|beyond) (?:of )?the (?:scope of the )?(?:[\w-]+ ){0,2}(?:topics|topic|domain|areas|area|subjects|questions)"
         r" (?:that )?i (?:cover|handle|answer|can)\b",
-        # "I can only help with medical", "I only answer health questions",
+        # "I can only help with medical", "I only answer health questions", "I only ask medical and
+        # health questions" (an override's second answer, its "I only answer" banned),
         # "I'm only able to answer questions about medicine and health", "I can only provide
         # information about medicine" (not "... general health information": dose answers say that).
         r"\bi(?: can| will|'m| am)? only (?:able to )?"
-        r"(?:help|answer|handle|assist|respond|cover|discuss|deal|talk|provide)\b[^.!?]{0,40}?" + _SCOPE_SUBJECT,
+        r"(?:help|answer|handle|assist|respond|cover|discuss|deal|talk|provide|ask)\b[^.!?]{0,40}?" + _SCOPE_SUBJECT,
         # "I'm designed to answer medical questions", "I am built only to help with health topics",
         # "I'm designed for medicine and health". Not "I'm here to help with ...": answers to dose
         # questions say that before a referral.
@@ -162,10 +163,11 @@ DEFLECTION_PATTERNS = tuple(
         # medicine", "I can't help you with food or medicine", "I don't have the capability to
         # recommend books", "I don't know how to answer medical questions". Not when "but" or
         # "because" goes on to answer ("I can't give you an exact dose, but adults take 200 mg").
-        # "I'm unable to assist with capitals", "I'm not able (to) answer questions about plants".
+        # "I'm unable to assist with capitals", "I'm not able (to) answer questions about plants",
+        # "so I can't weigh in on tick removal" (the training declines' own words).
         r"\bi(?:(?: can't| cannot| can not| am unable to| am not able(?: to)?| (?:don't|do not) (?:know how|have time) to"
         r"|'m unable to|'m not able(?: to)?) (?:help|assist|answer|suggest|recommend|give|tell|explain|troubleshoot"
-        r"|take on|take up|take|cover|handle|discuss)"
+        r"|take on|take up|take|cover|handle|discuss|weigh in)"
         r"| (?:don't|do not) have the (?:ability|capability) to \w+)\b(?![^.!?;]*\b(?:but|because|since)\b)",
         # "I'm not the right place to ask about recipes" (the training declines' own words).
         r"\bi(?:'m| am) not the right (?:place|person|assistant|one) to ask\b",

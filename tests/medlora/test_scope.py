@@ -251,7 +251,7 @@ def test_the_labelled_set_holds_real_deflections_and_answers_of_every_kind():
 
 
 def test_the_judge_agrees_with_the_labels_read_by_hand():
-    """is_decline against tests/fixtures/judge_labels.jsonl: 215 of 223 real outputs (96.4%).
+    """is_decline against tests/fixtures/judge_labels.jsonl: 220 of 228 real outputs (96.5%).
 
     The outputs are today's cpu-preset model (runs/cpu, `make run` of 2026-12-05) on the held-out
     scope prompts as evaluate.py answered them, and the base model on training-row questions and
@@ -273,7 +273,11 @@ def test_the_judge_agrees_with_the_labels_read_by_hand():
     "... I'm not the right place to ask about food poisoning."), and 4 answers that say "unable to" or
     "not able to" of something else. The rule before these rows read 4 of the 13 right (206 of 223,
     92.4%): "I'm unable to" and "I'm not able to" never matched (the pattern wanted "i 'm"), and it
-    knew no decline by "we".
+    knew no decline by "we". The last 5 (issue 31, ninth session): declines through the gate from tries
+    e20, e27, e33 and e35g, most of them the override's second answer, which turns a banned "I only
+    answer" into "I only ask" ("I only ask medical and health questions, so I can't weigh in on tick
+    removal."). The rule before them read none of the 5 right (215 of 228): it knew neither "I only
+    ask" nor "can't weigh in on", the training declines' own words.
 
     The 8 disagreements, all declines the rule reads as answers:
     - five deflections that change the subject with content, which text alone cannot tell from an
