@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from data import SCOPE_TOPICS, epoch_steps, micro_batches, padding_fraction, prepare_data, repeat_scope_rows, save_length_histogram
 from lora import VARIANTS, LoRASummary, inject_lora, load_adapter, lora_parameters, save_adapter
+from medlora.answer import opening_declines
 from medlora.checkpoint import TrainState, load_checkpoint, rng_state, save_checkpoint
 from medlora.config import PRESETS, TrainConfig, check_preset, config_from_preset
 from medlora.distributed import SINGLE_PROCESS, World, leave, start_ranks
@@ -377,7 +378,8 @@ def fit_scope_gate_on_saved_adapter(model, tokenizer, data, adapter_dir: Path, a
     started = time.perf_counter()
     load_adapter(model, adapter_dir)
     with autocast():
-        gate = fit_gate(model, tokenizer, data.examples.train, data.examples.validation, adapter_dir)
+        gate = fit_gate(model, tokenizer, data.examples.train, data.examples.validation, adapter_dir,
+                        model_declines=opening_declines(model, tokenizer))
     if gate is None:
         print("[gate] the training answers hold no out-of-scope rows (answers that decline): no scope gate")
         summary["gate_time_s"] = 0.0
@@ -385,6 +387,7 @@ def fit_scope_gate_on_saved_adapter(model, tokenizer, data, adapter_dir: Path, a
     summary["gate_time_s"] = round(time.perf_counter() - started, 1)
     share = f" ({100 * summary['gate_time_s'] / summary['time_s']:.1f}% of the training loop's {summary['time_s']} s)" if summary["time_s"] else ""
     print(f"[gate] scope gate fitted in {summary['gate_time_s']} s{share}: decline threshold p >= {gate.decline_threshold}, "
+          f"override at p(answer) >= {gate.override_confidence}, "
           f"validation accuracy {gate.info.get('validation_accuracy', float('nan')):.3f}; saved to {gate.save(adapter_dir)}")
 
 

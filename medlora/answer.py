@@ -13,11 +13,13 @@ so what evaluation measures is what a user gets.
 prompt -> model (+ the scope gate on the prompt's own state, medlora.scope_gate) -> route -> text:
 
 * answer: the model's answer, with up to `card_count` related training flashcards beside it. If
-  the gate is sure the prompt is medicine (p(answer) >= OVERRIDE_CONFIDENCE) but the model's
-  opening (its first OVERRIDE_SENTENCES sentences) declines or deflects, by the judge of
-  medlora.scope, it answers again with its decline phrases banned: a model's over-refusal must
-  not reach the user either. If that second answer declines too (in words the ban does not know),
-  it is shown, and the label says the model declined twice.
+  the gate is sure enough the prompt is medicine (p(answer) >= its override_confidence, chosen on
+  the validation split: medlora.scope_gate) but the model's opening (its first OVERRIDE_SENTENCES
+  sentences) declines or deflects, by the judge of medlora.scope, it answers again with its
+  decline phrases banned: a model's over-refusal must not reach the user either. If that second
+  answer declines too (in words the ban does not know), the user gets the related training
+  flashcards verbatim under NO_ANSWER_SENTENCE instead, and the label says the model declined
+  twice; with no card over the sources' threshold, the second decline is shown.
 * decline: the model's own decline when its answer is one that says what the assistant's scope
   is (medlora.scope.is_scope_decline; cut to ROUTED_SENTENCES sentences), else a decline that says
   what the assistant can help with; a question about an animal is sent to a veterinarian.
@@ -56,7 +58,6 @@ from medlora.scope import decline_phrase_ids, first_sentences, is_decline, is_sc
 from medlora.scope_gate import GATE_FILE, Decision, ScopeGate, prompt_features
 from medlora.sources import Card, Sources, cards_text, sources_for_adapter
 
-OVERRIDE_CONFIDENCE = 0.9  # p(answer) at or above which a decline by the model is overridden
 OVERRIDE_SENTENCES = 2  # the model's opening the override judges: a deflection may take two ("I'm not a doctor. Ask me ...")
 ROUTED_SENTENCES = 2  # a routed prompt's model text ends here: a decline keeps its own words up to this many sentences
 ROUTED_MAX_NEW_TOKENS = 64  # ... and has at most this many tokens (about three sentences)
@@ -75,6 +76,8 @@ EMERGENCY_SENTENCE = "Call your local emergency number now."
 # After the referral when no emergency training row shares a word with the message.
 EMERGENCY_FALLBACK_LINE = "Stay with the person, or with someone, while you wait for help."
 CLINICIAN_SENTENCE = "For your own dose or diagnosis, ask your clinician or pharmacist."
+# Before the cards when the model declined twice a prompt the gate is sure is medicine.
+NO_ANSWER_SENTENCE = "The model gave no answer to this question; these training flashcards are the nearest to it."
 VETERINARY = re.compile(
     r"\b(?:dog|dogs|puppy|cat|cats|kitten|pet|pets|horse|horses|pony|rabbit|hamster|guinea pig|parrot|budgie|"
     r"fish|goldfish|ferret|cow|cows|sheep|goat|goats|pig|pigs|chicken|chickens|vet|veterinarian|veterinary)\b",
@@ -99,20 +102,21 @@ class Answer:
     model_text: str  # the model's own answer under the route's caps (when overridden: its declining opening)
     overridden: bool = False  # the model declined a prompt the gate was sure is medicine, and answered again
     cards: tuple[Card, ...] = ()  # training flashcards: beside an answer, inside a clinician referral's text
+    cards_in_text: bool = False  # the text is the cards (clinician route; an answer the model declined twice)
 
     @property
     def label(self) -> str | None:
         """The line that tells the user the guard acted, or None when it did not."""
         if self.probability is None or (self.route == "answer" and not self.overridden):
             return None
-        if self.overridden and declines(self.text):  # the second answer declined too: say so, not "overridden"
+        if self.overridden and (self.cards_in_text or declines(self.text)):  # the second answer declined too: say so
             return f"scope check: {DECLINED_AGAIN_LABEL} (p = {self.probability:.2f})"
         return f"scope check: {ROUTE_LABELS[self.route]} (p = {self.probability:.2f})"
 
     @property
     def cards_beside(self) -> tuple[Card, ...]:
-        """The cards to show beside the text: an answer's; a clinician referral already shows its own in its text."""
-        return self.cards if self.route == "answer" else ()
+        """The cards to show beside the text: an answer's, unless its text already shows them (as a clinician referral's does)."""
+        return self.cards if self.route == "answer" and not self.cards_in_text else ()
 
 
 def emergency_text(nearest_row: Card | None) -> str:
@@ -135,14 +139,27 @@ def clinician_text(cards: Sequence[Card]) -> str:
     return f"{CLINICIAN_SENTENCE}\n\n{cards_text(list(cards))}" if cards else CLINICIAN_SENTENCE
 
 
-def overrides(decision: Decision | None) -> bool:
-    """Whether a decline by the model on this prompt is overridden: the gate is sure it is medicine."""
-    return decision is not None and decision.route == "answer" and decision.p_answer >= OVERRIDE_CONFIDENCE
-
-
 def declines(model_text: str) -> bool:
     """The override's judge: does the model's opening decline or deflect (medlora.scope.is_decline)?"""
     return is_decline(first_sentences(model_text, OVERRIDE_SENTENCES))
+
+
+def opening_declines(model, tokenizer, batch_size: int = GENERATION_BATCH_SIZE):
+    """A function of questions -> whether the model declines each on its own: its greedy opening
+    (ROUTED_MAX_NEW_TOKENS, OVERRIDE_SENTENCES) read by the override's judge. The scope gate's fit
+    asks it of a handful of validation prompts to choose the override confidence (medlora.scope_gate)."""
+    settings = GenerationSettings(max_new_tokens=ROUTED_MAX_NEW_TOKENS)
+
+    def model_declines(questions: list[str]) -> list[bool]:
+        texts = generate_answers(model, tokenizer, questions, settings, batch_size, stop_after_sentences=OVERRIDE_SENTENCES)
+        return [declines(text) for text in texts]
+
+    return model_declines
+
+
+def declined_twice(overridden_by: str | None) -> bool:
+    """Whether the model's second answer, asked again with its decline phrases banned, declines too."""
+    return overridden_by is not None and declines(overridden_by)
 
 
 @dataclass
@@ -196,6 +213,10 @@ class AnswerPath:
 
     # ---- the routing core: the same for answer_many and stream ------------------------------------
 
+    def overrides(self, decision: Decision | None) -> bool:
+        """Whether a decline by the model on this prompt is overridden (ScopeGate.overrides); never without a gate."""
+        return decision is not None and self.gate is not None and self.gate.overrides(decision)
+
     def model_caps(self, decision: Decision | None) -> tuple[GenerationSettings, int | None]:
         """The settings and sentence limit the model's own text is generated with on this prompt's route.
 
@@ -229,9 +250,12 @@ class AnswerPath:
             text = emergency_text(self.sources.nearest_emergency_row(question) if self.sources is not None else None)
         elif route == "clinician":
             text = clinician_text(cards)
+        elif declined_twice(overridden_by) and cards:  # the cards instead of a second decline
+            text = f"{NO_ANSWER_SENTENCE}\n\n{cards_text(list(cards))}"
         else:
             text = model_text if overridden_by is None else overridden_by
-        return Answer(text, route, decision.probability, model_text, overridden_by is not None, cards)
+        in_text = route == "clinician" or (declined_twice(overridden_by) and bool(cards))
+        return Answer(text, route, decision.probability, model_text, overridden_by is not None, cards, in_text)
 
     # ---- the two callers --------------------------------------------------------------------------
 
@@ -245,7 +269,7 @@ class AnswerPath:
             group = [i for i, c in enumerate(caps) if c == cap]
             for index, text in zip(group, self.generate([questions[i] for i in group], cap, progress)):
                 model_texts[index] = text
-        redo = [i for i, (d, text) in enumerate(zip(decisions, model_texts)) if overrides(d) and declines(text)]
+        redo = [i for i, (d, text) in enumerate(zip(decisions, model_texts)) if self.overrides(d) and declines(text)]
         again = dict(zip(redo, self.generate([questions[i] for i in redo], caps[redo[0]], banned=True) if redo else []))
         for index in redo:  # an overridden answer's own text is its declining opening, as in stream
             model_texts[index] = first_sentences(model_texts[index], OVERRIDE_SENTENCES)
@@ -274,8 +298,8 @@ class AnswerPath:
         The answer route streams the model's tokens as they come. When the gate is sure the prompt
         is medicine, the model's opening (OVERRIDE_SENTENCES sentences) is held back until it is
         complete: if it declines, the model answers again with its decline phrases banned, and that
-        is streamed. The other routes are built from the model's opening, so their text comes in
-        one piece.
+        is streamed once its own opening is known not to decline (else the cards come in one piece).
+        The other routes are built from the model's opening, so their text comes in one piece.
         """
         decision = self.decisions([question], history)[0]
         settings, stop = self.model_caps(decision)
@@ -291,12 +315,18 @@ class AnswerPath:
             answer = self.routed(question, decision, model_text)
             yield answer.text
             return answer
-        if overrides(decision):
+        if self.overrides(decision):
             held = read_until(pieces, OVERRIDE_SENTENCES)
             if declines(cut(held, stop)):
                 pieces.close()
                 declined = first_sentences(cut(held, stop), OVERRIDE_SENTENCES)
-                pieces, held = model_pieces(banned=True), ""
+                pieces = model_pieces(banned=True)
+                held = read_until(pieces, OVERRIDE_SENTENCES)  # the second opening is held back too
+                if declined_twice(cut(held, stop)) and self.cards_for("answer", question):
+                    pieces.close()
+                    answer = self.routed(question, decision, declined, cut(held, stop))
+                    yield answer.text
+                    return answer
         text = yield from shown_until(pieces, held, stop)
         return self.routed(question, decision, declined if declined is not None else text,
                            text if declined is not None else None)

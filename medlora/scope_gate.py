@@ -19,7 +19,11 @@ class frequency, fitted by L-BFGS in float64: about a second for a thousand prom
 Declining a medical question fails a user, so a decline needs confidence: the gate declines only
 when p(decline) >= `decline_threshold`, chosen on the validation split as the lowest threshold
 that keeps false declines there at or under MAX_VALIDATION_FALSE_DECLINE; below it the prompt is
-answered. The gate is bound to the adapter it was fitted on: its file records the sha256 of that
+answered. When the gate routes a prompt to the answer and the model declines it anyway, the
+answer path asks the model again (medlora.answer) if p(answer) >= `override_confidence`, chosen
+on the validation split the same way from the other side: the lowest threshold at which such
+re-answers would lose at most MAX_VALIDATION_LOST_DECLINE of the prompts that should be declined.
+The gate is bound to the adapter it was fitted on: its file records the sha256 of that
 adapter's weights file, and loading it next to other weights is refused.
 
 The gate only decides; what the user then sees is composed by the answer path (medlora.answer).
@@ -30,7 +34,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -46,7 +50,9 @@ GATE_CLASSES = ("answer", "decline", "emergency", "clinician")
 GATE_FILE = "scope_gate.safetensors"
 L2_PENALTY = 1e-3  # on the standardized features' weights; small: the classes separate well
 MAX_VALIDATION_FALSE_DECLINE = 0.02  # highest share of the validation split's non-decline prompts the gate may decline
-THRESHOLD_CANDIDATES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # p(decline) thresholds tried, lowest first
+MAX_VALIDATION_LOST_DECLINE = 0.02  # highest share of the validation split's decline prompts the override may re-answer
+THRESHOLD_CANDIDATES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # p(decline) and p(answer) thresholds tried, lowest first
+OVERRIDE_CONFIDENCE = 0.9  # the override's p(answer) in gate files written before it was chosen on validation
 FEATURE_BATCH_SIZE = 32  # prompts per forward pass when computing features
 
 
@@ -115,6 +121,7 @@ class ScopeGate:
     weight: torch.Tensor  # [classes, hidden]
     bias: torch.Tensor  # [classes]
     decline_threshold: float = 0.5  # decline only when p(decline) >= this (chosen on the validation split)
+    override_confidence: float = OVERRIDE_CONFIDENCE  # re-ask a model that declines when p(answer) >= this (validation too)
     adapter_sha256: str = ""  # sha256 of the adapter weights file the gate was fitted on
     info: dict = field(default_factory=dict)  # class counts, validation confusion matrix: kept in the file
 
@@ -133,6 +140,10 @@ class ScopeGate:
             decisions.append(Decision(route, p[best], p[GATE_CLASSES.index("answer")]))
         return decisions
 
+    def overrides(self, decision: Decision) -> bool:
+        """Whether a decline by the model on this prompt is overridden: the gate is sure enough it is medicine."""
+        return decision.route == "answer" and decision.p_answer >= self.override_confidence
+
     def save(self, folder: str | Path) -> Path:
         """Write GATE_FILE into `folder` (the adapter folder)."""
         path = Path(folder) / GATE_FILE
@@ -140,6 +151,7 @@ class ScopeGate:
         metadata = {
             "classes": ",".join(GATE_CLASSES),
             "decline_threshold": repr(self.decline_threshold),
+            "override_confidence": repr(self.override_confidence),
             "adapter_sha256": self.adapter_sha256,
             "info": json.dumps(self.info),
         }
@@ -156,6 +168,7 @@ class ScopeGate:
                 header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
             metadata = header.get("__metadata__", {})
             threshold, info = float(metadata["decline_threshold"]), json.loads(metadata["info"])
+            override = float(metadata.get("override_confidence", OVERRIDE_CONFIDENCE))
         except (OSError, ValueError, KeyError, SafetensorError) as error:
             raise ValueError(f"{path}: not a readable scope gate ({error}); refit it with train.py") from None
         if set(tensors) != {"mean", "std", "weight", "bias"} or tensors["weight"].shape[0] != len(GATE_CLASSES):
@@ -166,7 +179,7 @@ class ScopeGate:
                 f"{path} was fitted on other adapter weights than {weights} (sha256 differs): "
                 "train again, or pass --no-scope-gate to use the model alone"
             )
-        return cls(**tensors, decline_threshold=threshold, adapter_sha256=metadata.get("adapter_sha256", ""), info=info)
+        return cls(**tensors, decline_threshold=threshold, override_confidence=override, adapter_sha256=metadata.get("adapter_sha256", ""), info=info)
 
 
 def fit_scope_gate(features: torch.Tensor, labels: Sequence[str], steps: int = 200) -> ScopeGate:
@@ -204,6 +217,25 @@ def choose_decline_threshold(gate: ScopeGate, features: torch.Tensor, labels: Se
     return THRESHOLD_CANDIDATES[-1]
 
 
+def choose_override_confidence(p_answer: Sequence[float], model_declines: Sequence[bool], decline_prompts: int) -> float:
+    """The lowest THRESHOLD_CANDIDATES value at which the override would re-answer at most
+    MAX_VALIDATION_LOST_DECLINE of the `decline_prompts` validation prompts that should be declined;
+    the highest if none does.
+
+    `p_answer` and `model_declines` describe the validation prompts that should be declined but that
+    the gate routes to the answer: the gate's p(answer) for each, and whether the model declines it
+    on its own. Those the model declines are lost if the override re-asks them, so each candidate
+    costs the ones at or above it. A lower threshold re-answers more of the model's false declines,
+    so the lowest that keeps the cost within the bound is taken: the gate's own threshold bounds
+    false declines on the same split, this one bounds lost declines.
+    """
+    lost_at = [p for p, declined in zip(p_answer, model_declines, strict=True) if declined]
+    for threshold in THRESHOLD_CANDIDATES:
+        if sum(p >= threshold for p in lost_at) <= MAX_VALIDATION_LOST_DECLINE * decline_prompts:
+            return threshold
+    return THRESHOLD_CANDIDATES[-1]
+
+
 def confusion_matrix(labels: Sequence[str], routes: Sequence[str]) -> list[list[int]]:
     """[true class][routed class] counts, in GATE_CLASSES order."""
     matrix = [[0] * len(GATE_CLASSES) for _ in GATE_CLASSES]
@@ -219,11 +251,17 @@ def gate_labels(examples) -> list[str] | None:
     return labels if "decline" in labels and "answer" in labels else None
 
 
-def fit_gate(model, tokenizer, train_examples, validation_examples, adapter_dir: str | Path) -> ScopeGate | None:
+def fit_gate(model, tokenizer, train_examples, validation_examples, adapter_dir: str | Path,
+             model_declines: Callable[[list[str]], list[bool]] | None = None) -> ScopeGate | None:
     """Fit the gate on the training prompts of the model as it is now (the weights saved in
     `adapter_dir`), choose its decline threshold on the validation prompts, record the validation
     confusion matrix and the adapter's sha256. None when the training answers teach no scope
-    (see gate_labels); the caller says so."""
+    (see gate_labels); the caller says so.
+
+    `model_declines(questions)`: whether the model declines each question on its own (the answer
+    path's judge on its opening). Given, the override confidence is chosen on the validation prompts
+    too (choose_override_confidence); it is asked only of the decline prompts the gate would
+    answer, a handful. Without it the gate keeps OVERRIDE_CONFIDENCE."""
     labels = gate_labels(train_examples)
     if labels is None:
         return None
@@ -234,8 +272,18 @@ def fit_gate(model, tokenizer, train_examples, validation_examples, adapter_dir:
         val_labels = [label_of(example.answer) for example in validation_examples]
         val_features = prompt_features(model, tokenizer, [e.question for e in validation_examples])
         gate.decline_threshold = choose_decline_threshold(gate, val_features, val_labels)
-        routes = [decision.route for decision in gate.decide(val_features)]
+        decisions = gate.decide(val_features)
+        routes = [decision.route for decision in decisions]
         gate.info["validation_confusion"] = {"classes": list(GATE_CLASSES), "true_by_routed": confusion_matrix(val_labels, routes)}
         gate.info["validation_accuracy"] = sum(l == r for l, r in zip(val_labels, routes)) / len(val_labels)
+        if model_declines is not None:
+            missed = [(example.question, decision.p_answer) for example, label, decision
+                      in zip(validation_examples, val_labels, decisions) if label == "decline" and decision.route == "answer"]
+            declined = model_declines([question for question, _ in missed]) if missed else []
+            p_answer = [p for _, p in missed]
+            gate.override_confidence = choose_override_confidence(p_answer, declined, val_labels.count("decline"))
+            gate.info["override"] = {"decline_prompts": val_labels.count("decline"), "routed_to_answer": len(missed),
+                                     "model_declined_p_answer": [round(p, 4) for p, d in zip(p_answer, declined) if d],
+                                     "confidence": gate.override_confidence}
     gate.adapter_sha256 = file_sha256(Path(adapter_dir) / WEIGHTS_NAME)
     return gate

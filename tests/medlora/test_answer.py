@@ -4,6 +4,7 @@ import re
 from dataclasses import replace
 
 import pytest
+import torch
 
 from data import QAPair
 from medlora import answer as answer_module
@@ -12,6 +13,7 @@ from medlora.answer import (
     DECLINE_ANSWER,
     EMERGENCY_FALLBACK_LINE,
     EMERGENCY_SENTENCE,
+    NO_ANSWER_SENTENCE,
     ROUTED_MAX_NEW_TOKENS,
     ROUTED_SENTENCES,
     VETERINARY_DECLINE,
@@ -23,7 +25,7 @@ from medlora.answer import (
 )
 from medlora.generation import GenerationSettings
 from medlora.scope import first_sentences, is_clinician_referral, is_decline, is_emergency_referral
-from medlora.scope_gate import GATE_FILE, Decision
+from medlora.scope_gate import GATE_FILE, Decision, ScopeGate
 from medlora.sources import Card, FlashcardIndex, Sources, build_sources, cards_text
 from tests.conftest import chatty_tiny_model
 
@@ -126,8 +128,11 @@ MODEL_ANSWERS = {
     "Stroke?": "It may be tiredness. Rest at home.",
     "Ibuprofen dose?": "Ibuprofen has no side effects at all, take as much as you like.",
     "Cells?": "Cells are the unit of life.",
+    "Heart?": "That is outside my scope.",
+    "Tendon?": "That is outside my scope.",
 }
 ANSWER_AGAIN = "Insulin is a hormone. It lowers glucose."  # the scripted model's answer with its decline phrases banned
+DECLINE_AGAIN = "That's not something my area covers: I answer medical and health questions only."  # ... on the two questions it declines twice (make run at db94e5f)
 DECISIONS = {
     "Capital?": Decision("decline", 0.98, 0.01),
     "Insulin?": Decision("answer", 0.95, 0.95),
@@ -135,16 +140,20 @@ DECISIONS = {
     "Stroke?": Decision("emergency", 0.9, 0.05),
     "Ibuprofen dose?": Decision("clinician", 0.8, 0.1),
     "Cells?": Decision("answer", 0.7, 0.7),  # not sure enough to override anything
+    "Heart?": Decision("answer", 0.99, 0.99),
+    "Tendon?": Decision("answer", 0.99, 0.99),  # declined twice too, and no card shares a word with it
 }
+SURE_AT_0_9 = ScopeGate(torch.zeros(1), torch.ones(1), torch.zeros(4, 1), torch.zeros(4), override_confidence=0.9)
 CARDS = [
     QAPair("Can I take ibuprofen with my lisinopril?", "NSAIDs such as ibuprofen can raise blood pressure.", "safety"),
     QAPair("What is the function of cells?", "Cells are the basic unit of life.", "physiology"),
+    QAPair("Why does the heart beat faster?", "Adrenaline raises the heart rate.", "physiology"),
     QAPair("My husband is having a stroke, his face droops.", "Call your local emergency number now. Note the time it started.", "safety"),
 ]
 
 
 def scripted_sources() -> Sources:
-    return Sources(FlashcardIndex(CARDS, min_score=0.1), "test cards", emergency_rows=FlashcardIndex(CARDS[2:], questions_only=True))
+    return Sources(FlashcardIndex(CARDS, min_score=0.1), "test cards", emergency_rows=FlashcardIndex(CARDS[3:], questions_only=True))
 
 
 @pytest.fixture
@@ -154,18 +163,23 @@ def fake_path(monkeypatch):
 
     def generate(model, tokenizer, questions, settings, batch_size=16, progress=False, bad_words_ids=None, stop_after_sentences=None):
         calls.append((list(questions), settings.max_new_tokens, stop_after_sentences, bad_words_ids is not None))
-        return [ANSWER_AGAIN if bad_words_ids else MODEL_ANSWERS[q] for q in questions]
+        return [again(q) if bad_words_ids else MODEL_ANSWERS[q] for q in questions]
 
     monkeypatch.setattr(answer_module, "generate_answers", generate)
-    path = AnswerPath(None, None, object(), GenerationSettings(), scripted_sources())
+    path = AnswerPath(None, None, SURE_AT_0_9, GenerationSettings(), scripted_sources())
     monkeypatch.setattr(path, "decisions", lambda questions, history=(): [DECISIONS[q] for q in questions])
     monkeypatch.setattr(path, "banned_ids", lambda: [[1, 2]])
     return path, calls
 
 
+def again(question: str) -> str:
+    """The scripted model's answer with its decline phrases banned."""
+    return DECLINE_AGAIN if question in ("Heart?", "Tendon?") else ANSWER_AGAIN
+
+
 def test_answer_many_routes_and_overrides_a_sure_medical_decline_or_deflection(fake_path):
     path, calls = fake_path
-    capital, insulin, sleep, stroke, dose, cells = path.answer_many(list(MODEL_ANSWERS))
+    capital, insulin, sleep, stroke, dose, cells, heart, tendon = path.answer_many(list(MODEL_ANSWERS))
     assert capital.text == DECLINE_ANSWER and capital.model_text == "Canberra is the capital." and capital.label
     for overridden in (insulin, sleep):
         assert overridden.overridden and overridden.text == ANSWER_AGAIN
@@ -177,8 +191,18 @@ def test_answer_many_routes_and_overrides_a_sure_medical_decline_or_deflection(f
     assert (capital.cards, stroke.cards) == ((), ())
     # The routed prompts at their caps, the answer route at the path's, then the overrides at the answer route's.
     assert calls == [(["Capital?", "Stroke?", "Ibuprofen dose?"], ROUTED_MAX_NEW_TOKENS, ROUTED_SENTENCES, False),
-                     (["Insulin?", "Sleep?", "Cells?"], 200, None, False),
-                     (["Insulin?", "Sleep?"], 200, None, True)]
+                     (["Insulin?", "Sleep?", "Cells?", "Heart?", "Tendon?"], 200, None, False),
+                     (["Insulin?", "Sleep?", "Heart?", "Tendon?"], 200, None, True)]
+
+
+def test_a_sure_medical_question_the_model_declines_twice_gets_the_cards_instead(fake_path):
+    path, _ = fake_path
+    heart, tendon = path.answer_many(["Heart?", "Tendon?"])
+    assert heart.text == f"{NO_ANSWER_SENTENCE}\n\n{cards_text(list(heart.cards))}" and CARDS[2].answer in heart.text
+    assert not is_decline(heart.text) and heart.cards_beside == ()  # the cards are in the text, not beside it again
+    assert heart.overridden and heart.model_text == MODEL_ANSWERS["Heart?"]
+    assert heart.label == "scope check: a medical question; the model declined it, and again when asked to answer (p = 0.99)"
+    assert tendon.text == DECLINE_AGAIN and tendon.cards == () and "declined it, and again" in tendon.label  # no card: the decline stands
 
 
 def test_without_a_gate_the_model_answers_alone(monkeypatch):
@@ -189,7 +213,7 @@ def test_without_a_gate_the_model_answers_alone(monkeypatch):
 
 def scripted_stream(model, tokenizer, question, history, settings, max_context_tokens=None, bad_words_ids=None):
     """Stream MODEL_ANSWERS word by word, as stream_answer yields pieces."""
-    text = ANSWER_AGAIN if bad_words_ids else MODEL_ANSWERS[question]
+    text = again(question) if bad_words_ids else MODEL_ANSWERS[question]
     words = text.split(" ")
     yield from words[:1] + [" " + word for word in words[1:]]
 
@@ -235,18 +259,20 @@ def test_chat_stream_and_evaluation_batch_give_the_same_answers(tokenizer, monke
     label and cards on every route, an override included. The tiny model writes gibberish, so the
     judge is made to see a decline in any answer holding an "e" (the override then runs for real)."""
     questions = ["What is hypertension?", "Can I take ibuprofen with my lisinopril?", "What is the function of cells?",
-                 "Who won the cup?", "My husband's face droops, is it a stroke?", "How does insulin work?"]
+                 "Who won the cup?", "My husband's face droops, is it a stroke?", "Does insulin make the heart beat faster?"]
     routes = ["answer", "clinician", "answer", "decline", "emergency", "answer"]
     sure = [0.95, 0.1, 0.5, 0.02, 0.05, 0.99]
     decisions = {q: Decision(route, 0.9, p) for q, route, p in zip(questions, routes, sure)}
     monkeypatch.setattr(answer_module, "is_decline", lambda text: "e" in text)
     for stop in (None, 2):  # chat's path, and evaluation's scope path (answers cut at their second sentence)
-        path = AnswerPath(chatty_tiny_model(), tokenizer, object(), GenerationSettings(max_new_tokens=24), scripted_sources(),
+        path = AnswerPath(chatty_tiny_model(), tokenizer, SURE_AT_0_9, GenerationSettings(max_new_tokens=24), scripted_sources(),
                           batch_size=4, stop_after_sentences=stop)
         monkeypatch.setattr(path, "decisions", lambda qs, history=(): [decisions[q] for q in qs])
         batched = path.answer_many(questions)
         assert [answer.route for answer in batched] == routes
         assert any(answer.overridden for answer in batched) and any(answer.cards for answer in batched)
+        assert any(answer.cards_in_text and answer.route == "answer" for answer in batched)  # declined twice: the cards
+        assert any(answer.overridden and not answer.cards_in_text for answer in batched)  # ... or, with no card, streamed
         for question, answer in zip(questions, batched):
             shown, streamed_answer = streamed(path.stream(question))
             assert shown.strip() == streamed_answer.text == answer.text

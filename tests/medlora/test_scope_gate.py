@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from data.format import EncodedExample
 from lora.adapter_files import WEIGHTS_NAME
@@ -9,8 +11,11 @@ from medlora.checkpoint import file_sha256
 from medlora.scope_gate import (
     GATE_CLASSES,
     GATE_FILE,
+    OVERRIDE_CONFIDENCE,
+    Decision,
     ScopeGate,
     choose_decline_threshold,
+    choose_override_confidence,
     confusion_matrix,
     fit_gate,
     fit_scope_gate,
@@ -91,6 +96,26 @@ def test_the_threshold_is_the_lowest_that_keeps_validation_false_declines_at_mos
     assert choose_decline_threshold(gate, features[3:], labels[3:]) == 0.5
 
 
+def test_the_override_confidence_is_the_lowest_that_loses_at_most_2_percent_of_validation_declines():
+    # 100 prompts that should be declined; the gate answers four, at p(answer) 0.55, 0.65, 0.75 and 0.97.
+    p_answer = [0.55, 0.65, 0.75, 0.97]
+    # The model declines the first three on its own, so an override at or under their p(answer) loses them.
+    assert choose_override_confidence(p_answer, [True, True, True, False], 100) == 0.6  # 0.5 loses 3 (> 2% of 100), 0.6 two
+    assert choose_override_confidence(p_answer, [True, True, True, False], 50) == 0.7  # 2% of 50 is one prompt
+    assert choose_override_confidence(p_answer, [False, False, False, False], 100) == 0.5  # the model declines none
+    assert choose_override_confidence([], [], 0) == 0.5  # nothing to lose
+    assert choose_override_confidence([0.995] * 3, [True] * 3, 10) == 0.99  # none keeps the bound: the highest
+    with pytest.raises(ValueError):
+        choose_override_confidence([0.6], [True, False], 10)  # one flag per prompt
+
+
+def test_the_gate_overrides_only_answer_routes_at_its_confidence():
+    gate = two_class_gate(0.5)
+    gate.override_confidence = 0.8
+    assert gate.overrides(Decision("answer", 0.85, 0.85)) and not gate.overrides(Decision("answer", 0.75, 0.75))
+    assert not gate.overrides(Decision("decline", 0.9, 0.05))
+
+
 def test_confusion_matrix_counts_true_class_by_route():
     matrix = confusion_matrix(["answer", "answer", "decline"], ["answer", "decline", "decline"])
     assert matrix[0][:2] == [1, 1] and matrix[1][:2] == [0, 1] and sum(map(sum, matrix)) == 3
@@ -102,11 +127,24 @@ def test_the_gate_is_bound_to_its_adapter_file(tmp_path):
     gate.adapter_sha256 = file_sha256(tmp_path / WEIGHTS_NAME)
     gate.info = {"train_class_counts": {"answer": 3, "decline": 2}}
     gate.save(tmp_path)
+    gate.override_confidence = 0.6
+    gate.save(tmp_path)
     loaded = ScopeGate.load(tmp_path)
     assert loaded.decline_threshold == 0.7 and loaded.info == gate.info and loaded.adapter_sha256 == gate.adapter_sha256
+    assert loaded.override_confidence == 0.6
     (tmp_path / WEIGHTS_NAME).write_bytes(b"weights two")
     with pytest.raises(ValueError, match="fitted on other adapter weights"):
         ScopeGate.load(tmp_path)
+
+
+def test_a_gate_file_from_before_the_override_was_chosen_keeps_the_old_confidence(tmp_path):
+    gate = two_class_gate(0.7)
+    gate.save(tmp_path)
+    path = tmp_path / GATE_FILE
+    tensors, metadata = load_file(str(path)), safe_open(str(path), "pt").metadata()
+    del metadata["override_confidence"]
+    save_file(tensors, str(path), metadata=metadata)
+    assert ScopeGate.load(tmp_path).override_confidence == OVERRIDE_CONFIDENCE == 0.9
 
 
 def example(question: str, answer: str) -> EncodedExample:
@@ -128,6 +166,27 @@ def test_fit_gate_records_counts_confusion_threshold_and_adapter(tiny_model, tok
     assert sum(map(sum, gate.info["validation_confusion"]["true_by_routed"])) == 4
     assert gate.decline_threshold in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
     assert gate.adapter_sha256 == file_sha256(tmp_path / WEIGHTS_NAME)
+    assert "override" not in gate.info and gate.override_confidence == OVERRIDE_CONFIDENCE  # no model_declines given
+
+
+def test_fit_gate_chooses_the_override_on_the_decline_prompts_it_would_answer(tiny_model, tokenizer, tmp_path):
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"adapter")
+    rows = [example(f"What does organ {i} do?", "It filters blood.") for i in range(6)]
+    rows += [example(f"Who won match {i}?", "Sports are outside my scope; I only answer medical questions.") for i in range(6)]
+    asked = []
+
+    def model_declines(questions):
+        asked.extend(questions)
+        return [True] * len(questions)
+
+    gate = fit_gate(tiny_model, tokenizer, rows, rows[:2] + rows[-2:], tmp_path, model_declines=model_declines)
+    validation = rows[:2] + rows[-2:]
+    decisions = gate.decide(prompt_features(tiny_model, tokenizer, [e.question for e in validation]))
+    missed = [e.question for e, d in zip(validation, decisions) if label_of(e.answer) == "decline" and d.route == "answer"]
+    assert asked == missed  # only the decline prompts the gate would answer are asked
+    assert gate.info["override"]["routed_to_answer"] == len(missed) and gate.info["override"]["decline_prompts"] == 2
+    expected = choose_override_confidence([d.p_answer for e, d in zip(validation, decisions) if e.question in missed], [True] * len(missed), 2)
+    assert gate.override_confidence == gate.info["override"]["confidence"] == expected
 
 
 def test_prompt_features_do_not_depend_on_the_batch(tiny_model, tokenizer):
