@@ -49,7 +49,7 @@ import itertools
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -144,7 +144,7 @@ def declines(model_text: str) -> bool:
     return is_decline(first_sentences(model_text, OVERRIDE_SENTENCES))
 
 
-def opening_declines(model, tokenizer, batch_size: int = GENERATION_BATCH_SIZE):
+def opening_declines(model, tokenizer, batch_size: int = GENERATION_BATCH_SIZE) -> Callable[[list[str]], list[bool]]:
     """A function of questions -> whether the model declines each on its own: its greedy opening
     (ROUTED_MAX_NEW_TOKENS, OVERRIDE_SENTENCES) read by the override's judge. The scope gate's fit
     asks it of a handful of validation prompts to choose the override confidence (medlora.scope_gate)."""
@@ -244,17 +244,18 @@ class AnswerPath:
         if decision is None:
             return Answer(model_text, "answer", None, model_text, cards=self.cards_for("answer", question))
         route, cards = decision.route, self.cards_for(decision.route, question)
+        cards_instead = route == "answer" and declined_twice(overridden_by) and bool(cards)  # of a second decline
         if route == "decline":
             text = decline_text(question, model_text)
         elif route == "emergency":
             text = emergency_text(self.sources.nearest_emergency_row(question) if self.sources is not None else None)
         elif route == "clinician":
             text = clinician_text(cards)
-        elif declined_twice(overridden_by) and cards:  # the cards instead of a second decline
+        elif cards_instead:
             text = f"{NO_ANSWER_SENTENCE}\n\n{cards_text(list(cards))}"
         else:
             text = model_text if overridden_by is None else overridden_by
-        in_text = route == "clinician" or (declined_twice(overridden_by) and bool(cards))
+        in_text = route == "clinician" or cards_instead
         return Answer(text, route, decision.probability, model_text, overridden_by is not None, cards, in_text)
 
     # ---- the two callers --------------------------------------------------------------------------
