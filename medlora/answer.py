@@ -323,9 +323,9 @@ class AnswerPath:
                 declined = first_sentences(cut(held, stop), OVERRIDE_SENTENCES)
                 pieces = model_pieces(banned=True)
                 held = read_until(pieces, OVERRIDE_SENTENCES)  # the second opening is held back too
-                if declined_twice(cut(held, stop)) and self.cards_for("answer", question):
+                answer = self.routed(question, decision, declined, cut(held, stop))
+                if answer.cards_in_text:  # it declined again: routed shows the cards instead, in one piece
                     pieces.close()
-                    answer = self.routed(question, decision, declined, cut(held, stop))
                     yield answer.text
                     return answer
         text = yield from shown_until(pieces, held, stop)
