@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -178,3 +180,12 @@ def test_dpo_speed_times_ours_and_trl_on_the_same_token_ids(tokenizer, tmp_path)
     for row in (ours, trl):
         assert row["timed_steps"] == 1 and row["s_per_step"] > 0 and 0 < row["warmup_s"]
         assert row["mean_loss"] == pytest.approx(math.log(2), abs=0.01)  # the first steps barely move a tiny random model
+
+
+@pytest.mark.parametrize("argv", [[], ["--cpu"], ["--verbose", "--", "true"]])
+def test_avx2_guest_refuses_a_missing_command_or_an_unknown_flag_in_one_line(argv):
+    """bench/avx2_guest.sh checks its arguments before it installs or boots anything."""
+    script = Path(__file__).resolve().parents[2] / "bench" / "avx2_guest.sh"
+    done = subprocess.run(["bash", str(script), *argv], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and "bench/avx2_guest.sh" in done.stderr
