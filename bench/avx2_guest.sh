@@ -8,9 +8,9 @@
 #
 # COMMAND runs in the current folder, as root, with this machine's whole file tree shared into the
 # guest (9p) and a fresh tmpfs on /tmp; its output comes back here and its exit status is ours.
-# Emulation is slow (a float32 matmul about 4,000x slower than the real CPU), so give it small jobs,
+# Emulation is slow (a float32 matmul about 5,000x slower than the Xeon it ran on), so give it small jobs,
 # such as one test; its times are not speed figures. Debian only: the first run installs
-# qemu-system-x86, busybox-static and a Debian kernel with apt-get (about 400 MB).
+# qemu-system-x86, busybox-static and a Debian kernel with apt-get (96 MB to fetch, 511 MB on disk).
 set -euo pipefail
 CPU=EPYC-Rome; MEM=16G
 usage() { echo "bench/avx2_guest.sh: $1 (usage: bench/avx2_guest.sh [--cpu MODEL] [--mem SIZE] -- COMMAND [ARG ...])" >&2; exit 2; }
