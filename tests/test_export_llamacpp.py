@@ -197,16 +197,23 @@ def test_llama_cpp_base_plus_lora_gguf_computes_the_merged_model(llama_cpp, expo
     assert without > 10 * F32_LOGIT_TOLERANCE
 
 
+# Rounded files move logits by more than the f32 tolerance (largest difference: f16 about 0.06,
+# q8_0 about 2), so these assert how often llama.cpp picks the merged model's next token, both
+# reading one shared sequence: measured f16 99.8%, q8_0 96% of the answer positions (docs/export.md).
+# q8_0 in llama.cpp also rounds the activations to 8 bits inside each matrix product. A wrong row
+# order, scale or type would agree almost nowhere.
+SAME_NEXT_TOKEN_FLOORS = {"f16": 0.98, "q8_0": 0.90}
+
+
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
-def test_llama_cpp_f16_and_q8_0_agreement_is_reported(llama_cpp, exports, dtype):
+def test_llama_cpp_f16_and_q8_0_pick_the_merged_models_next_tokens(llama_cpp, exports, dtype):
     folder, tokenizer, questions, expected, _ = exports
+    _, agreeing, positions = compare_teacher_forced(llama_cpp, exports, f"merged {dtype}", folder / f"merged-{dtype}.gguf")
     got = llama_cpp_answers(llama_cpp, tokenizer, questions, folder / f"merged-{dtype}.gguf")
     agreement(f"merged {dtype}", expected, got)
-    # Rounding moves near-tied tokens, and a greedy answer then takes another path (q8_0 here: 1 of 8
-    # answers identical over 64 tokens); a broken file would not even begin the answers the same way.
     same_start = sum(a.split()[:3] == b.split()[:3] for a, b in zip(expected, got))
     print(f"llama.cpp merged {dtype}: {same_start}/{len(questions)} answers begin with the same 3 words")
-    assert same_start >= len(questions) // 2
+    assert agreeing >= SAME_NEXT_TOKEN_FLOORS[dtype] * positions
 
 
 def test_llama_cpp_tokenizes_as_the_project_tokenizer(llama_cpp, exports):
