@@ -60,15 +60,15 @@ def install_llama_cpp():
     return importlib.import_module("llama_cpp")
 
 
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return install_llama_cpp()
+
+
 def test_the_llama_cpp_build_is_portable(llama_cpp):
     features = llama_cpp.llama_print_system_info().decode()
     assert "AVX2 = 1" in features and "FMA = 1" in features, features
     assert "AVX512" not in features and "AMX" not in features, features
-
-
-@pytest.fixture(scope="module")
-def llama_cpp():
-    return install_llama_cpp()
 
 
 @pytest.fixture(scope="module")
