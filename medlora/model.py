@@ -252,10 +252,10 @@ def cpu_bf16_matmul_pays() -> bool:
     """True when a model-shaped bfloat16 matmul runs at least BF16_MIN_SPEEDUP x the float32 rate here.
 
     The CPU flags (cpu_has_native_bf16) are not enough. On this project's AMD EPYC with AVX512-BF16
-    a bfloat16 matmul ran 2.2x the float32 rate; on one of its Intel Xeons, which reports AVX512-BF16
-    too but no AMX, a [2048, 2048] bfloat16 matmul ran at about half the float32 rate (143-156 vs
-    273-297 GFLOP/s) and training was 1.24x slower in bf16; on a Xeon with AMX, this probe ran 7x
-    faster in bf16 (docs/performance.md). So the rates are compared once per
+    a bfloat16 matmul ran 2.2x the float32 rate. Its Intel Xeons report AVX512-BF16 too: on the one
+    without AMX a [2048, 2048] bfloat16 matmul ran at about half the float32 rate (143-156 vs 273-297
+    GFLOP/s) and training was 1.24x slower in bf16; on the one with AMX this probe ran 7x faster in
+    bf16 (docs/performance.md). So the rates are compared once per
     process on the model's MLP shape, [1024, 576] @ [576, 1536], best of 5 (about 0.1 s).
     """
     a, b = torch.randn(1024, 576), torch.randn(576, 1536)

@@ -142,9 +142,10 @@ def teacher_forced_logits(llama_cpp, sequences: list[list[int]], model_path, lor
     return logits
 
 
-def compare_teacher_forced(llama_cpp, exports, name: str, model_path, lora_path=None) -> tuple[float, int, int]:
-    """Both engines read prompt + transformers' greedy answer; at each answer position, the largest
-    logit difference and whether the two pick the same next token. Returns (largest, agreeing, positions)."""
+@pytest.fixture(scope="module")
+def shared_sequences(exports):
+    """What both engines read: prompt + transformers' greedy answer for each question; where each
+    answer's logits start (the position that predicts its first token); and transformers' logits from there."""
     import torch
 
     from data.format import prompt_ids
@@ -152,16 +153,23 @@ def compare_teacher_forced(llama_cpp, exports, name: str, model_path, lora_path=
     _, tokenizer, questions, expected, merged = exports
     prompts = [prompt_ids(tokenizer, q) for q in questions]
     sequences = [p + tokenizer(a, add_special_tokens=False)["input_ids"] for p, a in zip(prompts, expected)]
+    starts = [len(p) - 1 for p in prompts]
+    with torch.no_grad():
+        ours = [merged(torch.tensor([ids])).logits[0, start:].float().numpy() for ids, start in zip(sequences, starts)]
+    return sequences, starts, ours
+
+
+def compare_teacher_forced(llama_cpp, shared_sequences, name: str, model_path, lora_path=None) -> tuple[float, int, int]:
+    """Both engines read the shared sequences; at each answer position, the largest logit difference
+    and whether the two pick the same next token. Returns (largest, agreeing, positions)."""
+    sequences, starts, ours = shared_sequences
     theirs = teacher_forced_logits(llama_cpp, sequences, model_path, lora_path)
     largest, agreeing, positions = 0.0, 0, 0
-    for prompt, ids, their in zip(prompts, sequences, theirs):
-        with torch.no_grad():
-            ours = merged(torch.tensor([ids])).logits[0].float().numpy()
-        start = len(prompt) - 1  # the position that predicts the answer's first token
-        ours, their = ours[start:], their[start:]
-        largest = max(largest, float(abs(ours - their).max()))
-        agreeing += int((ours.argmax(-1) == their.argmax(-1)).sum())
-        positions += len(ours)
+    for start, our, their in zip(starts, ours, theirs):
+        their = their[start:]
+        largest = max(largest, float(abs(our - their).max()))
+        agreeing += int((our.argmax(-1) == their.argmax(-1)).sum())
+        positions += len(our)
     print(f"llama.cpp {name}, teacher-forced on transformers' answers: largest logit difference {largest:.2e}, "
           f"same next token at {agreeing}/{positions} answer positions")
     return largest, agreeing, positions
@@ -180,21 +188,21 @@ F32_LOGIT_TOLERANCE = 1e-3
 SAME_NEXT_TOKEN_FLOOR = 0.99
 
 
-def test_llama_cpp_merged_f32_gguf_computes_the_merged_model(llama_cpp, exports):
+def test_llama_cpp_merged_f32_gguf_computes_the_merged_model(llama_cpp, exports, shared_sequences):
     folder, tokenizer, questions, expected, _ = exports
-    largest, agreeing, positions = compare_teacher_forced(llama_cpp, exports, "merged f32", folder / "merged-f32.gguf")
+    largest, agreeing, positions = compare_teacher_forced(llama_cpp, shared_sequences, "merged f32", folder / "merged-f32.gguf")
     agreement("merged f32", expected, llama_cpp_answers(llama_cpp, tokenizer, questions, folder / "merged-f32.gguf"))
     assert largest < F32_LOGIT_TOLERANCE and agreeing >= SAME_NEXT_TOKEN_FLOOR * positions
 
 
-def test_llama_cpp_base_plus_lora_gguf_computes_the_merged_model(llama_cpp, exports):
+def test_llama_cpp_base_plus_lora_gguf_computes_the_merged_model(llama_cpp, exports, shared_sequences):
     folder, tokenizer, questions, expected, _ = exports
     base, adapter = folder / "lora" / "base.gguf", folder / "lora" / "adapter.gguf"
-    largest, agreeing, positions = compare_teacher_forced(llama_cpp, exports, "base f32 + LoRA GGUF", base, adapter)
+    largest, agreeing, positions = compare_teacher_forced(llama_cpp, shared_sequences, "base f32 + LoRA GGUF", base, adapter)
     agreement("base f32 + LoRA GGUF", expected, llama_cpp_answers(llama_cpp, tokenizer, questions, base, adapter))
     assert largest < F32_LOGIT_TOLERANCE and agreeing >= SAME_NEXT_TOKEN_FLOOR * positions
     # The same check tells the adapter's absence: the base file alone misses the tolerance by far.
-    without, _, _ = compare_teacher_forced(llama_cpp, exports, "base f32 alone, adapter left out", base)
+    without, _, _ = compare_teacher_forced(llama_cpp, shared_sequences, "base f32 alone, adapter left out", base)
     assert without > 10 * F32_LOGIT_TOLERANCE
 
 
@@ -207,9 +215,9 @@ SAME_NEXT_TOKEN_FLOORS = {"f16": 0.98, "q8_0": 0.90}
 
 
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
-def test_llama_cpp_f16_and_q8_0_pick_the_merged_models_next_tokens(llama_cpp, exports, dtype):
+def test_llama_cpp_f16_and_q8_0_pick_the_merged_models_next_tokens(llama_cpp, exports, shared_sequences, dtype):
     folder, tokenizer, questions, expected, _ = exports
-    _, agreeing, positions = compare_teacher_forced(llama_cpp, exports, f"merged {dtype}", folder / f"merged-{dtype}.gguf")
+    _, agreeing, positions = compare_teacher_forced(llama_cpp, shared_sequences, f"merged {dtype}", folder / f"merged-{dtype}.gguf")
     got = llama_cpp_answers(llama_cpp, tokenizer, questions, folder / f"merged-{dtype}.gguf")
     agreement(f"merged {dtype}", expected, got)
     same_start = sum(a.split()[:3] == b.split()[:3] for a, b in zip(expected, got))
